@@ -1,0 +1,111 @@
+//! The expand: `y[perm rows, y_col ..] += scale_s · t_s · B_sᵀ` for every tile and module of a module group.
+//! The un-reorder is fused into the epilogue (rows are written at their original token index), and so is the
+//! scale; the split-K reduction of the shrink already happened in the shrink's last block.
+//!
+//! Grid `(ceil(max_n / EXPAND_BN), max_tiles, n_mod)`, [`GEMM_THREADS`] threads (4 warps). Block
+//! `(nb, i, module)` takes tile `i` (up to 16 rows of one slot) and output columns
+//! `[nb·128, nb·128 + 128)` of that module; warp w owns columns `nb·128 + 32w ..+32` as four `n8` tiles and
+//! exits if they start past the module's width (no block barrier in this kernel, so that is safe). It walks
+//! the rank in steps of 16: lane (g = lane/4, t = lane%4) loads 8 bytes of t rows g and g+8 at `k + 4t`
+//! and, per `n8` tile, 8 bytes of B_s row `n + g` at `k + 4t` (masked past the rank: B_s rows are exactly
+//! `rank` long), with the same permuted k-to-fragment assignment as the shrink. The epilogue reads y, adds
+//! `scale · acc` in f32 and writes bf16 back, as a 4-byte pair when aligned and in range, else per element.
+//! Each (token, column) belongs to exactly one block, so there are no write races; tokens without an
+//! adapter are never touched.
+//!
+//! Safety contract: as the shrink's, plus `t_in` is the shrink's `t_out` of this group (written by a launch
+//! that completed before this one), `y` rows of `ldy` elements hold columns `y_col .. y_col + n` of every
+//! module, B pointers valid for `[n, rank]`.
+
+use crate::abi::{GemmDesc, Tile, EXPAND_BN, MAX_RANK};
+use crate::dsl::*;
+
+kernel! {
+    /// Grouped expand with fused scale and un-reorder. See the module docs.
+    pub unsafe fn lora_expand(
+        t_in: *const u16,
+        r_pad: u32,
+        perm: *const u32,
+        tiles: *const Tile,
+        num_tiles: *const u32,
+        descs: *const GemmDesc,
+        num_slots: u32,
+        y: *mut u16,
+        ldy: u32,
+    ) {
+        // SAFETY: the launch contract in the module docs keeps every address below in bounds.
+        unsafe {
+            let (nb, tile_i, module) = (block_idx_x(), block_idx_y(), block_idx_z());
+            let n_mod = grid_dim_z();
+            if tile_i >= *num_tiles {
+                return;
+            }
+            let tile = *tiles.add(tile_i as usize);
+            let d = *descs.add((module * num_slots + tile.slot) as usize);
+            if d.m == 0 {
+                return;
+            }
+            let r = d.rank.min(MAX_RANK);
+            let (lane, warp) = (lane_id(), warp_id());
+            let n0 = nb * EXPAND_BN + warp * 32;
+            if n0 >= d.n {
+                return;
+            }
+            let (g, t) = (lane / 4, lane % 4);
+            let t_row = |row: u32| t_in.add((((tile.row_start + row) * n_mod + module) * r_pad) as usize);
+            let b_base = d.b as *const u16;
+            let mut acc = [[0f32; 4]; 4];
+            let mut kk = 0;
+            while kk < r {
+                let ta = if g < tile.rows { ld_v2(t_row(g).add((kk + 4 * t) as usize) as *const u32) } else { [0; 2] };
+                let tb = if g + 8 < tile.rows { ld_v2(t_row(g + 8).add((kk + 4 * t) as usize) as *const u32) } else { [0; 2] };
+                let frag = [ta[0], tb[0], ta[1], tb[1]];
+                crate::unroll!(j in [0, 1, 2, 3] {
+                    let n = n0 + j as u32 * 8 + g;
+                    let bv = if n < d.n { load4_bf16_masked(b_base.add((n * d.ldb) as usize), kk + 4 * t, r) } else { [0; 2] };
+                    acc[j] = mma_bf16_m16n8k16(frag, bv, acc[j]);
+                });
+                kk += 16;
+            }
+
+            crate::unroll!(j in [0, 1, 2, 3] {
+                let acc_j = acc[j];
+                let col = n0 + j as u32 * 8 + 2 * t;
+                if col < d.n {
+                    // Rows g and g + 8 of the fragment: constant indices keep acc in registers.
+                    if g < tile.rows {
+                        let tok = *perm.add((tile.row_start + g) as usize);
+                        add_pair(y.add((tok * ldy + d.y_col + col) as usize), d.scale * acc_j[0], d.scale * acc_j[1], col + 1 < d.n);
+                    }
+                    if g + 8 < tile.rows {
+                        let tok = *perm.add((tile.row_start + g + 8) as usize);
+                        add_pair(y.add((tok * ldy + d.y_col + col) as usize), d.scale * acc_j[2], d.scale * acc_j[3], col + 1 < d.n);
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// `p[0] += v0` and, when `both`, `p[1] += v1`, in bf16 with f32 arithmetic: one 4-byte read-modify-write
+/// when both are in range and `p` is 4-byte aligned, element by element otherwise.
+///
+/// # Safety
+/// `p[0]` (and `p[1]` when `both`) must be valid for reads and writes by this thread alone.
+#[inline(always)]
+unsafe fn add_pair(p: *mut u16, v0: f32, v1: f32, both: bool) {
+    // SAFETY: the caller guarantees the elements are valid and owned by this thread.
+    unsafe {
+        if both && (p as usize) % 4 == 0 {
+            let old = *(p as *const u32);
+            let lo = f32_to_bf16(bf16_to_f32(old as u16) + v0);
+            let hi = f32_to_bf16(bf16_to_f32((old >> 16) as u16) + v1);
+            *(p as *mut u32) = pack_bf16x2(lo, hi);
+        } else {
+            *p = f32_to_bf16(bf16_to_f32(*p) + v0);
+            if both {
+                *p.add(1) = f32_to_bf16(bf16_to_f32(*p.add(1)) + v1);
+            }
+        }
+    }
+}

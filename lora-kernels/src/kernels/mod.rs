@@ -1,0 +1,26 @@
+//! The kernels. Each is written once, in the DSL, and compiled twice: as a `ptx-kernel` entry point for
+//! `nvptx64-nvidia-cuda`, and as a plain `unsafe fn` for the host, where [`crate::dsl::emu::launch`] runs it
+//! per emulated thread. The [`kernel!`] macro produces both from one body.
+
+/// Define a kernel once for both backends: an exported `extern "ptx-kernel"` function on nvptx64, a plain
+/// `unsafe fn` (called by the emulator once per thread) everywhere else. Arguments must be plain scalars or
+/// raw pointers (no slices: those are fat pointers with no stable kernel ABI).
+macro_rules! kernel {
+    ($(#[$m:meta])* pub unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        #[cfg(target_arch = "nvptx64")]
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $name($($arg: $ty),*) $body
+
+        $(#[$m])*
+        #[cfg(not(target_arch = "nvptx64"))]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn $name($($arg: $ty),*) $body
+    };
+}
+
+pub mod expand;
+pub mod prep;
+pub mod probe;
+pub mod shrink;
+pub mod smoke;
