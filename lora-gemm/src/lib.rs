@@ -1,1 +1,20 @@
-//! placeholder
+//! Host side of the LoRA GEMMs.
+//!
+//! - [`plan`]: the pure planner — module groups, tile shape and split-K factor from the capacity and the
+//!   SM count, workspace sizes. Unit-tested and snapshotted without a GPU.
+//! - [`reorder`]: the CPU twin of the prep kernel (counts, offsets, stable permutation, tiles,
+//!   descriptors) — the prep kernel's oracle.
+//! - [`reference`]: the CPU reference of the whole LoRA computation (f32 inputs, f64 accumulation), the
+//!   oracle of every kernel test.
+//! - [`cuda`]: thin launching on a CUDA device through cudarc (dynamic loading: builds without CUDA).
+
+pub mod cuda;
+pub mod device;
+pub mod emu;
+pub mod launch;
+pub mod error;
+pub mod plan;
+pub mod reference;
+pub mod reorder;
+
+pub use error::GemmError;

@@ -1,1 +1,146 @@
-use anyhow::Result; use std::path::Path; pub fn run(_root: &Path) -> Result<()> { anyhow::bail!("todo") }
+//! `cargo xtask gpu-bundle`: everything the GPU machine runs, built here.
+//!
+//! The GPU machine has a driver, CUDA 13 and cuBLAS but no Rust toolchain, so this builds the GPU test
+//! binaries (`cargo test --release --features gpu --no-run`) and the GPU benchmarks (the `examples` of the
+//! GPU crates, built with `--features gpu`) in release mode, copies them into `target/gpu-bundle/`
+//! (at most 60 MiB, checked), and writes `run.sh`, which runs every suite there with one summary line each
+//! and a final `N passed, N failed` line, then the benchmarks, keeping logs under `$OUT` when that is set.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Crates whose tests and examples go into the bundle.
+const GPU_CRATES: &[&str] = &["lora-gemm", "lora-graph"];
+const LIMIT: u64 = 60 << 20;
+
+pub fn run(root: &Path) -> Result<()> {
+    let out = root.join("target/gpu-bundle");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(out.join("tests"))?;
+    std::fs::create_dir_all(out.join("bench"))?;
+
+    let mut pkgs = Vec::new();
+    for c in GPU_CRATES {
+        pkgs.push("-p".to_string());
+        pkgs.push(c.to_string());
+    }
+    let tests = artifacts(root, &["test", "--release", "--features", "gpu", "--no-run"], &pkgs, |kind| kind == "test")?;
+    let benches = artifacts(root, &["build", "--release", "--features", "gpu", "--examples"], &pkgs, |kind| kind == "example")?;
+    for (name, path) in &tests {
+        copy(path, &out.join("tests").join(name))?;
+    }
+    for (name, path) in &benches {
+        copy(path, &out.join("bench").join(name))?;
+    }
+    std::fs::copy(root.join("lora-kernels/ptx/lora_kernels.ptx"), out.join("lora_kernels.ptx"))?;
+    std::fs::write(out.join("run.sh"), RUN_SH)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(out.join("run.sh"), std::fs::Permissions::from_mode(0o755))?;
+    }
+    let size = dir_size(&out)?;
+    if size > LIMIT {
+        bail!("bundle is {} MiB, over the 60 MiB limit", size >> 20);
+    }
+    eprintln!(
+        "gpu-bundle: {} test suites, {} benchmarks, {:.1} MiB in {}",
+        tests.len(),
+        benches.len(),
+        size as f64 / (1 << 20) as f64,
+        out.display()
+    );
+    Ok(())
+}
+
+/// Run cargo with JSON messages and collect (name, executable) of the artifacts whose target kind passes.
+fn artifacts(root: &Path, args: &[&str], pkgs: &[String], keep: impl Fn(&str) -> bool) -> Result<Vec<(String, PathBuf)>> {
+    let output = Command::new("cargo")
+        .current_dir(root)
+        .args(args)
+        .args(pkgs)
+        .arg("--message-format=json-render-diagnostics")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
+        .output()
+        .context("running cargo")?;
+    if !output.status.success() {
+        bail!("cargo {args:?} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        if !line.contains("\"reason\":\"compiler-artifact\"") || !line.contains("\"executable\":\"") {
+            continue;
+        }
+        let field = |key: &str| -> Option<String> {
+            let start = line.find(key)? + key.len();
+            Some(line[start..start + line[start..].find('"')?].to_string())
+        };
+        let kind = field("\"kind\":[\"").unwrap_or_default();
+        let name = field("\"target\":{").and(field("\"name\":\"")).unwrap_or_default();
+        // The first "name" in the message is the target's; prefix with the package for uniqueness.
+        let pkg = field("\"package_id\":\"").unwrap_or_default();
+        let pkg = GPU_CRATES.iter().find(|c| pkg.contains(*c)).copied().unwrap_or("x");
+        if keep(&kind) {
+            if let Some(exe) = field("\"executable\":\"") {
+                found.push((format!("{pkg}--{name}"), PathBuf::from(exe)));
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    Ok(found)
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    std::fs::copy(from, to).with_context(|| format!("copying {}", from.display()))?;
+    Ok(())
+}
+
+fn dir_size(p: &Path) -> Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(p)? {
+        let e = e?;
+        total += if e.file_type()?.is_dir() { dir_size(&e.path())? } else { e.metadata()?.len() };
+    }
+    Ok(total)
+}
+
+const RUN_SH: &str = r#"#!/usr/bin/env bash
+# Runs the GPU bundle built by `cargo xtask gpu-bundle` on a machine with an NVIDIA GPU and no Rust
+# toolchain: every test suite (one summary line each, then a total), then every benchmark.
+# Usage: run.sh [tests|bench|all] [extra args passed to benchmarks]
+set -u
+here="$(cd "$(dirname "$0")" && pwd)"
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+logs="${OUT:-$here/logs}"
+mkdir -p "$logs"
+what="${1:-all}"; shift || true
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null || echo "nvidia-smi: no GPU visible"
+passed=0; failed=0; summary=""
+if [ "$what" = all ] || [ "$what" = tests ]; then
+  for t in "$here"/tests/*; do
+    name="$(basename "$t")"
+    "$t" --test-threads=1 >"$logs/$name.log" 2>&1
+    rc=$?
+    line="$(grep -E '^test result:' "$logs/$name.log" | tail -n 1)"
+    p="$(echo "$line" | sed -nE 's/.* ([0-9]+) passed.*/\1/p')"; f="$(echo "$line" | sed -nE 's/.* ([0-9]+) failed.*/\1/p')"
+    skips="$(grep -c '^SKIP' "$logs/$name.log")"
+    passed=$((passed + ${p:-0})); failed=$((failed + ${f:-0}))
+    [ "$rc" -ne 0 ] && [ "${f:-0}" = 0 ] && failed=$((failed + 1))
+    summary="$summary\nSUITE $name: rc=$rc ${line:-no result line} (skips: $skips)"
+    if [ "$rc" -ne 0 ]; then grep -E 'panicked|FAILED|error' "$logs/$name.log" | head -n 20; fi
+  done
+  printf "$summary\n"
+  echo "bundle tests: $passed passed, $failed failed"
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  for b in "$here"/bench/*; do
+    [ -x "$b" ] || continue
+    name="$(basename "$b")"
+    echo "== bench $name"
+    "$b" "$@" 2>&1 | tee "$logs/$name.bench.log"
+  done
+fi
+[ "$failed" = 0 ]
+"#;

@@ -1,0 +1,101 @@
+//! [`EmuLauncher`]: runs the launch sequence of [`crate::launch`] in the SIMT emulator of `lora-kernels`, on
+//! host memory (addresses are host pointers cast to `u64`). This is how CI runs the exact kernels and
+//! argument lists the GPU runs.
+
+use lora_kernels::abi::{GemmDesc, ModuleShape, SlotWeights, Tile};
+use lora_kernels::dsl::emu::{launch, LaunchConfig};
+use lora_kernels::kernels::{expand::lora_expand, prep::lora_prep, probe::probe_warp_ops, shrink::lora_shrink, smoke::smoke_mma};
+use lora_kernels::Kernel;
+
+use crate::launch::{Arg, Launcher};
+use crate::GemmError;
+
+/// Runs kernels in the emulator. Every address passed must be a live host pointer to memory laid out as
+/// the kernel's safety contract requires; that is the caller's promise when it builds the arguments.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EmuLauncher;
+
+fn ptr<T>(a: Arg) -> Result<*mut T, GemmError> {
+    match a {
+        Arg::Ptr(p) => Ok(p as usize as *mut T),
+        Arg::U32(_) => Err(GemmError::Invalid("expected an address argument, got a u32".into())),
+    }
+}
+
+fn u(a: Arg) -> Result<u32, GemmError> {
+    match a {
+        Arg::U32(v) => Ok(v),
+        Arg::Ptr(_) => Err(GemmError::Invalid("expected a u32 argument, got an address".into())),
+    }
+}
+
+impl Launcher for EmuLauncher {
+    fn launch(&self, kernel: Kernel, grid: (u32, u32, u32), block: u32, shared: u32, a: &[Arg]) -> Result<(), GemmError> {
+        let cfg = LaunchConfig { grid, block_threads: block, shared_bytes: shared };
+        let want = match kernel {
+            Kernel::SmokeMma => 6,
+            Kernel::ProbeWarpOps => 3,
+            Kernel::Prep => 14,
+            Kernel::Shrink => 14,
+            Kernel::Expand => 9,
+        };
+        if a.len() != want {
+            return Err(GemmError::Invalid(format!("{} takes {want} arguments, got {}", kernel.name(), a.len())));
+        }
+        // SAFETY (all arms): `EmuLauncher`'s contract — the addresses are live host buffers laid out as the
+        // kernel's documented safety contract requires.
+        match kernel {
+            Kernel::SmokeMma => {
+                let (p0, p1, p2, m, n, k) = (ptr::<u16>(a[0])?, ptr::<u16>(a[1])?, ptr::<f32>(a[2])?, u(a[3])?, u(a[4])?, u(a[5])?);
+                // SAFETY: see above.
+                unsafe { launch(&cfg, || smoke_mma(p0, p1, p2, m, n, k)) }?
+            }
+            Kernel::ProbeWarpOps => {
+                let (p0, p1, p2) = (ptr::<u16>(a[0])?, ptr::<u32>(a[1])?, ptr::<u32>(a[2])?);
+                // SAFETY: see above.
+                unsafe { launch(&cfg, || probe_warp_ops(p0, p1, p2)) }?
+            }
+            Kernel::Prep => {
+                let step = ptr::<u32>(a[0])?;
+                let (max_reqs, max_tokens, num_slots) = (u(a[1])?, u(a[2])?, u(a[3])?);
+                let (weights, shapes) = (ptr::<SlotWeights>(a[4])?, ptr::<ModuleShape>(a[5])?);
+                let (layers, modules) = (u(a[6])?, u(a[7])?);
+                let (count, off, perm) = (ptr::<u32>(a[8])?, ptr::<u32>(a[9])?, ptr::<u32>(a[10])?);
+                let (tiles, num_tiles, descs) = (ptr::<Tile>(a[11])?, ptr::<u32>(a[12])?, ptr::<GemmDesc>(a[13])?);
+                // SAFETY: see above.
+                unsafe {
+                    launch(&cfg, || {
+                        lora_prep(
+                            step, max_reqs, max_tokens, num_slots, weights, shapes, layers, modules, count, off, perm,
+                            tiles, num_tiles, descs,
+                        )
+                    })
+                }?
+            }
+            Kernel::Shrink => {
+                let (x, ldx, perm, tiles, num_tiles) =
+                    (ptr::<u16>(a[0])?, u(a[1])?, ptr::<u32>(a[2])?, ptr::<Tile>(a[3])?, ptr::<u32>(a[4])?);
+                let (descs, num_slots, k_chunk) = (ptr::<GemmDesc>(a[5])?, u(a[6])?, u(a[7])?);
+                let (partial, counters, t) = (ptr::<f32>(a[8])?, ptr::<u32>(a[9])?, ptr::<u16>(a[10])?);
+                let (max_tokens, r_pad, max_tiles) = (u(a[11])?, u(a[12])?, u(a[13])?);
+                // SAFETY: see above.
+                unsafe {
+                    launch(&cfg, || {
+                        lora_shrink(
+                            x, ldx, perm, tiles, num_tiles, descs, num_slots, k_chunk, partial, counters, t, max_tokens,
+                            r_pad, max_tiles,
+                        )
+                    })
+                }?
+            }
+            Kernel::Expand => {
+                let (t, r_pad, perm, tiles, num_tiles) =
+                    (ptr::<u16>(a[0])?, u(a[1])?, ptr::<u32>(a[2])?, ptr::<Tile>(a[3])?, ptr::<u32>(a[4])?);
+                let (descs, num_slots, y, ldy) = (ptr::<GemmDesc>(a[5])?, u(a[6])?, ptr::<u16>(a[7])?, u(a[8])?);
+                // SAFETY: see above.
+                unsafe { launch(&cfg, || lora_expand(t, r_pad, perm, tiles, num_tiles, descs, num_slots, y, ldy)) }?
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,171 @@
+//! The launch sequence of one step, written once for every backend.
+//!
+//! A [`Launcher`] runs one kernel with a grid, a block size, dynamic shared memory and a list of [`Arg`]s
+//! (32-bit scalars and 64-bit addresses, in the kernel's parameter order). [`crate::cuda::CudaLauncher`]
+//! launches on a CUDA stream (and so can be captured in a graph); [`crate::emu::EmuLauncher`] runs the same
+//! kernel source in the SIMT emulator on host memory, which is how CI exercises this exact sequence.
+//! The functions below only turn a [`Geometry`] and buffer addresses into launches: no allocation, no
+//! synchronization, nothing that depends on the step's adapter mix (that is all read from device memory).
+
+use lora_kernels::abi::{GEMM_THREADS, PREP_THREADS};
+use lora_kernels::Kernel;
+
+use crate::GemmError;
+
+/// One kernel argument, by value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arg {
+    /// A `u32` scalar.
+    U32(u32),
+    /// A device (or, in emulation, host) address.
+    Ptr(u64),
+}
+
+/// Something that can run a kernel of this crate.
+pub trait Launcher {
+    /// Launch `kernel` on grid `grid` with `block` threads and `shared` bytes of dynamic shared memory.
+    fn launch(&self, kernel: Kernel, grid: (u32, u32, u32), block: u32, shared: u32, args: &[Arg]) -> Result<(), GemmError>;
+}
+
+/// The fixed launch geometry of one module group at one capacity (what a graph capture bakes in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Split-K factor of the shrink (its grid's x).
+    pub splits: u32,
+    /// `k` per split, a multiple of 32.
+    pub k_chunk: u32,
+    /// Tile capacity (grid y of both GEMMs): `abi::max_tiles(max_tokens, num_slots)`.
+    pub max_tiles: u32,
+    /// Modules in the group (grid z).
+    pub n_mod: u32,
+    /// Expand blocks along the output (grid x of the expand): `ceil(max n / EXPAND_BN)`.
+    pub expand_blocks: u32,
+    /// Token capacity (rows of the workspaces).
+    pub max_tokens: u32,
+    /// Padded rank of the `t` workspace rows.
+    pub r_pad: u32,
+    /// Slots.
+    pub num_slots: u32,
+    /// Dynamic shared memory of the shrink.
+    pub shrink_shared: u32,
+}
+
+/// Device addresses of the buffers the prep kernel writes once per step and every layer reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepBuffers {
+    /// Packed per-step input (`abi::StepLayout`).
+    pub step: u64,
+    /// `[num_slots]` token counts.
+    pub slot_count: u64,
+    /// `[num_slots + 1]` offsets.
+    pub slot_off: u64,
+    /// `[max_tokens]` slot-sorted row → token.
+    pub perm: u64,
+    /// `[max_tiles]` tiles.
+    pub tiles: u64,
+    /// One word: number of tiles this step.
+    pub num_tiles: u64,
+    /// `[layers][modules][slots]` descriptors.
+    pub descs: u64,
+}
+
+/// Per-group scratch (may be shared by all groups and layers that run one after another on one stream).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Workspace {
+    /// `[splits][max_tokens][n_mod][r_pad]` f32.
+    pub partial: u64,
+    /// `[n_mod][max_tiles]` u32, zero at rest.
+    pub counters: u64,
+    /// `[max_tokens][n_mod][r_pad]` bf16.
+    pub t: u64,
+}
+
+/// Static prep inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrepArgs {
+    /// Request capacity of the packed step input.
+    pub max_reqs: u32,
+    /// Token capacity.
+    pub max_tokens: u32,
+    /// Slots.
+    pub num_slots: u32,
+    /// `[layers][modules][slots]` `SlotWeights`.
+    pub weights: u64,
+    /// `[modules]` `ModuleShape`.
+    pub shapes: u64,
+    /// Layers.
+    pub num_layers: u32,
+    /// Modules per layer.
+    pub num_modules: u32,
+}
+
+/// Launch the prep kernel (one block).
+pub fn launch_prep(l: &dyn Launcher, p: &PrepArgs, s: &StepBuffers) -> Result<(), GemmError> {
+    if p.num_slots > PREP_THREADS {
+        return Err(GemmError::Invalid(format!("{} slots: the prep kernel handles at most {PREP_THREADS}", p.num_slots)));
+    }
+    let shared = lora_kernels::abi::prep_shared_bytes(p.max_reqs, p.num_slots);
+    let args = [
+        Arg::Ptr(s.step),
+        Arg::U32(p.max_reqs),
+        Arg::U32(p.max_tokens),
+        Arg::U32(p.num_slots),
+        Arg::Ptr(p.weights),
+        Arg::Ptr(p.shapes),
+        Arg::U32(p.num_layers),
+        Arg::U32(p.num_modules),
+        Arg::Ptr(s.slot_count),
+        Arg::Ptr(s.slot_off),
+        Arg::Ptr(s.perm),
+        Arg::Ptr(s.tiles),
+        Arg::Ptr(s.num_tiles),
+        Arg::Ptr(s.descs),
+    ];
+    l.launch(Kernel::Prep, (1, 1, 1), PREP_THREADS, shared, &args)
+}
+
+/// Launch the shrink and the expand of one module group of one layer.
+/// `descs` is the address of `descs[layer][first module of the group][0]`; `x` is the group's input
+/// (`[tokens, ldx]` bf16) and `y` its fused output (`[tokens, ldy]` bf16), updated in place.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_group(
+    l: &dyn Launcher,
+    g: &Geometry,
+    s: &StepBuffers,
+    ws: &Workspace,
+    descs: u64,
+    x: u64,
+    ldx: u32,
+    y: u64,
+    ldy: u32,
+) -> Result<(), GemmError> {
+    let shrink = [
+        Arg::Ptr(x),
+        Arg::U32(ldx),
+        Arg::Ptr(s.perm),
+        Arg::Ptr(s.tiles),
+        Arg::Ptr(s.num_tiles),
+        Arg::Ptr(descs),
+        Arg::U32(g.num_slots),
+        Arg::U32(g.k_chunk),
+        Arg::Ptr(ws.partial),
+        Arg::Ptr(ws.counters),
+        Arg::Ptr(ws.t),
+        Arg::U32(g.max_tokens),
+        Arg::U32(g.r_pad),
+        Arg::U32(g.max_tiles),
+    ];
+    l.launch(Kernel::Shrink, (g.splits, g.max_tiles, g.n_mod), GEMM_THREADS, g.shrink_shared, &shrink)?;
+    let expand = [
+        Arg::Ptr(ws.t),
+        Arg::U32(g.r_pad),
+        Arg::Ptr(s.perm),
+        Arg::Ptr(s.tiles),
+        Arg::Ptr(s.num_tiles),
+        Arg::Ptr(descs),
+        Arg::U32(g.num_slots),
+        Arg::Ptr(y),
+        Arg::U32(ldy),
+    ];
+    l.launch(Kernel::Expand, (g.expand_blocks, g.max_tiles, g.n_mod), GEMM_THREADS, 0, &expand)
+}
