@@ -4,6 +4,7 @@
 
 use lora_kernels::abi::{GemmDesc, ModuleShape, SlotWeights, Tile};
 use lora_kernels::dsl::emu::{launch, LaunchConfig};
+use lora_kernels::kernels::baseline::{gather_rows, scatter_add_rows};
 use lora_kernels::kernels::{expand::lora_expand, prep::lora_prep, probe::probe_warp_ops, shrink::lora_shrink, smoke::smoke_mma};
 use lora_kernels::Kernel;
 
@@ -38,6 +39,7 @@ impl Launcher for EmuLauncher {
             Kernel::Prep => 14,
             Kernel::Shrink => 14,
             Kernel::Expand => 9,
+            Kernel::GatherRows | Kernel::ScatterAddRows => 6,
         };
         if a.len() != want {
             return Err(GemmError::Invalid(format!("{} takes {want} arguments, got {}", kernel.name(), a.len())));
@@ -94,6 +96,13 @@ impl Launcher for EmuLauncher {
                 let (descs, num_slots, y, ldy) = (ptr::<GemmDesc>(a[5])?, u(a[6])?, ptr::<u16>(a[7])?, u(a[8])?);
                 // SAFETY: see above.
                 unsafe { launch(&cfg, || lora_expand(t, r_pad, perm, tiles, num_tiles, descs, num_slots, y, ldy)) }?
+            }
+            Kernel::GatherRows | Kernel::ScatterAddRows => {
+                let (src, ld_src, idx, dst, ld_dst, cols) =
+                    (ptr::<u16>(a[0])?, u(a[1])?, ptr::<u32>(a[2])?, ptr::<u16>(a[3])?, u(a[4])?, u(a[5])?);
+                let f = if kernel == Kernel::GatherRows { gather_rows } else { scatter_add_rows };
+                // SAFETY: see above.
+                unsafe { launch(&cfg, || f(src, ld_src, idx, dst, ld_dst, cols)) }?
             }
         }
         Ok(())

@@ -169,3 +169,20 @@ pub fn launch_group(
     ];
     l.launch(Kernel::Expand, (g.expand_blocks, g.max_tiles, g.n_mod), GEMM_THREADS, 0, &expand)
 }
+
+impl crate::plan::GroupPlan {
+    /// The launch geometry this plan fixes.
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            splits: self.splits,
+            k_chunk: self.k_chunk,
+            max_tiles: self.max_tiles,
+            n_mod: self.n_mod,
+            expand_blocks: self.expand_blocks,
+            max_tokens: self.max_tokens,
+            r_pad: self.r_pad,
+            num_slots: self.num_slots,
+            shrink_shared: self.shrink.shared_bytes,
+        }
+    }
+}

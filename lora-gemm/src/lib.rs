@@ -8,6 +8,7 @@
 //!   oracle of every kernel test.
 //! - [`cuda`]: thin launching on a CUDA device through cudarc (dynamic loading: builds without CUDA).
 
+pub mod blas;
 pub mod cuda;
 pub mod device;
 pub mod emu;

@@ -1,1 +1,545 @@
-//! (being written)
+//! The pure planner: from a capacity (tokens per step, slots, max rank, requests), a module group and the
+//! SM count, the fixed launch geometry of the prep, shrink and expand kernels and the sizes of their
+//! workspaces. No GPU, no allocation of device memory: everything here is plain arithmetic, unit-tested and
+//! snapshotted (`tests/plan.rs`).
+//!
+//! A *module group* is up to [`MAX_GROUP_MODULES`] modules that read the same input `x` (same `k`) and
+//! write one fused output `y` (q, k, v → `qkv`; gate, up → `gate_up`); module `i` writes columns
+//! `y_col_i .. y_col_i + n_i` with `y_col` the prefix sum of the widths. One shrink and one expand launch
+//! cover a whole group.
+//!
+//! Split-K rule of the shrink (one block per `(split, tile, module)`): with `est_tiles = ceil(max_tokens/16)`
+//! — the one-adapter case, the fewest tiles and so the worst for occupancy — aim for two blocks per SM:
+//! `splits = clamp(ceil(2·sm_count / (n_mod·est_tiles)), 1, max(1, k / (SHRINK_K_STEP·GEMM_WARPS)))`, so
+//! that every split still gives each of the four warps at least one 32-wide `k` step; then
+//! `k_chunk = round_up(ceil(k / splits), 32)` and `splits = ceil(k / k_chunk)` (no empty split).
+
+use lora_kernels::abi::{
+    max_tiles, prep_shared_bytes, rank_pad, shrink_shared_bytes, ModuleShape, StepLayout, EXPAND_BN, GEMM_THREADS,
+    GEMM_WARPS, MAX_GROUP_MODULES, MAX_RANK, PREP_THREADS, SHRINK_K_STEP, TILE_M,
+};
+
+use crate::GemmError;
+
+/// Largest dynamic shared memory one block may use on sm_90 (227 KiB; above 48 KiB the launcher must opt
+/// in with `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
+pub const MAX_DYN_SHARED_BYTES: u32 = 227 * 1024;
+
+/// What one step may hold at most; fixes every launch geometry (and so what a CUDA graph bakes in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Tokens per step (the batch bucket), ≥ 1.
+    pub max_tokens: u32,
+    /// Adapter slots, 1..=[`PREP_THREADS`].
+    pub num_slots: u32,
+    /// Largest adapter rank, 1..=[`MAX_RANK`].
+    pub max_rank: u32,
+    /// Requests per step, ≥ 1.
+    pub max_reqs: u32,
+}
+
+impl Capacity {
+    /// Check every field against what the kernels support.
+    pub fn validate(&self) -> Result<(), GemmError> {
+        if self.max_tokens == 0 {
+            return invalid("max_tokens must be at least 1".into());
+        }
+        if self.num_slots == 0 || self.num_slots > PREP_THREADS {
+            return invalid(format!(
+                "num_slots {} outside 1..={PREP_THREADS} (the prep kernel gives each slot one thread)",
+                self.num_slots
+            ));
+        }
+        if self.max_rank == 0 || self.max_rank > MAX_RANK {
+            return invalid(format!("max_rank {} outside 1..={MAX_RANK}", self.max_rank));
+        }
+        if self.max_reqs == 0 {
+            return invalid("max_reqs must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// One adapted module: its name (as adapters name it, e.g. `q_proj`) and its shape `k → n`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleSpec {
+    /// Module name.
+    pub name: String,
+    /// Input width (`in_features`).
+    pub k: u32,
+    /// Output width (`out_features`).
+    pub n: u32,
+}
+
+impl ModuleSpec {
+    /// A module `name` of shape `k → n`.
+    pub fn new(name: &str, k: u32, n: u32) -> Self {
+        ModuleSpec { name: name.to_string(), k, n }
+    }
+}
+
+/// Modules sharing one input and one fused output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleGroup {
+    /// Group name (e.g. `qkv`).
+    pub name: String,
+    /// The modules, in output-column order.
+    pub modules: Vec<ModuleSpec>,
+    /// Row stride of the fused output; `None` = the sum of the widths.
+    pub ldy: Option<u32>,
+}
+
+impl ModuleGroup {
+    /// A group whose output rows are exactly the concatenated module outputs.
+    pub fn new(name: &str, modules: Vec<ModuleSpec>) -> Self {
+        ModuleGroup { name: name.to_string(), modules, ldy: None }
+    }
+
+    /// The same group writing into rows of `ldy` elements.
+    pub fn with_ldy(mut self, ldy: u32) -> Self {
+        self.ldy = Some(ldy);
+        self
+    }
+}
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchShape {
+    /// Blocks in x, y, z.
+    pub grid: (u32, u32, u32),
+    /// Threads per block.
+    pub block: u32,
+    /// Dynamic shared memory per block, bytes.
+    pub shared_bytes: u32,
+}
+
+/// Element counts of a group's workspaces (may be shared by all groups run one after another: take
+/// [`WorkspaceSize::max`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkspaceSize {
+    /// Split-K partials, f32: `splits × max_tokens × n_mod × r_pad`.
+    pub partial_f32: usize,
+    /// The shrink's output `t`, bf16: `max_tokens × n_mod × r_pad`.
+    pub t_bf16: usize,
+    /// Split arrival counters, u32 (zero at rest): `n_mod × max_tiles`.
+    pub counters_u32: usize,
+}
+
+impl WorkspaceSize {
+    /// Element-wise maximum: one allocation that serves both.
+    pub fn max(self, o: WorkspaceSize) -> WorkspaceSize {
+        WorkspaceSize {
+            partial_f32: self.partial_f32.max(o.partial_f32),
+            t_bf16: self.t_bf16.max(o.t_bf16),
+            counters_u32: self.counters_u32.max(o.counters_u32),
+        }
+    }
+
+    /// Total bytes.
+    pub fn bytes(&self) -> usize {
+        4 * self.partial_f32 + 2 * self.t_bf16 + 4 * self.counters_u32
+    }
+}
+
+/// Everything needed to launch the shrink and the expand of one module group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupPlan {
+    /// Group name.
+    pub name: String,
+    /// Module names, in `shapes` order.
+    pub module_names: Vec<String>,
+    /// Per module: `n`, `k`, `y_col` (the prep kernel's `shapes` for these modules).
+    pub shapes: Vec<ModuleShape>,
+    /// Shared input width.
+    pub k: u32,
+    /// Modules (grid z of both GEMMs).
+    pub n_mod: u32,
+    /// Widest module output.
+    pub max_n: u32,
+    /// Row stride of the fused output.
+    pub ldy: u32,
+    /// Token capacity (rows of the workspaces).
+    pub max_tokens: u32,
+    /// Slots.
+    pub num_slots: u32,
+    /// Largest rank.
+    pub max_rank: u32,
+    /// Row length of `t`: `rank_pad(max_rank)`.
+    pub r_pad: u32,
+    /// Tile capacity: `max_tiles(max_tokens, num_slots)` (grid y of both GEMMs).
+    pub max_tiles: u32,
+    /// Split-K factor (grid x of the shrink).
+    pub splits: u32,
+    /// `k` per split, a multiple of [`SHRINK_K_STEP`].
+    pub k_chunk: u32,
+    /// Expand blocks along the output: `ceil(max_n / EXPAND_BN)` (grid x of the expand).
+    pub expand_blocks: u32,
+    /// The shrink launch.
+    pub shrink: LaunchShape,
+    /// The expand launch.
+    pub expand: LaunchShape,
+    /// Workspace sizes.
+    pub workspace: WorkspaceSize,
+}
+
+/// The prep launch and the sizes of the per-step buffers it reads and writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrepPlan {
+    /// One block of [`PREP_THREADS`], `prep_shared_bytes(max_reqs, num_slots)`.
+    pub launch: LaunchShape,
+    /// Layout of the packed step input.
+    pub layout: StepLayout,
+    /// Words of the packed step input.
+    pub step_words: usize,
+    /// Token capacity (`perm` entries).
+    pub max_tokens: u32,
+    /// Slots (`slot_count` entries; `slot_off` has one more).
+    pub num_slots: u32,
+    /// `tiles` entries.
+    pub max_tiles: u32,
+}
+
+/// A whole model: the prep and every group, with the module numbering the prep's `descs` use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelPlan {
+    /// The prep launch.
+    pub prep: PrepPlan,
+    /// One plan per group, in order.
+    pub groups: Vec<GroupPlan>,
+    /// Index of each group's first module in the per-layer module list (`descs[layer][module][slot]`).
+    pub group_module_base: Vec<u32>,
+    /// Every module of a layer, groups in order (the prep kernel's `shapes`).
+    pub shapes: Vec<ModuleShape>,
+    /// Layers.
+    pub num_layers: u32,
+    /// `SlotWeights` / `GemmDesc` entries: `num_layers × shapes.len() × num_slots`.
+    pub descs: usize,
+    /// One workspace that serves every group.
+    pub workspace: WorkspaceSize,
+}
+
+fn invalid<T>(msg: String) -> Result<T, GemmError> {
+    Err(GemmError::Invalid(msg))
+}
+
+/// The prep launch for `cap`.
+pub fn plan_prep(cap: &Capacity) -> Result<PrepPlan, GemmError> {
+    cap.validate()?;
+    let shared = 4 * (3 * cap.max_reqs as u64 + 1 + 3 * cap.num_slots as u64 + 2);
+    if shared > MAX_DYN_SHARED_BYTES as u64 {
+        return invalid(format!(
+            "prep needs {shared} bytes of shared memory for {} requests and {} slots (at most {MAX_DYN_SHARED_BYTES})",
+            cap.max_reqs, cap.num_slots
+        ));
+    }
+    let layout = StepLayout { max_reqs: cap.max_reqs };
+    Ok(PrepPlan {
+        launch: LaunchShape {
+            grid: (1, 1, 1),
+            block: PREP_THREADS,
+            shared_bytes: prep_shared_bytes(cap.max_reqs, cap.num_slots),
+        },
+        layout,
+        step_words: layout.words(),
+        max_tokens: cap.max_tokens,
+        num_slots: cap.num_slots,
+        max_tiles: max_tiles(cap.max_tokens, cap.num_slots),
+    })
+}
+
+/// Checked group shape: (shapes, k, max_n, ldy).
+fn group_shapes(g: &ModuleGroup) -> Result<(Vec<ModuleShape>, u32, u32, u32), GemmError> {
+    let name = &g.name;
+    if g.modules.is_empty() {
+        return invalid(format!("group {name:?} has no modules"));
+    }
+    if g.modules.len() > MAX_GROUP_MODULES as usize {
+        return invalid(format!("group {name:?} has {} modules, at most {MAX_GROUP_MODULES}", g.modules.len()));
+    }
+    let k = g.modules[0].k;
+    let mut shapes = Vec::with_capacity(g.modules.len());
+    let mut y_col = 0u32;
+    for m in &g.modules {
+        if m.k == 0 || m.n == 0 {
+            return invalid(format!("group {name:?}: module {:?} has a zero width ({} → {})", m.name, m.k, m.n));
+        }
+        if m.k != k {
+            return invalid(format!(
+                "group {name:?}: module {:?} reads k = {} but {:?} reads k = {k}",
+                m.name, m.k, g.modules[0].name
+            ));
+        }
+        shapes.push(ModuleShape { n: m.n, k, y_col, _pad: 0 });
+        y_col = y_col.checked_add(m.n).ok_or_else(|| GemmError::Invalid(format!("group {name:?}: widths overflow")))?;
+    }
+    let ldy = g.ldy.unwrap_or(y_col);
+    if ldy < y_col {
+        return invalid(format!("group {name:?}: ldy {ldy} is narrower than the {y_col} output columns"));
+    }
+    let max_n = g.modules.iter().map(|m| m.n).max().unwrap_or(0);
+    Ok((shapes, k, max_n, ldy))
+}
+
+/// The split-K chunk the planner picks (see the module docs).
+fn pick_k_chunk(k: u32, n_mod: u32, max_tokens: u32, sm_count: u32) -> u32 {
+    let (k, n_mod, sm) = (k as u64, n_mod as u64, sm_count as u64);
+    let est_tiles = (max_tokens as u64).div_ceil(TILE_M as u64);
+    let want = (2 * sm).div_ceil(n_mod * est_tiles);
+    let most = (k / (SHRINK_K_STEP * GEMM_WARPS) as u64).max(1);
+    let splits = want.clamp(1, most);
+    let step = SHRINK_K_STEP as u64;
+    (k.div_ceil(splits).div_ceil(step) * step) as u32
+}
+
+/// Plan one module group, choosing the split-K factor from `sm_count` (see the module docs).
+pub fn plan_group(cap: &Capacity, group: &ModuleGroup, sm_count: u32) -> Result<GroupPlan, GemmError> {
+    cap.validate()?;
+    if sm_count == 0 {
+        return invalid("sm_count must be at least 1".into());
+    }
+    let (_, k, _, _) = group_shapes(group)?;
+    let n_mod = group.modules.len() as u32;
+    plan_group_with_k_chunk(cap, group, pick_k_chunk(k, n_mod, cap.max_tokens, sm_count))
+}
+
+/// Plan one module group with a given split-K chunk (a positive multiple of [`SHRINK_K_STEP`]);
+/// `splits = ceil(k / k_chunk)`. For tests and tuning; [`plan_group`] picks the chunk itself.
+pub fn plan_group_with_k_chunk(cap: &Capacity, group: &ModuleGroup, k_chunk: u32) -> Result<GroupPlan, GemmError> {
+    cap.validate()?;
+    let (shapes, k, max_n, ldy) = group_shapes(group)?;
+    if k_chunk == 0 || !k_chunk.is_multiple_of(SHRINK_K_STEP) {
+        return invalid(format!("k_chunk {k_chunk} must be a positive multiple of {SHRINK_K_STEP}"));
+    }
+    let n_mod = shapes.len() as u32;
+    let splits = k.div_ceil(k_chunk);
+    let mt = max_tiles(cap.max_tokens, cap.num_slots);
+    let r_pad = rank_pad(cap.max_rank);
+    let tok = cap.max_tokens as u64;
+    let rows = tok * n_mod as u64 * r_pad as u64;
+    let partial = splits as u64 * rows;
+    // The kernels index with 32-bit arithmetic: keep every index they form below 2^32.
+    let limit = u32::MAX as u64;
+    if partial > limit || tok * ldy as u64 > limit || tok * k as u64 > limit {
+        return invalid(format!(
+            "group {:?} at {} tokens: a buffer exceeds the kernels' 32-bit indexing \
+             (partials {partial} elements, y {} elements, x {} elements)",
+            group.name,
+            cap.max_tokens,
+            tok * ldy as u64,
+            tok * k as u64
+        ));
+    }
+    let expand_blocks = max_n.div_ceil(EXPAND_BN);
+    Ok(GroupPlan {
+        name: group.name.clone(),
+        module_names: group.modules.iter().map(|m| m.name.clone()).collect(),
+        shapes,
+        k,
+        n_mod,
+        max_n,
+        ldy,
+        max_tokens: cap.max_tokens,
+        num_slots: cap.num_slots,
+        max_rank: cap.max_rank,
+        r_pad,
+        max_tiles: mt,
+        splits,
+        k_chunk,
+        expand_blocks,
+        shrink: LaunchShape {
+            grid: (splits, mt, n_mod),
+            block: GEMM_THREADS,
+            shared_bytes: shrink_shared_bytes(cap.max_rank),
+        },
+        expand: LaunchShape { grid: (expand_blocks, mt, n_mod), block: GEMM_THREADS, shared_bytes: 0 },
+        workspace: WorkspaceSize {
+            partial_f32: partial as usize,
+            t_bf16: rows as usize,
+            counters_u32: n_mod as usize * mt as usize,
+        },
+    })
+}
+
+/// Plan a whole model of `num_layers` layers, each running `groups` in order.
+pub fn plan_model(
+    cap: &Capacity,
+    groups: &[ModuleGroup],
+    num_layers: u32,
+    sm_count: u32,
+) -> Result<ModelPlan, GemmError> {
+    if num_layers == 0 {
+        return invalid("num_layers must be at least 1".into());
+    }
+    if groups.is_empty() {
+        return invalid("a model needs at least one module group".into());
+    }
+    let prep = plan_prep(cap)?;
+    let mut plans = Vec::with_capacity(groups.len());
+    let mut base = Vec::with_capacity(groups.len());
+    let mut shapes = Vec::new();
+    let mut ws = WorkspaceSize::default();
+    for g in groups {
+        let p = plan_group(cap, g, sm_count)?;
+        base.push(shapes.len() as u32);
+        shapes.extend_from_slice(&p.shapes);
+        ws = ws.max(p.workspace);
+        plans.push(p);
+    }
+    let descs = (num_layers as usize)
+        .checked_mul(shapes.len())
+        .and_then(|v| v.checked_mul(cap.num_slots as usize))
+        .filter(|&v| v <= u32::MAX as usize)
+        .ok_or_else(|| GemmError::Invalid("descriptor count exceeds 32-bit indexing".into()))?;
+    Ok(ModelPlan { prep, groups: plans, group_module_base: base, shapes, num_layers, descs, workspace: ws })
+}
+
+fn llama_groups(hidden: u32, kv: u32, inter: u32) -> Vec<ModuleGroup> {
+    vec![
+        ModuleGroup::new(
+            "qkv",
+            vec![
+                ModuleSpec::new("q_proj", hidden, hidden),
+                ModuleSpec::new("k_proj", hidden, kv),
+                ModuleSpec::new("v_proj", hidden, kv),
+            ],
+        ),
+        ModuleGroup::new("o", vec![ModuleSpec::new("o_proj", hidden, hidden)]),
+        ModuleGroup::new(
+            "gate_up",
+            vec![ModuleSpec::new("gate_proj", hidden, inter), ModuleSpec::new("up_proj", hidden, inter)],
+        ),
+        ModuleGroup::new("down", vec![ModuleSpec::new("down_proj", inter, hidden)]),
+    ]
+}
+
+/// Llama 3 8B (hidden 4096, 8 KV heads of 128, intermediate 14336): `qkv` (4096 → 4096 + 1024 + 1024),
+/// `o` (4096 → 4096), `gate_up` (4096 → 14336 + 14336), `down` (14336 → 4096). 32 layers.
+pub fn llama3_8b_groups() -> Vec<ModuleGroup> {
+    llama_groups(4096, 1024, 14336)
+}
+
+/// Llama 3 70B (hidden 8192, 8 KV heads of 128, intermediate 28672): `qkv` (8192 → 8192 + 1024 + 1024),
+/// `o` (8192 → 8192), `gate_up` (8192 → 28672 + 28672), `down` (28672 → 8192). 80 layers.
+pub fn llama3_70b_groups() -> Vec<ModuleGroup> {
+    llama_groups(8192, 1024, 28672)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cap(max_tokens: u32) -> Capacity {
+        Capacity { max_tokens, num_slots: 64, max_rank: 64, max_reqs: 256 }
+    }
+
+    fn err(r: Result<impl std::fmt::Debug, GemmError>, needle: &str) {
+        match r {
+            Err(GemmError::Invalid(m)) => assert!(m.contains(needle), "{m:?} lacks {needle:?}"),
+            other => panic!("expected Invalid containing {needle:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn split_rule_by_hand() {
+        let g = &llama3_8b_groups();
+        // qkv, 1 token: want ceil(264 / 3) = 88, capped at 4096 / 128 = 32 → k_chunk 128, 32 splits.
+        let p = plan_group(&cap(1), &g[0], 132).unwrap();
+        assert_eq!((p.splits, p.k_chunk), (32, 128));
+        // down, 1 token: want 264, capped at 14336 / 128 = 112 → k_chunk 128, 112 splits.
+        let p = plan_group(&cap(1), &g[3], 132).unwrap();
+        assert_eq!((p.splits, p.k_chunk), (112, 128));
+        // gate_up, 2048 tokens: est_tiles 128, want ceil(264 / 256) = 2 → k_chunk 2048.
+        let p = plan_group(&cap(2048), &g[2], 132).unwrap();
+        assert_eq!((p.splits, p.k_chunk), (2, 2048));
+        // o, 256 tokens: est_tiles 16, want ceil(264 / 16) = 17 → k_chunk round_up(241, 32) = 256, 16 splits.
+        let p = plan_group(&cap(256), &g[1], 132).unwrap();
+        assert_eq!((p.splits, p.k_chunk), (16, 256));
+    }
+
+    #[test]
+    fn small_k_and_odd_k() {
+        let g = ModuleGroup::new("g", vec![ModuleSpec::new("m", 200, 45)]);
+        // 200 / 128 = 1 → one split however many SMs.
+        let p = plan_group(&cap(1), &g, 132).unwrap();
+        assert_eq!((p.splits, p.k_chunk), (1, 224));
+        let g = ModuleGroup::new("g", vec![ModuleSpec::new("m", 300, 45)]);
+        // at most 2 splits: ceil(300 / 2) = 150 → 160, splits ceil(300 / 160) = 2.
+        let p = plan_group(&cap(1), &g, 132).unwrap();
+        assert_eq!((p.splits, p.k_chunk), (2, 160));
+        // One SM, many tokens: one split.
+        let p = plan_group(&cap(2048), &g, 1).unwrap();
+        assert_eq!((p.splits, p.k_chunk), (1, 320));
+    }
+
+    #[test]
+    fn geometry_and_workspace() {
+        let g = &llama3_8b_groups()[0];
+        let p = plan_group(&cap(64), g, 132).unwrap();
+        let mt = max_tiles(64, 64);
+        assert_eq!(mt, 4 + 64);
+        assert_eq!(p.max_tiles, mt);
+        assert_eq!(p.shrink.grid, (p.splits, mt, 3));
+        assert_eq!(p.expand.grid, (32, mt, 3));
+        assert_eq!((p.shrink.block, p.expand.block), (128, 128));
+        assert_eq!((p.shrink.shared_bytes, p.expand.shared_bytes), (shrink_shared_bytes(64), 0));
+        assert_eq!(p.r_pad, 64);
+        assert_eq!(p.ldy, 6144);
+        let cols: Vec<(u32, u32)> = p.shapes.iter().map(|s| (s.y_col, s.n)).collect();
+        assert_eq!(cols, vec![(0, 4096), (4096, 1024), (5120, 1024)]);
+        assert_eq!(p.workspace.partial_f32, p.splits as usize * 64 * 3 * 64);
+        assert_eq!(p.workspace.t_bf16, 64 * 3 * 64);
+        assert_eq!(p.workspace.counters_u32, 3 * mt as usize);
+        // Odd max rank pads to 16.
+        let c = Capacity { max_rank: 3, ..cap(64) };
+        assert_eq!(plan_group(&c, g, 132).unwrap().r_pad, 16);
+    }
+
+    #[test]
+    fn explicit_k_chunk_and_ldy() {
+        let g =
+            ModuleGroup::new("g", vec![ModuleSpec::new("a", 200, 123), ModuleSpec::new("b", 200, 45)]).with_ldy(170);
+        let p = plan_group_with_k_chunk(&cap(16), &g, 64).unwrap();
+        assert_eq!((p.splits, p.k_chunk, p.ldy, p.max_n, p.expand_blocks), (4, 64, 170, 123, 1));
+        assert_eq!(p.shapes[1].y_col, 123);
+        err(plan_group_with_k_chunk(&cap(16), &g, 48), "multiple of 32");
+        err(plan_group_with_k_chunk(&cap(16), &g, 0), "multiple of 32");
+    }
+
+    #[test]
+    fn invalid_inputs() {
+        let g = llama3_8b_groups();
+        let one = |k, n| ModuleGroup::new("g", vec![ModuleSpec::new("m", k, n)]);
+        err(plan_group(&Capacity { max_rank: 0, ..cap(16) }, &g[0], 132), "max_rank 0");
+        err(plan_group(&Capacity { max_rank: 129, ..cap(16) }, &g[0], 132), "max_rank 129");
+        err(plan_group(&cap(0), &g[0], 132), "max_tokens");
+        err(plan_group(&cap(16), &g[0], 0), "sm_count");
+        err(plan_group(&Capacity { num_slots: 0, ..cap(16) }, &g[0], 132), "num_slots 0");
+        err(plan_group(&Capacity { num_slots: 1025, ..cap(16) }, &g[0], 132), "num_slots 1025");
+        err(plan_group(&Capacity { max_reqs: 0, ..cap(16) }, &g[0], 132), "max_reqs");
+        err(plan_group(&cap(16), &ModuleGroup::new("e", vec![]), 132), "no modules");
+        let five = ModuleGroup::new("five", (0..5).map(|i| ModuleSpec::new(&format!("m{i}"), 64, 64)).collect());
+        err(plan_group(&cap(16), &five, 132), "at most 4");
+        let mixed = ModuleGroup::new("mixed", vec![ModuleSpec::new("a", 64, 64), ModuleSpec::new("b", 96, 64)]);
+        err(plan_group(&cap(16), &mixed, 132), "reads k = 96");
+        err(plan_group(&cap(16), &one(0, 64), 132), "zero width");
+        err(plan_group(&cap(16), &one(64, 0), 132), "zero width");
+        err(plan_group(&cap(16), &one(64, 64).with_ldy(63), 132), "ldy 63");
+        err(plan_group(&cap(u32::MAX), &one(64, 1 << 20), 132), "32-bit");
+        err(plan_prep(&Capacity { max_reqs: 100_000, ..cap(16) }), "shared memory");
+        err(plan_model(&cap(16), &[], 32, 132), "at least one");
+        err(plan_model(&cap(16), &g, 0, 132), "num_layers");
+    }
+
+    #[test]
+    fn prep_and_model() {
+        let p = plan_prep(&cap(256)).unwrap();
+        assert_eq!(p.launch, LaunchShape { grid: (1, 1, 1), block: 1024, shared_bytes: prep_shared_bytes(256, 64) });
+        assert_eq!(p.step_words, 3 + 2 * 256);
+        let m = plan_model(&cap(256), &llama3_8b_groups(), 32, 132).unwrap();
+        assert_eq!(m.group_module_base, vec![0, 3, 4, 6]);
+        assert_eq!(m.shapes.len(), 7);
+        assert_eq!(m.descs, 32 * 7 * 64);
+        let widest = m.groups.iter().map(|g| g.workspace.partial_f32).max().unwrap();
+        assert_eq!(m.workspace.partial_f32, widest);
+    }
+}

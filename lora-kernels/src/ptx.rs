@@ -17,11 +17,23 @@ pub enum Kernel {
     Shrink,
     /// [`crate::kernels::expand::lora_expand`].
     Expand,
+    /// [`crate::kernels::baseline::gather_rows`].
+    GatherRows,
+    /// [`crate::kernels::baseline::scatter_add_rows`].
+    ScatterAddRows,
 }
 
 impl Kernel {
     /// All kernels, in PTX order of definition.
-    pub const ALL: [Kernel; 5] = [Kernel::SmokeMma, Kernel::ProbeWarpOps, Kernel::Prep, Kernel::Shrink, Kernel::Expand];
+    pub const ALL: [Kernel; 7] = [
+        Kernel::SmokeMma,
+        Kernel::ProbeWarpOps,
+        Kernel::Prep,
+        Kernel::Shrink,
+        Kernel::Expand,
+        Kernel::GatherRows,
+        Kernel::ScatterAddRows,
+    ];
 
     /// The PTX entry name (the Rust function name, unmangled).
     pub const fn name(self) -> &'static str {
@@ -31,6 +43,8 @@ impl Kernel {
             Kernel::Prep => "lora_prep",
             Kernel::Shrink => "lora_shrink",
             Kernel::Expand => "lora_expand",
+            Kernel::GatherRows => "gather_rows",
+            Kernel::ScatterAddRows => "scatter_add_rows",
         }
     }
 }

@@ -19,6 +19,7 @@ macro_rules! kernel {
     };
 }
 
+pub mod baseline;
 pub mod expand;
 pub mod prep;
 pub mod probe;

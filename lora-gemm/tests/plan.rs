@@ -1,0 +1,123 @@
+//! Snapshots of the planner's output for the Llama 3 8B and 70B module groups (64 slots, max rank 64,
+//! 132 SMs as on an H100 SXM) at the batch buckets 1, 16, 64, 256 and 2048 tokens, plus the invariants
+//! every plan must satisfy whatever the numbers are. Review a changed snapshot line by line: it is the
+//! launch geometry a CUDA graph bakes in.
+
+use std::fmt::Write;
+
+use lora_gemm::plan::{llama3_70b_groups, llama3_8b_groups, plan_model, Capacity, ModelPlan, ModuleGroup};
+use lora_kernels::abi::{max_tiles, rank_pad, shrink_shared_bytes, EXPAND_BN, GEMM_THREADS, GEMM_WARPS, SHRINK_K_STEP};
+
+const BUCKETS: [u32; 5] = [1, 16, 64, 256, 2048];
+const SMS: u32 = 132;
+
+fn cap(max_tokens: u32) -> Capacity {
+    Capacity { max_tokens, num_slots: 64, max_rank: 64, max_reqs: 256 }
+}
+
+/// Invariants of every plan (independent of the snapshot).
+fn check(m: &ModelPlan, groups: &[ModuleGroup]) {
+    for (p, g) in m.groups.iter().zip(groups) {
+        let k = g.modules[0].k;
+        assert_eq!(p.k, k);
+        assert_eq!(p.k_chunk % SHRINK_K_STEP, 0, "{}: k_chunk", p.name);
+        assert!(p.splits >= 1);
+        assert_eq!(p.splits, k.div_ceil(p.k_chunk), "{}: no empty split", p.name);
+        assert!((p.splits - 1) * p.k_chunk < k, "{}: last split non-empty", p.name);
+        assert!(p.splits == 1 || p.k_chunk >= SHRINK_K_STEP * GEMM_WARPS, "{}: every warp gets a k step", p.name);
+        assert_eq!(p.max_tiles, max_tiles(p.max_tokens, p.num_slots));
+        assert_eq!(p.shrink.grid, (p.splits, p.max_tiles, p.n_mod));
+        assert_eq!(p.expand.grid, (p.max_n.div_ceil(EXPAND_BN), p.max_tiles, p.n_mod));
+        assert_eq!((p.shrink.block, p.expand.block), (GEMM_THREADS, GEMM_THREADS));
+        assert_eq!(p.shrink.shared_bytes, shrink_shared_bytes(p.max_rank));
+        assert_eq!(p.r_pad, rank_pad(p.max_rank));
+        let mut col = 0;
+        for (s, spec) in p.shapes.iter().zip(&g.modules) {
+            assert_eq!((s.n, s.k, s.y_col), (spec.n, spec.k, col));
+            col += spec.n;
+        }
+        assert_eq!(p.ldy, col);
+        let rows = p.max_tokens as usize * p.n_mod as usize * p.r_pad as usize;
+        assert_eq!(p.workspace.t_bf16, rows);
+        assert_eq!(p.workspace.partial_f32, p.splits as usize * rows);
+        assert_eq!(p.workspace.counters_u32, p.n_mod as usize * p.max_tiles as usize);
+    }
+}
+
+fn table(groups: &[ModuleGroup], layers: u32) -> String {
+    let mut s = String::new();
+    writeln!(
+        s,
+        "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:>8} {:>6}",
+        "tokens",
+        "group",
+        "k",
+        "n",
+        "ldy",
+        "splits",
+        "k_chunk",
+        "shrink grid",
+        "expand grid",
+        "smem",
+        "r_pad",
+        "partial",
+        "t",
+        "ctrs"
+    )
+    .unwrap();
+    for t in BUCKETS {
+        let m = plan_model(&cap(t), groups, layers, SMS).unwrap();
+        check(&m, groups);
+        for p in &m.groups {
+            let ns: Vec<String> = p.shapes.iter().map(|s| s.n.to_string()).collect();
+            writeln!(
+                s,
+                "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:>8} {:>6}",
+                t,
+                p.name,
+                p.k,
+                ns.join("+"),
+                p.ldy,
+                p.splits,
+                p.k_chunk,
+                format!("{:?}", p.shrink.grid),
+                format!("{:?}", p.expand.grid),
+                p.shrink.shared_bytes,
+                p.r_pad,
+                p.workspace.partial_f32,
+                p.workspace.t_bf16,
+                p.workspace.counters_u32
+            )
+            .unwrap();
+        }
+        writeln!(
+            s,
+            "{:>6} prep: grid {:?} block {} smem {} step words {} max_tiles {} descs {} | shared workspace {} B",
+            t,
+            m.prep.launch.grid,
+            m.prep.launch.block,
+            m.prep.launch.shared_bytes,
+            m.prep.step_words,
+            m.prep.max_tiles,
+            m.descs,
+            m.workspace.bytes()
+        )
+        .unwrap();
+    }
+    s
+}
+
+#[test]
+fn llama3_8b_plans() {
+    insta::assert_snapshot!(table(&llama3_8b_groups(), 32));
+}
+
+#[test]
+fn llama3_70b_plans() {
+    insta::assert_snapshot!(table(&llama3_70b_groups(), 80));
+}
+
+#[test]
+fn llama3_8b_full_plan_64_tokens() {
+    insta::assert_debug_snapshot!(plan_model(&cap(64), &llama3_8b_groups(), 32, SMS).unwrap());
+}
