@@ -17,5 +17,6 @@ pub mod error;
 pub mod plan;
 pub mod reference;
 pub mod reorder;
+pub mod step;
 
 pub use error::GemmError;

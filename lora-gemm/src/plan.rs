@@ -232,7 +232,8 @@ pub fn plan_prep(cap: &Capacity) -> Result<PrepPlan, GemmError> {
             cap.max_reqs, cap.num_slots
         ));
     }
-    let layout = StepLayout { max_reqs: cap.max_reqs };
+    // Table updates need the layer and module counts: `plan_model` widens the layout.
+    let layout = StepLayout::new(cap.max_reqs, cap.num_slots, 0);
     Ok(PrepPlan {
         launch: LaunchShape {
             grid: (1, 1, 1),
@@ -390,6 +391,9 @@ pub fn plan_model(
         .and_then(|v| v.checked_mul(cap.num_slots as usize))
         .filter(|&v| v <= u32::MAX as usize)
         .ok_or_else(|| GemmError::Invalid("descriptor count exceeds 32-bit indexing".into()))?;
+    let mut prep = prep;
+    prep.layout = StepLayout::new(cap.max_reqs, cap.num_slots, num_layers * shapes.len() as u32);
+    prep.step_words = prep.layout.words();
     Ok(ModelPlan { prep, groups: plans, group_module_base: base, shapes, num_layers, descs, workspace: ws })
 }
 
@@ -534,11 +538,13 @@ mod tests {
     fn prep_and_model() {
         let p = plan_prep(&cap(256)).unwrap();
         assert_eq!(p.launch, LaunchShape { grid: (1, 1, 1), block: 1024, shared_bytes: prep_shared_bytes(256, 64) });
-        assert_eq!(p.step_words, 3 + 2 * 256);
+        assert_eq!(p.step_words, StepLayout::new(256, 64, 0).words());
         let m = plan_model(&cap(256), &llama3_8b_groups(), 32, 132).unwrap();
         assert_eq!(m.group_module_base, vec![0, 3, 4, 6]);
         assert_eq!(m.shapes.len(), 7);
         assert_eq!(m.descs, 32 * 7 * 64);
+        assert_eq!(m.prep.layout, StepLayout::new(256, 64, 32 * 7));
+        assert_eq!(m.prep.step_words, m.prep.layout.words());
         let widest = m.groups.iter().map(|g| g.workspace.partial_f32).max().unwrap();
         assert_eq!(m.workspace.partial_f32, widest);
     }

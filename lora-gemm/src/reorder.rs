@@ -170,35 +170,18 @@ pub fn descriptors(
         .collect())
 }
 
-/// Build the packed per-step input of the prep kernel (see [`StepLayout`]):
-/// `[num_reqs, num_tokens, req_slot[max_reqs], req_tok_off[max_reqs + 1]]`.
-/// Unused request entries are filled with "no adapter" (`u32::MAX`) and offsets equal to `num_tokens`.
+/// Build the packed per-step input of the prep kernel for a step without pointer-table updates (see
+/// [`StepLayout`]; a convenience over [`crate::step::StepPacker`], which also packs updates and reuses
+/// its buffer). Returns all `layout.words()` words.
 ///
 /// Errors: a malformed request table (see [`validate_requests`]), more requests than `layout.max_reqs`,
 /// or more tokens than `max_tokens`.
-pub fn pack_step(
-    layout: StepLayout,
-    req_slot: &[u32],
-    req_tok_off: &[u32],
-    max_tokens: u32,
-) -> Result<Vec<u32>, GemmError> {
-    let tokens = validate_requests(req_slot, req_tok_off)?;
-    let num_reqs = req_slot.len();
-    if num_reqs > layout.max_reqs as usize {
-        return invalid(format!("{num_reqs} requests exceed the capacity of {}", layout.max_reqs));
-    }
-    if tokens > max_tokens {
-        return invalid(format!("{tokens} tokens exceed the capacity of {max_tokens}"));
-    }
-    let mut w = vec![0u32; layout.words()];
-    w[StepLayout::NUM_REQS] = num_reqs as u32;
-    w[StepLayout::NUM_TOKENS] = tokens;
-    let (sa, oa, mr) = (layout.slot_at(), layout.off_at(), layout.max_reqs as usize);
-    w[sa..sa + mr].fill(u32::MAX);
-    w[sa..sa + num_reqs].copy_from_slice(req_slot);
-    w[oa..oa + mr + 1].fill(tokens);
-    w[oa..oa + num_reqs + 1].copy_from_slice(req_tok_off);
-    Ok(w)
+pub fn pack_step(layout: StepLayout, req_slot: &[u32], req_tok_off: &[u32], max_tokens: u32) -> Result<Vec<u32>, GemmError> {
+    validate_requests(req_slot, req_tok_off)?;
+    let counts: Vec<u32> = req_tok_off.windows(2).map(|w| w[1] - w[0]).collect();
+    let mut packer = crate::step::StepPacker::new(layout, max_tokens);
+    packer.pack(req_slot, &counts, &[])?;
+    Ok(packer.all_words().to_vec())
 }
 
 #[cfg(test)]
@@ -238,7 +221,7 @@ mod tests {
         assert!(reorder(&[0], &[1, 2], 1).is_err());
         assert!(reorder(&[0, 0], &[0, 3, 2], 1).is_err());
         assert!(token_slots(&[0], &[0, 2, 3], 1).is_err());
-        let layout = StepLayout { max_reqs: 2 };
+        let layout = StepLayout::new(2, 0, 0);
         assert!(pack_step(layout, &[0, 0, 0], &[0, 1, 2, 3], 8).is_err());
         assert!(pack_step(layout, &[0, 0], &[0, 5, 9], 8).is_err());
         assert!(pack_step(layout, &[0, 0], &[0, 5], 8).is_err());
@@ -253,9 +236,10 @@ mod tests {
 
     #[test]
     fn packed_layout() {
-        let layout = StepLayout { max_reqs: 3 };
+        let layout = StepLayout::new(3, 0, 0);
         let w = pack_step(layout, &[2, 7], &[0, 4, 5], 8).unwrap();
-        assert_eq!(w, vec![2, 5, 2, 7, u32::MAX, 0, 4, 5, 5]);
+        // [num_reqs, num_tokens, slots[3], offsets[4], num_changed]; unused entries are never read.
+        assert_eq!(w, vec![2, 5, 2, 7, 0, 0, 4, 5, 0, 0]);
         assert_eq!(w.len(), layout.words());
     }
 

@@ -110,7 +110,11 @@ proptest! {
     }
 
     #[test]
-    fn capacity_bound_holds_for_any_larger_capacity((ns, slots, offs) in step(), extra in 0u32..100, more_slots in 0u32..8) {
+    fn capacity_bound_holds_for_any_larger_capacity(
+        (ns, slots, offs) in step(),
+        extra in 0u32..100,
+        more_slots in 0u32..8,
+    ) {
         let r = reorder(&slots, &offs, ns).unwrap();
         let tokens = *offs.last().unwrap();
         prop_assert!(r.num_tiles <= max_tiles(tokens + extra, ns + more_slots));
@@ -161,7 +165,7 @@ proptest! {
         let _ = ns;
         let tokens = *offs.last().unwrap();
         let num_reqs = slots.len() as u32;
-        let layout = StepLayout { max_reqs: num_reqs + spare_reqs };
+        let layout = StepLayout::new(num_reqs + spare_reqs, 0, 0);
         let w = pack_step(layout, &slots, &offs, tokens + spare_tokens).unwrap();
         prop_assert_eq!(w.len(), layout.words());
         prop_assert_eq!(w[StepLayout::NUM_REQS], num_reqs);
@@ -171,7 +175,7 @@ proptest! {
         prop_assert_eq!(&w[oa..oa + offs.len()], &offs[..]);
         // Capacity violations are typed errors.
         if num_reqs > 0 {
-            let small = StepLayout { max_reqs: num_reqs - 1 };
+            let small = StepLayout::new(num_reqs - 1, 0, 0);
             prop_assert!(pack_step(small, &slots, &offs, tokens).is_err());
         }
         if tokens > 0 {
@@ -199,7 +203,7 @@ proptest! {
         prop_assert!(validate_requests(&slots, &bad).is_err());
         prop_assert!(reorder(&slots, &bad, 4).is_err());
         prop_assert!(token_slots(&slots, &bad, 4).is_err());
-        let roomy = StepLayout { max_reqs: 64 };
+        let roomy = StepLayout::new(64, 0, 0);
         prop_assert!(pack_step(roomy, &slots, &bad, 1 << 20).is_err());
     }
 }

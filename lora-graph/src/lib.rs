@@ -2,13 +2,13 @@
 //!
 //! A step flows: requests → [`lora_slots::SlotManager::assign`] (which slot holds each request's
 //! adapter, which slots changed) → adapter uploads for changed slots on a side stream →
-//! [`update::StepPacker`] (requests, token offsets and the changed pointer-table entries in one buffer) →
+//! [`lora_gemm::step::StepPacker`] (requests, token offsets and the changed pointer-table entries in one buffer) →
 //! one host-to-device copy → graph replay for the step's bucket: the prep kernel (counts, permutation,
 //! tiles, descriptors, table update), then per layer and module group the base GEMM and the LoRA shrink and
 //! expand, all reading sizes, ranks and pointers from device memory. A step without adapters replays a
 //! graph with no LoRA launch at all.
 //!
-//! - [`buckets`], [`adapter`], [`update`]: pure, tested without a GPU.
+//! - [`buckets`], [`adapter`]: pure, tested without a GPU.
 //! - [`runtime`]: the persistent device state and the launches ([`runtime::LoraRuntime`]).
 //! - [`model`]: a synthetic Llama-shaped model step built on the same API, with graph capture and replay.
 
@@ -17,6 +17,5 @@ pub mod buckets;
 pub mod error;
 pub mod model;
 pub mod runtime;
-pub mod update;
 
 pub use error::GraphError;

@@ -22,12 +22,12 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, P
 use lora_gemm::cuda::{sm_count, CudaLauncher, LoraModule};
 use lora_gemm::launch::{launch_group, launch_prep, Geometry, Launcher, PrepArgs, StepBuffers, Workspace};
 use lora_gemm::plan::{plan_model, Capacity, ModelPlan, ModuleGroup};
+use lora_gemm::step::StepPacker;
 use lora_kernels::abi::{GemmDesc, SlotWeights, StepLayout, Tile};
 use lora_slots::{HostCache, SlotManager};
 
 use crate::adapter::{slot_elems, AdapterImage, LoraAdapter};
 use crate::buckets::Buckets;
-use crate::update::StepPacker;
 use crate::GraphError;
 
 /// What the runtime is sized for.
@@ -137,7 +137,8 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
         }
         let n_modules = plan.shapes.len();
         let entries_per_slot = cfg.num_layers as usize * n_modules;
-        let layout = StepLayout::new(cap.max_reqs, cap.num_slots, entries_per_slot as u32);
+        let layout = plan.prep.layout;
+        debug_assert_eq!(layout, StepLayout::new(cap.max_reqs, cap.num_slots, entries_per_slot as u32));
         let stream = ctx.new_stream()?;
         let upload_stream = ctx.new_stream()?;
         let module = LoraModule::load(&ctx)?;

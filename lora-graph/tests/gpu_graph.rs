@@ -89,6 +89,7 @@ fn snapshot(m: &SyntheticModel<u32>) -> Vec<Vec<u16>> {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn graph_replay_matches_eager_and_reference_over_200_steps() {
     let ctx = match lora_gemm::cuda::open_device(0) {
         Ok(c) => c,

@@ -99,21 +99,41 @@ pub struct Tile {
     pub _pad: u32,
 }
 
-/// Layout of the packed per-step input the host uploads in one copy (all `u32`):
-/// `[num_reqs, num_tokens, req_slot[max_reqs], req_tok_off[max_reqs + 1]]`.
+/// Layout of the packed per-step input the host uploads in one copy (all `u32` words):
+///
+/// ```text
+/// [num_reqs, num_tokens, req_slot[max_reqs], req_tok_off[max_reqs + 1],
+///  num_changed, changed_slot[num_slots], (pad to even), entries[num_changed][entries_per_slot]]
+/// ```
+///
 /// `req_slot[i] >= num_slots` means request `i` uses no adapter; request `i` owns tokens
-/// `req_tok_off[i] .. req_tok_off[i + 1]` (non-decreasing, `req_tok_off[0] == 0`).
+/// `req_tok_off[i] .. req_tok_off[i + 1]` (non-decreasing, `req_tok_off[0] == 0`). The second line is the
+/// pointer-table update: for each of the `num_changed` slots whose occupant changed, its new
+/// [`SlotWeights`] for every (layer, module), which the prep kernel scatters into the persistent table
+/// before building descriptors. Only the used prefix (up to `entries_at() + num_changed × entries`) needs
+/// copying. A layout with `entries_per_slot == 0` can only carry steps without table updates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepLayout {
     /// Capacity in requests.
     pub max_reqs: u32,
+    /// Slots (capacity of the update section).
+    pub num_slots: u32,
+    /// Table entries per slot: layers × modules.
+    pub entries_per_slot: u32,
 }
+
+/// Words of one [`SlotWeights`].
+pub const SLOT_WEIGHTS_WORDS: usize = core::mem::size_of::<SlotWeights>() / 4;
 
 impl StepLayout {
     /// Index of `num_reqs`.
     pub const NUM_REQS: usize = 0;
     /// Index of `num_tokens`.
     pub const NUM_TOKENS: usize = 1;
+    /// A layout for `max_reqs` requests and table updates of `num_slots` × `entries_per_slot` entries.
+    pub const fn new(max_reqs: u32, num_slots: u32, entries_per_slot: u32) -> Self {
+        StepLayout { max_reqs, num_slots, entries_per_slot }
+    }
     /// Index of `req_slot[0]`.
     pub const fn slot_at(&self) -> usize {
         2
@@ -122,9 +142,21 @@ impl StepLayout {
     pub const fn off_at(&self) -> usize {
         2 + self.max_reqs as usize
     }
-    /// Total words.
-    pub const fn words(&self) -> usize {
+    /// Index of `num_changed`.
+    pub const fn num_changed_at(&self) -> usize {
         3 + 2 * self.max_reqs as usize
+    }
+    /// Index of `changed_slot[0]`.
+    pub const fn changed_slot_at(&self) -> usize {
+        self.num_changed_at() + 1
+    }
+    /// Index of the first entry (even, so entries are 8-byte aligned).
+    pub const fn entries_at(&self) -> usize {
+        (self.changed_slot_at() + self.num_slots as usize).div_ceil(2) * 2
+    }
+    /// Total words (every slot changed).
+    pub const fn words(&self) -> usize {
+        self.entries_at() + self.num_slots as usize * self.entries_per_slot as usize * SLOT_WEIGHTS_WORDS
     }
 }
 
@@ -143,9 +175,9 @@ pub const fn prep_shared_bytes(max_reqs: u32, num_slots: u32) -> u32 {
 }
 
 /// Shared memory the shrink kernel needs, in bytes, for ranks up to `max_rank`: one 16 × rank f32 tile per
-/// warp for the cross-warp reduction, plus one word to broadcast the "last split" flag.
+/// warp (rank rounded up by [`rank_pad`]) for the cross-warp reduction, plus one word to broadcast the "last split" flag.
 pub const fn shrink_shared_bytes(max_rank: u32) -> u32 {
-    GEMM_WARPS * TILE_M * max_rank * 4 + 16
+    GEMM_WARPS * TILE_M * rank_pad(max_rank) * 4 + 16
 }
 
 /// Round `r` up to the rank padding of the `t` buffer (a multiple of 16: one expand `k` step).

@@ -121,7 +121,7 @@ passed=0; failed=0; summary=""
 if [ "$what" = all ] || [ "$what" = tests ]; then
   for t in "$here"/tests/*; do
     name="$(basename "$t")"
-    "$t" --test-threads=1 >"$logs/$name.log" 2>&1
+    "$t" --test-threads=1 --nocapture >"$logs/$name.log" 2>&1
     rc=$?
     line="$(grep -E '^test result:' "$logs/$name.log" | tail -n 1)"
     p="$(echo "$line" | sed -nE 's/.* ([0-9]+) passed.*/\1/p')"; f="$(echo "$line" | sed -nE 's/.* ([0-9]+) failed.*/\1/p')"

@@ -133,7 +133,7 @@ unsafe impl<T> Send for Shared<T> {}
 /// launch of the same kernel; the kernel must follow the DSL's convergence rules.
 pub unsafe fn launch<F: Fn()>(cfg: &LaunchConfig, kernel: F) -> Result<(), KernelError> {
     let n = cfg.block_threads;
-    if n == 0 || n > 1024 || n % 32 != 0 {
+    if n == 0 || n > 1024 || !n.is_multiple_of(32) {
         return Err(KernelError::BadLaunch(format!("block of {n} threads: need a multiple of 32 up to 1024")));
     }
     let (gx, gy, gz) = cfg.grid;
@@ -183,7 +183,7 @@ pub unsafe fn launch<F: Fn()>(cfg: &LaunchConfig, kernel: F) -> Result<(), Kerne
                                     gdim: [gx, gy, gz],
                                     smem: smem_ptr.0,
                                     block: block_gate,
-                                    warp: warp,
+                                    warp,
                                     abort,
                                 }))
                             });
@@ -417,7 +417,7 @@ pub unsafe fn ldmatrix_x2(row: *const u16) -> [u32; 2] {
 /// # Safety
 /// Both addresses valid for 16 bytes and 16-byte aligned.
 pub unsafe fn cp_async_16(dst: *mut u8, src: *const u8) {
-    debug_assert!(dst as usize % 16 == 0 && src as usize % 16 == 0, "cp.async needs 16-byte alignment");
+    debug_assert!((dst as usize).is_multiple_of(16) && (src as usize).is_multiple_of(16), "cp.async needs 16-byte alignment");
     // SAFETY: the caller guarantees both ranges are valid and do not overlap (shared vs global).
     unsafe { std::ptr::copy_nonoverlapping(src, dst, 16) }
 }

@@ -130,7 +130,7 @@ pub unsafe fn load8_bf16_masked(row: *const u16, k: u32, k_end: u32) -> [u32; 4]
     // SAFETY: offsets below stay inside row[k..k_end], which the caller guarantees readable.
     unsafe {
         let p = row.add(k as usize);
-        if k + 8 <= k_end && (p as usize) % 16 == 0 {
+        if k + 8 <= k_end && (p as usize).is_multiple_of(16) {
             return ld_v4(p as *const u32);
         }
         let mut e = [0u16; 8];
@@ -160,7 +160,7 @@ pub unsafe fn load4_bf16_masked(row: *const u16, k: u32, k_end: u32) -> [u32; 2]
     // SAFETY: offsets below stay inside row[k..k_end], which the caller guarantees readable.
     unsafe {
         let p = row.add(k as usize);
-        if k + 4 <= k_end && (p as usize) % 8 == 0 {
+        if k + 4 <= k_end && (p as usize).is_multiple_of(8) {
             return ld_v2(p as *const u32);
         }
         let mut e = [0u16; 4];

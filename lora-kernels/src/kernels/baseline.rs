@@ -23,7 +23,7 @@ kernel! {
             let s = src.add((*idx.add(r as usize) * ld_src) as usize);
             let d = dst.add((r * ld_dst + c) as usize);
             let v = load8_bf16_masked(s, c, cols);
-            if c + 8 <= cols && (d as usize) % 16 == 0 {
+            if c + 8 <= cols && (d as usize).is_multiple_of(16) {
                 st_v4(d as *mut u32, v);
             } else {
                 crate::unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7] {

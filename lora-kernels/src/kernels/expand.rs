@@ -96,7 +96,7 @@ kernel! {
 unsafe fn add_pair(p: *mut u16, v0: f32, v1: f32, both: bool) {
     // SAFETY: the caller guarantees the elements are valid and owned by this thread.
     unsafe {
-        if both && (p as usize) % 4 == 0 {
+        if both && (p as usize).is_multiple_of(4) {
             let old = *(p as *const u32);
             let lo = f32_to_bf16(bf16_to_f32(old as u16) + v0);
             let hi = f32_to_bf16(bf16_to_f32((old >> 16) as u16) + v1);

@@ -13,6 +13,11 @@ macro_rules! kernel {
         pub unsafe extern "ptx-kernel" fn $name($($arg: $ty),*) $body
 
         $(#[$m])*
+        ///
+        /// # Safety
+        /// The launch contract in this kernel's module documentation: grid, block size, dynamic shared
+        /// memory, and every pointer valid for the extents it states. On the host, call it only from
+        /// `dsl::emu::launch` (the DSL primitives need the emulator's thread context).
         #[cfg(not(target_arch = "nvptx64"))]
         #[allow(clippy::too_many_arguments)]
         pub unsafe fn $name($($arg: $ty),*) $body

@@ -5,16 +5,21 @@
 //!   (`perm[slot_off[s] + j]` = the j-th token of slot s, in token order),
 //! - the tile list for the grouped GEMMs (`tiles`, `num_tiles`): each slot's rows cut into 16-row tiles,
 //! - `descs[layer][module][slot]`: one [`GemmDesc`] per grouped-GEMM problem, zero-sized (`m == 0`) for an
-//!   empty slot, rank 0 or a null weight pointer.
+//!   empty slot, rank 0 or a null weight pointer;
 //!
-//! Thread mapping: a single block of [`PREP_THREADS`] threads. Phase 1 stages the request table in shared
+//! and before all that it applies the step's pointer-table update: the new [`SlotWeights`] of every slot
+//! whose occupant changed are scattered into the persistent `weights[layer][module][slot]`.
+//!
+//! Thread mapping: a single block of [`PREP_THREADS`] threads. Phase 0 scatters the table update
+//! (strided over `num_changed × layers × modules` entries). Phase 1 stages the request table in shared
 //! memory (strided over threads). Phase 2: thread s < num_slots walks the requests in order and gives each
 //! request of slot s its offset inside the slot (this is what makes the permutation stable). Phase 3: thread
 //! 0 prefix-sums counts and tile counts. Phase 4: token-parallel (strided) — each token finds its request by
 //! binary search over the offsets and writes its `perm` entry. Phase 5: thread s writes slot s's tiles.
 //! Phase 6: descriptor-parallel (strided) over `num_layers × num_modules × num_slots`.
 //!
-//! Safety contract: `step` holds `StepLayout { max_reqs }.words()` words with `num_reqs <= max_reqs`,
+//! Safety contract: `step` holds the used prefix of `StepLayout::new(max_reqs, num_slots, num_layers ×
+//! num_modules)` with `num_reqs <= max_reqs`, `num_changed <= num_slots`, changed slots below `num_slots`,
 //! non-decreasing offsets starting at 0 and `num_tokens <= max_tokens`; `weights` and `descs` hold
 //! `num_layers × num_modules × num_slots` entries, `shapes` `num_modules`; `slot_count` `num_slots`,
 //! `slot_off` `num_slots + 1`, `perm` `max_tokens`, `tiles` `max_tiles(max_tokens, num_slots)`,
@@ -33,7 +38,7 @@ kernel! {
         max_reqs: u32,
         max_tokens: u32,
         num_slots: u32,
-        weights: *const SlotWeights,
+        weights: *mut SlotWeights,
         shapes: *const ModuleShape,
         num_layers: u32,
         num_modules: u32,
@@ -48,7 +53,8 @@ kernel! {
         unsafe {
             let tid = thread_idx_x();
             let nt = block_dim_x();
-            let layout = StepLayout { max_reqs };
+            let entries = num_layers * num_modules;
+            let layout = StepLayout::new(max_reqs, num_slots, entries);
             let num_reqs = (*step.add(StepLayout::NUM_REQS)).min(max_reqs);
             let s_slot: *mut u32 = dyn_smem::<u32>();
             let s_off = s_slot.add(max_reqs as usize);
@@ -56,6 +62,19 @@ kernel! {
             let s_cnt = s_dst.add(max_reqs as usize);
             let s_base = s_cnt.add(num_slots as usize);
             let s_tbase = s_base.add(num_slots as usize + 1);
+
+            // Phase 0: scatter the pointer-table update into weights[layer][module][slot].
+            let num_changed = (*step.add(layout.num_changed_at())).min(num_slots);
+            let updates = step.add(layout.entries_at()) as *const SlotWeights;
+            let mut i = tid;
+            while i < num_changed * entries {
+                let (c, e) = (i / entries, i % entries);
+                let slot = *step.add(layout.changed_slot_at() + c as usize);
+                if slot < num_slots {
+                    *weights.add((e * num_slots + slot) as usize) = *updates.add(i as usize);
+                }
+                i += nt;
+            }
 
             // Phase 1: stage the request table.
             let mut i = tid;

@@ -27,7 +27,7 @@
 //! `r_pad >= rank_pad(rank)` and `k_chunk` a multiple of 32; dynamic shared memory
 //! `shrink_shared_bytes(max rank)`.
 
-use crate::abi::{rank_pad, GemmDesc, Tile, GEMM_THREADS, MAX_RANK, SHRINK_K_STEP, TILE_M};
+use crate::abi::{rank_pad, GemmDesc, Tile, GEMM_THREADS, GEMM_WARPS, MAX_RANK, SHRINK_K_STEP, TILE_M};
 use crate::dsl::*;
 
 /// Rank tiles (of 8) the accumulators cover.
@@ -64,7 +64,8 @@ kernel! {
             if d.m == 0 {
                 return;
             }
-            let r = d.rank.min(MAX_RANK);
+            // r_pad >= rank_pad(max rank) bounds every shared and workspace index below, even for a bad table.
+            let r = d.rank.min(MAX_RANK).min(r_pad);
             let rank_tiles = r.div_ceil(8);
             let k0 = split * k_chunk;
             let k1 = (k0 + k_chunk).min(d.k);
@@ -90,7 +91,7 @@ kernel! {
                         acc[j] = mma_bf16_m16n8k16(frag1, [bv[2], bv[3]], acc[j]);
                     }
                 });
-                kk += SHRINK_K_STEP * (GEMM_THREADS / 32);
+                kk += SHRINK_K_STEP * GEMM_WARPS;
             }
 
             // Cross-warp reduction through shared memory: red[warp][row][col], row stride r.
@@ -107,14 +108,14 @@ kernel! {
                 }
             });
             sync_threads();
-            let flag = red.add((GEMM_THREADS / 32 * TILE_M * MAX_RANK) as usize) as *mut u32;
+            let flag = red.add((GEMM_WARPS * TILE_M * r) as usize) as *mut u32;
             let mut idx = tid;
             while idx < TILE_M * r {
                 let (row, col) = (idx / r, idx % r);
                 if row < tile.rows {
                     let mut sum = 0f32;
                     let mut w = 0;
-                    while w < GEMM_THREADS / 32 {
+                    while w < GEMM_WARPS {
                         sum += *red.add(((w * TILE_M + row) * r + col) as usize);
                         w += 1;
                     }

@@ -4,12 +4,9 @@
 //! it builds the descriptors). One buffer, so one host-to-device copy per step. Reuses its storage: no heap
 //! allocation per step.
 
-use lora_kernels::abi::{SlotWeights, StepLayout};
+use lora_kernels::abi::{SlotWeights, StepLayout, SLOT_WEIGHTS_WORDS as ENTRY_WORDS};
 
-use crate::GraphError;
-
-/// Words of one `SlotWeights` entry.
-const ENTRY_WORDS: usize = std::mem::size_of::<SlotWeights>() / 4;
+use crate::GemmError;
 
 /// Packs steps into a reusable buffer.
 #[derive(Clone, Debug)]
@@ -43,24 +40,24 @@ impl StepPacker {
     /// Pack one step: `req_slots[i]` is request i's slot (`>= num_slots` = no adapter), `req_tokens[i]` its
     /// token count, `changed` the slots whose occupant changed with their new table entries (one per
     /// layer × module). Validates everything; on error the previous packed step is kept unchanged.
-    pub fn pack(&mut self, req_slots: &[u32], req_tokens: &[u32], changed: &[(u32, &[SlotWeights])]) -> Result<Packed, GraphError> {
+    pub fn pack(&mut self, req_slots: &[u32], req_tokens: &[u32], changed: &[(u32, &[SlotWeights])]) -> Result<Packed, GemmError> {
         let l = self.layout;
         if req_slots.len() != req_tokens.len() {
-            return Err(GraphError::BadStep(format!("{} slots for {} requests", req_slots.len(), req_tokens.len())));
+            return Err(GemmError::Invalid(format!("{} slots for {} requests", req_slots.len(), req_tokens.len())));
         }
         if req_slots.len() > l.max_reqs as usize {
-            return Err(GraphError::BadStep(format!("{} requests exceed the capacity of {}", req_slots.len(), l.max_reqs)));
+            return Err(GemmError::Invalid(format!("{} requests exceed the capacity of {}", req_slots.len(), l.max_reqs)));
         }
         let total: u64 = req_tokens.iter().map(|&t| t as u64).sum();
         if total > self.max_tokens as u64 {
-            return Err(GraphError::BadStep(format!("{total} tokens exceed the capacity of {}", self.max_tokens)));
+            return Err(GemmError::Invalid(format!("{total} tokens exceed the capacity of {}", self.max_tokens)));
         }
         if changed.len() > l.num_slots as usize {
-            return Err(GraphError::BadStep(format!("{} changed slots, only {} exist", changed.len(), l.num_slots)));
+            return Err(GemmError::Invalid(format!("{} changed slots, only {} exist", changed.len(), l.num_slots)));
         }
         for (slot, entries) in changed {
             if *slot >= l.num_slots || entries.len() != l.entries_per_slot as usize {
-                return Err(GraphError::BadStep(format!(
+                return Err(GemmError::Invalid(format!(
                     "changed slot {slot} with {} entries (need a slot below {} and {} entries)",
                     entries.len(),
                     l.num_slots,
@@ -92,6 +89,11 @@ impl StepPacker {
     /// The words of the last packed step that must be copied.
     pub fn words(&self) -> &[u32] {
         &self.words[..self.used]
+    }
+
+    /// The whole buffer (`layout.words()` words; past the used prefix: whatever earlier steps left).
+    pub fn all_words(&self) -> &[u32] {
+        &self.words
     }
 }
 
