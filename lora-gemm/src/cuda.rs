@@ -78,7 +78,14 @@ pub struct CudaLauncher<'a> {
 }
 
 impl Launcher for CudaLauncher<'_> {
-    fn launch(&self, kernel: Kernel, grid: (u32, u32, u32), block: u32, shared: u32, args: &[Arg]) -> Result<(), GemmError> {
+    fn launch(
+        &self,
+        kernel: Kernel,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: &[Arg],
+    ) -> Result<(), GemmError> {
         let values: Vec<(u32, u64)> = args
             .iter()
             .map(|a| match a {

@@ -5,7 +5,9 @@
 use lora_kernels::abi::{GemmDesc, ModuleShape, SlotWeights, Tile};
 use lora_kernels::dsl::emu::{launch, LaunchConfig};
 use lora_kernels::kernels::baseline::{gather_rows, scatter_add_rows};
-use lora_kernels::kernels::{expand::lora_expand, prep::lora_prep, probe::probe_warp_ops, shrink::lora_shrink, smoke::smoke_mma};
+use lora_kernels::kernels::{
+    expand::lora_expand, prep::lora_prep, probe::probe_warp_ops, shrink::lora_shrink, smoke::smoke_mma,
+};
 use lora_kernels::Kernel;
 
 use crate::launch::{Arg, Launcher};
@@ -31,7 +33,14 @@ fn u(a: Arg) -> Result<u32, GemmError> {
 }
 
 impl Launcher for EmuLauncher {
-    fn launch(&self, kernel: Kernel, grid: (u32, u32, u32), block: u32, shared: u32, a: &[Arg]) -> Result<(), GemmError> {
+    fn launch(
+        &self,
+        kernel: Kernel,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        a: &[Arg],
+    ) -> Result<(), GemmError> {
         let cfg = LaunchConfig { grid, block_threads: block, shared_bytes: shared };
         let want = match kernel {
             Kernel::SmokeMma => 6,
@@ -48,7 +57,8 @@ impl Launcher for EmuLauncher {
         // kernel's documented safety contract requires.
         match kernel {
             Kernel::SmokeMma => {
-                let (p0, p1, p2, m, n, k) = (ptr::<u16>(a[0])?, ptr::<u16>(a[1])?, ptr::<f32>(a[2])?, u(a[3])?, u(a[4])?, u(a[5])?);
+                let (p0, p1, p2, m, n, k) =
+                    (ptr::<u16>(a[0])?, ptr::<u16>(a[1])?, ptr::<f32>(a[2])?, u(a[3])?, u(a[4])?, u(a[5])?);
                 // SAFETY: see above.
                 unsafe { launch(&cfg, || smoke_mma(p0, p1, p2, m, n, k)) }?
             }
@@ -84,8 +94,8 @@ impl Launcher for EmuLauncher {
                 unsafe {
                     launch(&cfg, || {
                         lora_shrink(
-                            x, ldx, perm, tiles, num_tiles, descs, num_slots, k_chunk, partial, counters, t, max_tokens,
-                            r_pad, max_tiles,
+                            x, ldx, perm, tiles, num_tiles, descs, num_slots, k_chunk, partial, counters, t,
+                            max_tokens, r_pad, max_tiles,
                         )
                     })
                 }?

@@ -24,7 +24,14 @@ pub enum Arg {
 /// Something that can run a kernel of this crate.
 pub trait Launcher {
     /// Launch `kernel` on grid `grid` with `block` threads and `shared` bytes of dynamic shared memory.
-    fn launch(&self, kernel: Kernel, grid: (u32, u32, u32), block: u32, shared: u32, args: &[Arg]) -> Result<(), GemmError>;
+    fn launch(
+        &self,
+        kernel: Kernel,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: &[Arg],
+    ) -> Result<(), GemmError>;
 }
 
 /// The fixed launch geometry of one module group at one capacity (what a graph capture bakes in).
@@ -102,7 +109,10 @@ pub struct PrepArgs {
 /// Launch the prep kernel (one block).
 pub fn launch_prep(l: &dyn Launcher, p: &PrepArgs, s: &StepBuffers) -> Result<(), GemmError> {
     if p.num_slots > PREP_THREADS {
-        return Err(GemmError::Invalid(format!("{} slots: the prep kernel handles at most {PREP_THREADS}", p.num_slots)));
+        return Err(GemmError::Invalid(format!(
+            "{} slots: the prep kernel handles at most {PREP_THREADS}",
+            p.num_slots
+        )));
     }
     let shared = lora_kernels::abi::prep_shared_bytes(p.max_reqs, p.num_slots);
     let args = [

@@ -176,7 +176,12 @@ pub fn descriptors(
 ///
 /// Errors: a malformed request table (see [`validate_requests`]), more requests than `layout.max_reqs`,
 /// or more tokens than `max_tokens`.
-pub fn pack_step(layout: StepLayout, req_slot: &[u32], req_tok_off: &[u32], max_tokens: u32) -> Result<Vec<u32>, GemmError> {
+pub fn pack_step(
+    layout: StepLayout,
+    req_slot: &[u32],
+    req_tok_off: &[u32],
+    max_tokens: u32,
+) -> Result<Vec<u32>, GemmError> {
     validate_requests(req_slot, req_tok_off)?;
     let counts: Vec<u32> = req_tok_off.windows(2).map(|w| w[1] - w[0]).collect();
     let mut packer = crate::step::StepPacker::new(layout, max_tokens);

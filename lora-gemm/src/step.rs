@@ -40,13 +40,22 @@ impl StepPacker {
     /// Pack one step: `req_slots[i]` is request i's slot (`>= num_slots` = no adapter), `req_tokens[i]` its
     /// token count, `changed` the slots whose occupant changed with their new table entries (one per
     /// layer × module). Validates everything; on error the previous packed step is kept unchanged.
-    pub fn pack(&mut self, req_slots: &[u32], req_tokens: &[u32], changed: &[(u32, &[SlotWeights])]) -> Result<Packed, GemmError> {
+    pub fn pack(
+        &mut self,
+        req_slots: &[u32],
+        req_tokens: &[u32],
+        changed: &[(u32, &[SlotWeights])],
+    ) -> Result<Packed, GemmError> {
         let l = self.layout;
         if req_slots.len() != req_tokens.len() {
             return Err(GemmError::Invalid(format!("{} slots for {} requests", req_slots.len(), req_tokens.len())));
         }
         if req_slots.len() > l.max_reqs as usize {
-            return Err(GemmError::Invalid(format!("{} requests exceed the capacity of {}", req_slots.len(), l.max_reqs)));
+            return Err(GemmError::Invalid(format!(
+                "{} requests exceed the capacity of {}",
+                req_slots.len(),
+                l.max_reqs
+            )));
         }
         let total: u64 = req_tokens.iter().map(|&t| t as u64).sum();
         if total > self.max_tokens as u64 {

@@ -73,8 +73,10 @@ fn run_probe(d: &dyn TestDevice, src: &[u16]) -> Vec<u32> {
     let ps = upload(d, src).unwrap();
     let po = upload(d, &vec![0xDEAD_BEEFu32; (32 * PROBE_WORDS) as usize]).unwrap();
     let pc = upload(d, &[0u32]).unwrap();
-    d.with_launcher(&mut |l| l.launch(Kernel::ProbeWarpOps, (1, 1, 1), 32, 512, &[Arg::Ptr(ps), Arg::Ptr(po), Arg::Ptr(pc)]))
-        .unwrap();
+    d.with_launcher(&mut |l| {
+        l.launch(Kernel::ProbeWarpOps, (1, 1, 1), 32, 512, &[Arg::Ptr(ps), Arg::Ptr(po), Arg::Ptr(pc)])
+    })
+    .unwrap();
     d.sync().unwrap();
     download(d, po, (32 * PROBE_WORDS) as usize).unwrap()
 }
@@ -91,7 +93,11 @@ device_test!(probe_matches_emulator, |d: &dyn TestDevice, _big: bool| {
             if (12..16).contains(&i) {
                 // mma results: same products, summation order may differ in the last bits.
                 let (g, e) = (f32::from_bits(g), f32::from_bits(e));
-                assert!((g - e).abs() <= 1e-4 * e.abs().max(1.0), "{}: lane {lane} word {i}: {g} vs emulator {e}", d.name());
+                assert!(
+                    (g - e).abs() <= 1e-4 * e.abs().max(1.0),
+                    "{}: lane {lane} word {i}: {g} vs emulator {e}",
+                    d.name()
+                );
             } else {
                 assert_eq!(g, e, "{}: lane {lane} word {i}: {g:#x} vs emulator {e:#x}", d.name());
             }

@@ -26,14 +26,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Median µs per replay of `f`, timed with CUDA events over `reps` replays, `rounds` times.
-fn time_us(model: &mut SyntheticModel<u32>, reps: usize, rounds: usize, f: &mut dyn FnMut(&mut SyntheticModel<u32>) -> Result<()>) -> Result<f64> {
+fn time_us(
+    model: &mut SyntheticModel<u32>,
+    reps: usize,
+    rounds: usize,
+    f: &mut dyn FnMut(&mut SyntheticModel<u32>) -> Result<()>,
+) -> Result<f64> {
     let ctx = model.rt.context().clone();
     for _ in 0..3 {
         f(model)?;
     }
     let mut out = Vec::new();
     for _ in 0..rounds {
-        let (a, b) = (ctx.new_event(None)?, ctx.new_event(None)?);
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (a, b) = (ctx.new_event(timing)?, ctx.new_event(timing)?);
         a.record(&model.rt.stream)?;
         for _ in 0..reps {
             f(model)?;
@@ -81,7 +87,12 @@ fn main() -> Result<()> {
     };
     let n_buckets = cfg.buckets.sizes().len();
     let rt = LoraRuntime::<u32>::new(ctx.clone(), cfg).context("runtime")?;
-    println!("runtime device memory: {:.2} GiB (slot pool {} × {:.1} MiB)", rt.device_bytes() as f64 / (1u64 << 30) as f64, 64, rt.slot_bytes() as f64 / (1 << 20) as f64);
+    println!(
+        "runtime device memory: {:.2} GiB (slot pool {} × {:.1} MiB)",
+        rt.device_bytes() as f64 / (1u64 << 30) as f64,
+        64,
+        rt.slot_bytes() as f64 / (1 << 20) as f64
+    );
     let mut model = SyntheticModel::new(rt, 0.02, 1).context("model")?;
     let cap = model.capture_all().context("capture")?;
     println!(

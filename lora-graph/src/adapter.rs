@@ -125,7 +125,9 @@ impl AdapterImage {
     /// The pointer-table entries of this image when it sits at device address `base`, per (layer, module).
     pub fn slot_weights(&self, base: u64) -> impl Iterator<Item = SlotWeights> + '_ {
         self.entries.iter().map(move |e| match e {
-            Some((a, b)) => SlotWeights { a: base + 2 * *a as u64, b: base + 2 * *b as u64, rank: self.rank, scale: self.scale },
+            Some((a, b)) => {
+                SlotWeights { a: base + 2 * *a as u64, b: base + 2 * *b as u64, rank: self.rank, scale: self.scale }
+            }
             None => SlotWeights::default(),
         })
     }

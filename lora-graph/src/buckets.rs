@@ -37,9 +37,11 @@ impl Buckets {
         if tokens == 0 {
             return Err(GraphError::BadStep("a step needs at least one token".into()));
         }
-        self.sizes.iter().copied().find(|&s| s >= tokens).ok_or_else(|| {
-            GraphError::BadStep(format!("{tokens} tokens exceed the capacity of {}", self.capacity()))
-        })
+        self.sizes
+            .iter()
+            .copied()
+            .find(|&s| s >= tokens)
+            .ok_or_else(|| GraphError::BadStep(format!("{tokens} tokens exceed the capacity of {}", self.capacity())))
     }
 
     /// All sizes, ascending.

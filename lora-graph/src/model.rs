@@ -108,7 +108,18 @@ impl<A: Copy + Eq + Hash + Debug> SyntheticModel<A> {
                 // SAFETY: x, y and the weights are live allocations of [capacity, k], [capacity, n], [n, k];
                 // bucket <= capacity.
                 unsafe {
-                    self.blas.gemm_xwt(bucket as usize, n as usize, k as usize, x, k as usize, self.weights[g], k as usize, y, n as usize, 0.0)
+                    self.blas.gemm_xwt(
+                        bucket as usize,
+                        n as usize,
+                        k as usize,
+                        x,
+                        k as usize,
+                        self.weights[g],
+                        k as usize,
+                        y,
+                        n as usize,
+                        0.0,
+                    )
                 }?;
                 if with_lora {
                     self.rt.launch_group(&l, bucket, layer, g, x, k, y, n)?;

@@ -295,7 +295,11 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
             return Err(GraphError::BadStep("a step needs at least one request".into()));
         }
         if reqs.len() > cap.max_reqs as usize {
-            return Err(GraphError::BadStep(format!("{} requests exceed the capacity of {}", reqs.len(), cap.max_reqs)));
+            return Err(GraphError::BadStep(format!(
+                "{} requests exceed the capacity of {}",
+                reqs.len(),
+                cap.max_reqs
+            )));
         }
         let total: u64 = reqs.iter().map(|r| r.tokens as u64).sum();
         let bucket = self.cfg.buckets.choose(total.min(u32::MAX as u64) as u32)?;
@@ -339,7 +343,9 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
                         let host = std::slice::from_raw_parts(src, reg.image.data.len());
                         cudarc::driver::result::memcpy_htod_async(base, host, self.upload_stream.cu_stream())
                     }?;
-                    for (dst, w) in self.host_table[at..at + self.entries_per_slot].iter_mut().zip(reg.image.slot_weights(base)) {
+                    for (dst, w) in
+                        self.host_table[at..at + self.entries_per_slot].iter_mut().zip(reg.image.slot_weights(base))
+                    {
                         *dst = w;
                     }
                     uploads += 1;
@@ -413,7 +419,8 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
             return Err(GraphError::BadStep(format!("no layer {layer}")));
         }
         let n_modules = self.plan.shapes.len() as u64;
-        let first = (layer as u64 * n_modules + self.plan.group_module_base[group] as u64) * self.cfg.capacity.num_slots as u64;
+        let first =
+            (layer as u64 * n_modules + self.plan.group_module_base[group] as u64) * self.cfg.capacity.num_slots as u64;
         let descs = self.step_bufs.descs + first * std::mem::size_of::<GemmDesc>() as u64;
         launch_group(l, g, &self.step_bufs, &self.ws, descs, x, ldx, y, ldy)?;
         Ok(())

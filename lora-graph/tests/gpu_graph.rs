@@ -150,7 +150,8 @@ fn graph_replay_matches_eager_and_reference_over_200_steps() {
                 break;
             }
             total += tokens;
-            let adapter = if rng.below(4) == 0 || step % 50 == 7 { None } else { Some(rng.below(adapters.len() as u32)) };
+            let adapter =
+                if rng.below(4) == 0 || step % 50 == 7 { None } else { Some(rng.below(adapters.len() as u32)) };
             reqs.push(StepRequest { adapter, tokens });
         }
         // Fresh inputs for every row of every (layer, group).
@@ -159,7 +160,8 @@ fn graph_replay_matches_eager_and_reference_over_200_steps() {
                 let (bits, _) = rng.bf16_vec(CAP as usize * k as usize, 1.0);
                 // SAFETY: x(layer, g) holds CAP × k elements; ordered on the model's stream.
                 unsafe {
-                    cudarc::driver::result::memcpy_htod_async(model.x(layer, g), &bits, model.rt.stream.cu_stream()).unwrap();
+                    cudarc::driver::result::memcpy_htod_async(model.x(layer, g), &bits, model.rt.stream.cu_stream())
+                        .unwrap();
                 }
             }
         }

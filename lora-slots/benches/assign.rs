@@ -81,13 +81,7 @@ fn measure(cfg: &Config, mut step: impl FnMut(usize) -> usize) -> (Vec<f64>, f64
 
 fn report(name: &str, (t, changes, allocs): (Vec<f64>, f64, f64)) {
     let q = |p: f64| t[((t.len() - 1) as f64 * p).round() as usize] / 1000.0;
-    println!(
-        "| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {changes:.1} | {allocs:.3} |",
-        q(0.5),
-        q(0.0),
-        q(0.1),
-        q(0.9),
-    );
+    println!("| {name} | {:.2} | {:.2} | {:.2} | {:.2} | {changes:.1} | {allocs:.3} |", q(0.5), q(0.0), q(0.1), q(0.9),);
 }
 
 fn bench_assign(cfg: &Config, w: &Workload) {
@@ -113,26 +107,15 @@ fn bench_admission_then_assign(cfg: &Config, w: &Workload) {
         black_box(a.slots());
         a.changes().len()
     });
-    report(
-        &format!("admission (256 try_add) + assign, {}", w.name),
-        result,
-    );
+    report(&format!("admission (256 try_add) + assign, {}", w.name), result);
 }
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let cfg = if full {
-        Config {
-            samples: 301,
-            steps_per_sample: 500,
-            warmup_steps: 5_000,
-        }
+        Config { samples: 301, steps_per_sample: 500, warmup_steps: 5_000 }
     } else {
-        Config {
-            samples: 5,
-            steps_per_sample: 10,
-            warmup_steps: 200,
-        }
+        Config { samples: 5, steps_per_sample: 10, warmup_steps: 200 }
     };
     println!(
         "{} samples x {} steps per scenario, after {} warm-up steps; times in µs per step",

@@ -43,20 +43,12 @@ impl<A: Copy + Eq + Hash + Debug> Default for BatchAdmission<A> {
 impl<A: Copy + Eq + Hash + Debug> BatchAdmission<A> {
     /// An empty batch.
     pub fn new() -> Self {
-        Self {
-            members: FastSet::default(),
-            pinned_in: 0,
-            pin_epoch: None,
-        }
+        Self { members: FastSet::default(), pinned_in: 0, pin_epoch: None }
     }
 
     /// An empty batch with room for `distinct` adapters before allocating.
     pub fn with_capacity(distinct: usize) -> Self {
-        Self {
-            members: FastSet::with_capacity_and_hasher(distinct, Default::default()),
-            pinned_in: 0,
-            pin_epoch: None,
-        }
+        Self { members: FastSet::with_capacity_and_hasher(distinct, Default::default()), pinned_in: 0, pin_epoch: None }
     }
 
     /// Forgets all adapters (keeps the allocation).
@@ -99,12 +91,7 @@ impl<A: Copy + Eq + Hash + Debug> BatchAdmission<A> {
         let pinned_outside = mgr.num_pinned() - pinned_in;
         let available = mgr.num_slots() - pinned_outside;
         if distinct > available {
-            Err(Error::OverCapacity {
-                distinct,
-                available,
-                num_slots: mgr.num_slots(),
-                pinned_outside,
-            })
+            Err(Error::OverCapacity { distinct, available, num_slots: mgr.num_slots(), pinned_outside })
         } else {
             Ok(())
         }

@@ -42,12 +42,7 @@ pub struct HostCache<K, V> {
 impl<K: Copy + Eq + Hash + Debug, V> HostCache<K, V> {
     /// An empty cache holding at most `budget_bytes` bytes of payload.
     pub fn new(budget_bytes: u64) -> Self {
-        Self {
-            budget: budget_bytes,
-            used: 0,
-            tick: 0,
-            entries: FastMap::default(),
-        }
+        Self { budget: budget_bytes, used: 0, tick: 0, entries: FastMap::default() }
     }
 
     /// The byte budget.
@@ -117,15 +112,10 @@ impl<K: Copy + Eq + Hash + Debug, V> HostCache<K, V> {
     /// enough room.
     pub fn insert(&mut self, key: K, value: V, bytes: u64) -> Result<Vec<(K, V)>, Error> {
         if self.entries.contains_key(&key) {
-            return Err(Error::AlreadyCached {
-                key: format!("{key:?}"),
-            });
+            return Err(Error::AlreadyCached { key: format!("{key:?}") });
         }
         if bytes > self.budget {
-            return Err(Error::AdapterTooLarge {
-                bytes,
-                budget: self.budget,
-            });
+            return Err(Error::AdapterTooLarge { bytes, budget: self.budget });
         }
         let free = self.free_bytes();
         let mut evicted = Vec::new();
@@ -145,12 +135,7 @@ impl<K: Copy + Eq + Hash + Debug, V> HostCache<K, V> {
                 take += 1;
             }
             if freed < need {
-                return Err(Error::CacheFull {
-                    bytes,
-                    free,
-                    evictable: freed,
-                    budget: self.budget,
-                });
+                return Err(Error::CacheFull { bytes, free, evictable: freed, budget: self.budget });
             }
             evicted.reserve_exact(take);
             for &(_, k, _) in &candidates[..take] {
@@ -162,16 +147,7 @@ impl<K: Copy + Eq + Hash + Debug, V> HostCache<K, V> {
         }
         let last_use = self.next_tick();
         self.used += bytes;
-        self.entries.insert(
-            key,
-            CacheEntry {
-                value,
-                bytes,
-                last_use,
-                resident: false,
-                pinned: false,
-            },
-        );
+        self.entries.insert(key, CacheEntry { value, bytes, last_use, resident: false, pinned: false });
         Ok(evicted)
     }
 
@@ -190,9 +166,7 @@ impl<K: Copy + Eq + Hash + Debug, V> HostCache<K, V> {
     }
 
     fn entry_mut(&mut self, key: K) -> Result<&mut CacheEntry<V>, Error> {
-        self.entries.get_mut(&key).ok_or_else(|| Error::NotCached {
-            key: format!("{key:?}"),
-        })
+        self.entries.get_mut(&key).ok_or_else(|| Error::NotCached { key: format!("{key:?}") })
     }
 
     /// Marks `key` as resident (or not) in a device slot. Resident entries are
@@ -245,18 +219,14 @@ impl<K: Copy + Eq + Hash + Debug, V> HostCache<K, V> {
     /// pinned.
     pub fn remove(&mut self, key: K) -> Result<V, Error> {
         if self.entry_mut(key)?.pinned {
-            return Err(Error::Pinned {
-                adapter: format!("{key:?}"),
-            });
+            return Err(Error::Pinned { adapter: format!("{key:?}") });
         }
         match self.entries.remove(&key) {
             Some(e) => {
                 self.used -= e.bytes;
                 Ok(e.value)
             }
-            None => Err(Error::NotCached {
-                key: format!("{key:?}"),
-            }),
+            None => Err(Error::NotCached { key: format!("{key:?}") }),
         }
     }
 }

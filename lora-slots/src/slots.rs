@@ -81,9 +81,7 @@ impl<'a, A: Copy> Assignment<'a, A> {
 
     /// The evictions of this step: `(slot, adapter that left)`.
     pub fn evicted(&self) -> impl Iterator<Item = (u32, A)> + 'a {
-        self.changes
-            .iter()
-            .filter_map(|c| c.old.map(|a| (c.slot, a)))
+        self.changes.iter().filter_map(|c| c.old.map(|a| (c.slot, a)))
     }
 }
 
@@ -125,10 +123,7 @@ impl<A: Copy + Eq + Hash + Debug> SlotManager<A> {
     /// [`Error::OverCapacity`]; batches of base-model requests still work.
     pub fn new(num_slots: usize) -> Result<Self, Error> {
         if num_slots > MAX_SLOTS {
-            return Err(Error::TooManySlots {
-                requested: num_slots,
-                max: MAX_SLOTS,
-            });
+            return Err(Error::TooManySlots { requested: num_slots, max: MAX_SLOTS });
         }
         // Twice the residents: removals leave tombstones, and hashbrown only
         // rehashes in place (without allocating) while at most half full.
@@ -243,9 +238,7 @@ impl<A: Copy + Eq + Hash + Debug> SlotManager<A> {
             let a = self.new_list[k];
             // Unmarked unpinned slots = num_slots - resident_distinct - k
             //   - pinned_outside >= new_list.len() - k >= 1 by the check above.
-            let slot = self
-                .pick_slot(generation)
-                .expect("capacity check guarantees a free or evictable slot");
+            let slot = self.pick_slot(generation).expect("capacity check guarantees a free or evictable slot");
             let s = slot as usize;
             let old = self.occupant[s];
             if let Some(old) = old {
@@ -257,11 +250,7 @@ impl<A: Copy + Eq + Hash + Debug> SlotManager<A> {
             if let Some(p) = self.pending.get_mut(&a) {
                 *p = slot;
             }
-            self.changes.push(SlotChange {
-                slot,
-                old,
-                new: Some(a),
-            });
+            self.changes.push(SlotChange { slot, old, new: Some(a) });
         }
         for (last_use, &mark) in self.last_use.iter_mut().zip(&self.mark) {
             if mark == generation {
@@ -278,12 +267,7 @@ impl<A: Copy + Eq + Hash + Debug> SlotManager<A> {
             }
         }
 
-        Ok(Assignment {
-            slots: &self.slots_out,
-            changes: &self.changes,
-            no_adapter_slot: sentinel,
-            step: tick,
-        })
+        Ok(Assignment { slots: &self.slots_out, changes: &self.changes, no_adapter_slot: sentinel, step: tick })
     }
 
     /// Lowest free slot not used by this batch, else the least recently used
@@ -320,13 +304,7 @@ impl<A: Copy + Eq + Hash + Debug> SlotManager<A> {
     /// # Errors
     /// [`Error::SlotOutOfRange`] if `slot >= num_slots`.
     pub fn occupant(&self, slot: u32) -> Result<Option<A>, Error> {
-        self.occupant
-            .get(slot as usize)
-            .copied()
-            .ok_or(Error::SlotOutOfRange {
-                slot,
-                num_slots: self.num_slots(),
-            })
+        self.occupant.get(slot as usize).copied().ok_or(Error::SlotOutOfRange { slot, num_slots: self.num_slots() })
     }
 
     /// The whole table: entry `s` is the occupant of slot `s`.
@@ -336,10 +314,7 @@ impl<A: Copy + Eq + Hash + Debug> SlotManager<A> {
 
     /// Resident adapters as `(slot, adapter)`, in slot order.
     pub fn residents(&self) -> impl Iterator<Item = (u32, A)> + '_ {
-        self.occupant
-            .iter()
-            .enumerate()
-            .filter_map(|(s, a)| a.map(|a| (s as u32, a)))
+        self.occupant.iter().enumerate().filter_map(|(s, a)| a.map(|a| (s as u32, a)))
     }
 
     /// Number of resident adapters.
@@ -371,10 +346,7 @@ impl<A: Copy + Eq + Hash + Debug> SlotManager<A> {
         }
         let max = self.num_slots().saturating_sub(1);
         if self.pinned_count >= max {
-            return Err(Error::PinLimit {
-                pinned: self.pinned_count,
-                max,
-            });
+            return Err(Error::PinLimit { pinned: self.pinned_count, max });
         }
         self.pinned[slot as usize] = true;
         self.pinned_count += 1;
@@ -416,18 +388,12 @@ impl<A: Copy + Eq + Hash + Debug> SlotManager<A> {
         let slot = self.slot_of(id).ok_or_else(|| not_resident(id))?;
         let s = slot as usize;
         if self.pinned[s] {
-            return Err(Error::Pinned {
-                adapter: format!("{id:?}"),
-            });
+            return Err(Error::Pinned { adapter: format!("{id:?}") });
         }
         self.index.remove(&id);
         self.occupant[s] = None;
         self.last_use[s] = 0;
-        Ok(SlotChange {
-            slot,
-            old: Some(id),
-            new: None,
-        })
+        Ok(SlotChange { slot, old: Some(id), new: None })
     }
 
     /// Changes whenever the pinned set changes; see [`NEXT_PIN_EPOCH`].
@@ -437,7 +403,5 @@ impl<A: Copy + Eq + Hash + Debug> SlotManager<A> {
 }
 
 fn not_resident<A: Debug>(id: A) -> Error {
-    Error::NotResident {
-        adapter: format!("{id:?}"),
-    }
+    Error::NotResident { adapter: format!("{id:?}") }
 }

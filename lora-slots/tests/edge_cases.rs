@@ -18,25 +18,11 @@ fn zero_slots() {
     let a = m.assign(&[]).unwrap();
     assert!(a.slots().is_empty());
     let err = m.assign(&[None, Some(3)]).unwrap_err();
-    assert_eq!(
-        err,
-        Error::OverCapacity {
-            distinct: 1,
-            available: 0,
-            num_slots: 0,
-            pinned_outside: 0
-        }
-    );
+    assert_eq!(err, Error::OverCapacity { distinct: 1, available: 0, num_slots: 0, pinned_outside: 0 });
     assert!(m.table().is_empty());
     assert_eq!(m.step(), 2);
     assert!(matches!(m.pin(3), Err(Error::NotResident { .. })));
-    assert!(matches!(
-        m.occupant(0),
-        Err(Error::SlotOutOfRange {
-            slot: 0,
-            num_slots: 0
-        })
-    ));
+    assert!(matches!(m.occupant(0), Err(Error::SlotOutOfRange { slot: 0, num_slots: 0 })));
     let adm = BatchAdmission::new();
     assert!(adm.would_fit(&m, None));
     assert!(!adm.would_fit(&m, Some(3)));
@@ -56,14 +42,7 @@ fn one_slot() {
     assert_eq!(a.evicted().collect::<Vec<_>>(), vec![(0, 5)]);
     // Two distinct adapters never fit, and nothing changes.
     let err = m.assign(&[Some(5), Some(6)]).unwrap_err();
-    assert!(matches!(
-        err,
-        Error::OverCapacity {
-            distinct: 2,
-            available: 1,
-            ..
-        }
-    ));
+    assert!(matches!(err, Error::OverCapacity { distinct: 2, available: 1, .. }));
     assert_eq!(m.table(), &[Some(6)]);
     // With one slot nothing may be pinned (at most slots - 1).
     assert_eq!(m.pin(6), Err(Error::PinLimit { pinned: 0, max: 0 }));
@@ -118,10 +97,7 @@ fn ties_go_to_the_lowest_slot() {
     let mut m = SlotManager::<u32>::new(3).unwrap();
     m.assign(&[Some(7), Some(8), Some(9)]).unwrap();
     let a = m.assign(&[Some(1), Some(2)]).unwrap();
-    assert_eq!(
-        a.changes(),
-        &[change(0, Some(7), Some(1)), change(1, Some(8), Some(2))]
-    );
+    assert_eq!(a.changes(), &[change(0, Some(7), Some(1)), change(1, Some(8), Some(2))]);
 }
 
 #[test]
@@ -131,10 +107,7 @@ fn free_slots_before_eviction_lowest_first() {
     assert_eq!(m.unload(3).unwrap(), change(2, Some(3), None));
     assert_eq!(m.unload(1).unwrap(), change(0, Some(1), None));
     let a = m.assign(&[Some(5), Some(6)]).unwrap();
-    assert_eq!(
-        a.changes(),
-        &[change(0, None, Some(5)), change(2, None, Some(6))]
-    );
+    assert_eq!(a.changes(), &[change(0, None, Some(5)), change(2, None, Some(6))]);
 }
 
 #[test]
@@ -146,12 +119,7 @@ fn pins_reduce_capacity_and_errors_change_nothing() {
     m.pin(2).unwrap(); // idempotent
     assert_eq!(m.num_pinned(), 2);
     assert_eq!(m.pin(3), Ok(2)); // the third pin: slots - 1 == 3
-    assert_eq!(
-        m.pin(4),
-        Err(Error::NotResident {
-            adapter: "4".into()
-        })
-    );
+    assert_eq!(m.pin(4), Err(Error::NotResident { adapter: "4".into() }));
     let a = m.assign(&[Some(4)]).unwrap();
     assert_eq!(a.changes(), &[change(3, None, Some(4))]);
     assert_eq!(m.pin(4), Err(Error::PinLimit { pinned: 3, max: 3 }));
@@ -159,15 +127,7 @@ fn pins_reduce_capacity_and_errors_change_nothing() {
     let table = m.table().to_vec();
     let step = m.step();
     let err = m.assign(&[Some(5), Some(6)]).unwrap_err();
-    assert_eq!(
-        err,
-        Error::OverCapacity {
-            distinct: 2,
-            available: 1,
-            num_slots: 4,
-            pinned_outside: 3
-        }
-    );
+    assert_eq!(err, Error::OverCapacity { distinct: 2, available: 1, num_slots: 4, pinned_outside: 3 });
     assert_eq!(
         err.to_string(),
         "batch needs 2 distinct adapters but only 1 of 4 slots are available \
@@ -186,12 +146,7 @@ fn unload_semantics() {
     assert!(matches!(m.unload(1), Err(Error::NotResident { .. })));
     m.assign(&[Some(1)]).unwrap();
     m.pin(1).unwrap();
-    assert_eq!(
-        m.unload(1),
-        Err(Error::Pinned {
-            adapter: "1".into()
-        })
-    );
+    assert_eq!(m.unload(1), Err(Error::Pinned { adapter: "1".into() }));
     m.unpin(1).unwrap();
     assert_eq!(m.unload(1), Ok(change(0, Some(1), None)));
     assert!(!m.is_resident(1));
@@ -204,10 +159,7 @@ fn construction_limits() {
     assert!(SlotManager::<u32>::new(MAX_SLOTS).is_ok());
     assert_eq!(
         SlotManager::<u32>::new(MAX_SLOTS + 1).unwrap_err(),
-        Error::TooManySlots {
-            requested: MAX_SLOTS + 1,
-            max: MAX_SLOTS
-        }
+        Error::TooManySlots { requested: MAX_SLOTS + 1, max: MAX_SLOTS }
     );
 }
 
@@ -233,12 +185,7 @@ fn admission_tracks_pins_and_counts() {
     // Pinned 1 sits outside the batch: 2 of 3 slots usable.
     assert_eq!(
         adm.try_add(&m, Some(12)),
-        Err(Error::OverCapacity {
-            distinct: 3,
-            available: 2,
-            num_slots: 3,
-            pinned_outside: 1
-        })
+        Err(Error::OverCapacity { distinct: 3, available: 2, num_slots: 3, pinned_outside: 1 })
     );
     assert_eq!(adm.distinct(), 2);
     // Repeats, base-model requests and the pinned adapter itself always fit.
@@ -262,46 +209,21 @@ fn admission_tracks_pins_and_counts() {
 #[test]
 fn host_cache_too_large_and_full() {
     let mut c = HostCache::<u32, &str>::new(100);
-    assert_eq!(
-        c.insert(1, "x", 101),
-        Err(Error::AdapterTooLarge {
-            bytes: 101,
-            budget: 100
-        })
-    );
+    assert_eq!(c.insert(1, "x", 101), Err(Error::AdapterTooLarge { bytes: 101, budget: 100 }));
     assert_eq!(c.insert(1, "a", 60), Ok(vec![]));
-    assert_eq!(
-        c.insert(1, "a2", 1),
-        Err(Error::AlreadyCached { key: "1".into() })
-    );
+    assert_eq!(c.insert(1, "a2", 1), Err(Error::AlreadyCached { key: "1".into() }));
     c.set_resident(1, true).unwrap();
-    assert_eq!(
-        c.insert(2, "b", 50),
-        Err(Error::CacheFull {
-            bytes: 50,
-            free: 40,
-            evictable: 0,
-            budget: 100
-        })
-    );
+    assert_eq!(c.insert(2, "b", 50), Err(Error::CacheFull { bytes: 50, free: 40, evictable: 0, budget: 100 }));
     assert_eq!(c.len(), 1);
     assert_eq!(c.used_bytes(), 60);
     c.set_resident(1, false).unwrap();
     c.pin(1).unwrap();
     assert!(c.insert(2, "b", 50).is_err());
-    assert_eq!(
-        c.remove(1),
-        Err(Error::Pinned {
-            adapter: "1".into()
-        })
-    );
+    assert_eq!(c.remove(1), Err(Error::Pinned { adapter: "1".into() }));
     c.unpin(1).unwrap();
     assert_eq!(c.insert(2, "b", 50), Ok(vec![(1, "a")]));
     assert_eq!(c.free_bytes(), 50);
-    assert!(matches!(
-        c.set_resident(9, true),
-        Err(Error::NotCached { .. })
-    ));
+    assert!(matches!(c.set_resident(9, true), Err(Error::NotCached { .. })));
 }
 
 #[test]
@@ -312,11 +234,7 @@ fn host_cache_lru_respects_get_and_residency() {
     }
     assert_eq!(c.get(1), Some(&10)); // 1 is now the most recent
                                      // Slot manager says 2 is on the device.
-    c.apply_slot_changes(&[SlotChange {
-        slot: 0,
-        old: None,
-        new: Some(2),
-    }]);
+    c.apply_slot_changes(&[SlotChange { slot: 0, old: None, new: Some(2) }]);
     // LRU evictable is 3 (2 is resident).
     assert_eq!(c.insert(4, 40, 10), Ok(vec![(3, 30)]));
     // Needs 20 bytes: 1 then 4 (oldest first).
@@ -336,9 +254,6 @@ fn host_cache_lru_respects_get_and_residency() {
 fn host_cache_zero_budget() {
     let mut c = HostCache::<u32, ()>::new(0);
     assert_eq!(c.insert(1, (), 0), Ok(vec![]));
-    assert!(matches!(
-        c.insert(2, (), 1),
-        Err(Error::AdapterTooLarge { .. })
-    ));
+    assert!(matches!(c.insert(2, (), 1), Err(Error::AdapterTooLarge { .. })));
     assert!(c.contains(1) && !c.is_empty());
 }

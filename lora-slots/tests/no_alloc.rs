@@ -76,10 +76,7 @@ fn counter_detects_allocations() {
     let n = allocations_in(|| {
         m.assign(&batch).unwrap();
     });
-    assert!(
-        n > 0,
-        "first assign of a large batch should allocate its buffer"
-    );
+    assert!(n > 0, "first assign of a large batch should allocate its buffer");
 }
 
 /// Warms up over two full periods, then counts over ten more.
@@ -100,11 +97,7 @@ fn assert_assign_allocation_free(w: &Workload) {
     if w.name.starts_with("steady") {
         assert_eq!(changes, 0);
     } else {
-        assert!(
-            changes >= 10 * period * 4,
-            "{}: only {changes} changes",
-            w.name
-        );
+        assert!(changes >= 10 * period * 4, "{}: only {changes} changes", w.name);
     }
 }
 

@@ -54,12 +54,8 @@ impl Model {
         let free = self.budget - self.used();
         let mut evicted = Vec::new();
         if bytes > free {
-            let mut candidates: Vec<ModelEntry> = self
-                .entries
-                .iter()
-                .copied()
-                .filter(|e| !e.resident && !e.pinned)
-                .collect();
+            let mut candidates: Vec<ModelEntry> =
+                self.entries.iter().copied().filter(|e| !e.resident && !e.pinned).collect();
             candidates.sort_by_key(|e| e.last_use);
             let mut freed = 0;
             let mut chosen = Vec::new();
@@ -71,10 +67,7 @@ impl Model {
                 chosen.push(c);
             }
             if free + freed < bytes {
-                return Err(ModelErr::Full {
-                    free,
-                    evictable: freed,
-                });
+                return Err(ModelErr::Full { free, evictable: freed });
             }
             for c in chosen {
                 self.entries.retain(|e| e.key != c.key);
@@ -82,14 +75,7 @@ impl Model {
             }
         }
         self.tick += 1;
-        self.entries.push(ModelEntry {
-            key,
-            value,
-            bytes,
-            last_use: self.tick,
-            resident: false,
-            pinned: false,
-        });
+        self.entries.push(ModelEntry { key, value, bytes, last_use: self.tick, resident: false, pinned: false });
         Ok(evicted)
     }
 
@@ -119,9 +105,7 @@ fn to_model_err(e: Error) -> ModelErr {
     match e {
         Error::AlreadyCached { .. } => ModelErr::AlreadyCached,
         Error::AdapterTooLarge { .. } => ModelErr::TooLarge,
-        Error::CacheFull {
-            free, evictable, ..
-        } => ModelErr::Full { free, evictable },
+        Error::CacheFull { free, evictable, .. } => ModelErr::Full { free, evictable },
         Error::NotCached { .. } => ModelErr::NotCached,
         Error::Pinned { .. } => ModelErr::Pinned,
         other => panic!("unexpected error {other:?}"),
@@ -158,25 +142,12 @@ fn op() -> impl Strategy<Value = Op> {
 type Snapshot = Vec<(Key, Option<u64>, Option<u64>, bool, bool)>;
 
 fn snapshot(c: &HostCache<Key, u64>) -> Snapshot {
-    (0..KEYS)
-        .map(|k| {
-            (
-                k,
-                c.peek(k).copied(),
-                c.bytes_of(k),
-                c.is_resident(k),
-                c.is_pinned(k),
-            )
-        })
-        .collect()
+    (0..KEYS).map(|k| (k, c.peek(k).copied(), c.bytes_of(k), c.is_resident(k), c.is_pinned(k))).collect()
 }
 
 fn run(budget: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut cache = HostCache::<Key, u64>::new(budget);
-    let mut model = Model {
-        budget,
-        ..Model::default()
-    };
+    let mut model = Model { budget, ..Model::default() };
     for (step, op) in ops.into_iter().enumerate() {
         let value = step as u64 * 1000 + 7;
         match op {
@@ -190,10 +161,9 @@ fn run(budget: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             Op::Get(k) => prop_assert_eq!(cache.get(k).copied(), model.get(k)),
-            Op::Resident(k, r) => prop_assert_eq!(
-                cache.set_resident(k, r).map_err(to_model_err),
-                model.with(k, |e| e.resident = r)
-            ),
+            Op::Resident(k, r) => {
+                prop_assert_eq!(cache.set_resident(k, r).map_err(to_model_err), model.with(k, |e| e.resident = r))
+            }
             Op::SlotChange(old, new) => {
                 cache.apply_slot_changes(&[SlotChange { slot: 0, old, new }]);
                 if let Some(o) = old {
@@ -203,14 +173,8 @@ fn run(budget: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     let _ = model.with(n, |e| e.resident = true);
                 }
             }
-            Op::Pin(k) => prop_assert_eq!(
-                cache.pin(k).map_err(to_model_err),
-                model.with(k, |e| e.pinned = true)
-            ),
-            Op::Unpin(k) => prop_assert_eq!(
-                cache.unpin(k).map_err(to_model_err),
-                model.with(k, |e| e.pinned = false)
-            ),
+            Op::Pin(k) => prop_assert_eq!(cache.pin(k).map_err(to_model_err), model.with(k, |e| e.pinned = true)),
+            Op::Unpin(k) => prop_assert_eq!(cache.unpin(k).map_err(to_model_err), model.with(k, |e| e.pinned = false)),
             Op::Remove(k) => {
                 prop_assert_eq!(cache.remove(k).map_err(to_model_err), model.remove(k))
             }

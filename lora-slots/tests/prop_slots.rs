@@ -36,16 +36,11 @@ type Change = (u32, Option<Id>, Option<Id>);
 
 impl Model {
     fn new(n: usize) -> Self {
-        Model {
-            slots: vec![None; n],
-            tick: 0,
-        }
+        Model { slots: vec![None; n], tick: 0 }
     }
 
     fn find(&self, id: Id) -> Option<usize> {
-        self.slots
-            .iter()
-            .position(|s| matches!(s, Some(m) if m.id == id))
+        self.slots.iter().position(|s| matches!(s, Some(m) if m.id == id))
     }
 
     fn assign(&mut self, batch: &[Option<Id>]) -> Result<(Vec<u32>, Vec<Change>), ModelErr> {
@@ -56,18 +51,10 @@ impl Model {
                 distinct.push(*id);
             }
         }
-        let pinned_outside = self
-            .slots
-            .iter()
-            .flatten()
-            .filter(|m| m.pinned && !distinct.contains(&m.id))
-            .count();
+        let pinned_outside = self.slots.iter().flatten().filter(|m| m.pinned && !distinct.contains(&m.id)).count();
         let available = n - pinned_outside;
         if distinct.len() > available {
-            return Err(ModelErr::OverCapacity {
-                distinct: distinct.len(),
-                available,
-            });
+            return Err(ModelErr::OverCapacity { distinct: distinct.len(), available });
         }
         self.tick += 1;
         let mut changes = Vec::new();
@@ -96,11 +83,7 @@ impl Model {
                 }
             };
             changes.push((target as u32, self.slots[target].map(|m| m.id), Some(id)));
-            self.slots[target] = Some(ModelSlot {
-                id,
-                last_use: 0,
-                pinned: false,
-            });
+            self.slots[target] = Some(ModelSlot { id, last_use: 0, pinned: false });
         }
         for m in self.slots.iter_mut().flatten() {
             if distinct.contains(&m.id) {
@@ -148,14 +131,9 @@ impl Model {
 
 fn to_model_err(e: &Error) -> ModelErr {
     match e {
-        Error::OverCapacity {
-            distinct,
-            available,
-            ..
-        } => ModelErr::OverCapacity {
-            distinct: *distinct,
-            available: *available,
-        },
+        Error::OverCapacity { distinct, available, .. } => {
+            ModelErr::OverCapacity { distinct: *distinct, available: *available }
+        }
         Error::NotResident { .. } => ModelErr::NotResident,
         Error::PinLimit { .. } => ModelErr::PinLimit,
         Error::Pinned { .. } => ModelErr::Pinned,
@@ -198,11 +176,7 @@ fn replay(shadow: &mut [Option<Id>], changes: &[SlotChange<Id>]) -> Result<(), T
     for c in changes {
         let s = c.slot as usize;
         prop_assert!(s < shadow.len(), "change for slot {} out of range", s);
-        prop_assert_eq!(
-            shadow[s],
-            c.old,
-            "change's old occupant is not the shadow's"
-        );
+        prop_assert_eq!(shadow[s], c.old, "change's old occupant is not the shadow's");
         shadow[s] = c.new;
     }
     Ok(())
@@ -255,9 +229,8 @@ fn run(num_slots: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 // The previous batch's admission is still exact after the
                 // pins, unloads and assigns since it was formed.
                 let pinned_total = model.slots.iter().flatten().filter(|s| s.pinned).count();
-                let unpinned_members = admitted
-                    .iter()
-                    .filter(|&&a| !model.slots.iter().flatten().any(|s| s.id == a && s.pinned));
+                let unpinned_members =
+                    admitted.iter().filter(|&&a| !model.slots.iter().flatten().any(|s| s.id == a && s.pinned));
                 let naive_fits = unpinned_members.count() <= num_slots - pinned_total;
                 prop_assert_eq!(admission.fits(&m), naive_fits);
 
@@ -281,12 +254,11 @@ fn run(num_slots: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 match m.assign(&batch) {
                     Ok(a) => {
                         prop_assert!(all_admitted, "admission rejected a batch assign accepted");
-                        let (exp_slots, exp_changes) = expected
-                            .map_err(|e| TestCaseError::fail(format!("model rejected: {e:?}")))?;
+                        let (exp_slots, exp_changes) =
+                            expected.map_err(|e| TestCaseError::fail(format!("model rejected: {e:?}")))?;
                         prop_assert_eq!(a.no_adapter_slot(), num_slots as u32);
                         prop_assert_eq!(a.slots(), &exp_slots[..]);
-                        let got: Vec<Change> =
-                            a.changes().iter().map(|c| (c.slot, c.old, c.new)).collect();
+                        let got: Vec<Change> = a.changes().iter().map(|c| (c.slot, c.old, c.new)).collect();
                         prop_assert_eq!(&got, &exp_changes);
                         let changes = a.changes().to_vec();
                         let slots = a.slots().to_vec();
@@ -322,8 +294,7 @@ fn run(num_slots: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
                             .collect();
                         candidates.sort();
                         let evicted: Vec<Id> = changes.iter().filter_map(|c| c.old).collect();
-                        let lru: Vec<Id> =
-                            candidates.iter().map(|c| c.2).take(evicted.len()).collect();
+                        let lru: Vec<Id> = candidates.iter().map(|c| c.2).take(evicted.len()).collect();
                         prop_assert_eq!(&evicted, &lru);
                         // Evictions only happen once no slot is free.
                         let free_before = old_table.iter().filter(|s| s.is_none()).count();
@@ -334,19 +305,9 @@ fn run(num_slots: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                     Err(e) => {
                         prop_assert!(!all_admitted, "admission accepted a batch assign rejected");
-                        prop_assert!(
-                            matches!(e, Error::OverCapacity { .. }),
-                            "unexpected {:?}",
-                            e
-                        );
+                        prop_assert!(matches!(e, Error::OverCapacity { .. }), "unexpected {:?}", e);
                         prop_assert_eq!(Err(to_model_err(&e)), expected.map(|_| ()));
-                        if let Error::OverCapacity {
-                            distinct,
-                            available,
-                            num_slots: n,
-                            pinned_outside,
-                        } = e
-                        {
+                        if let Error::OverCapacity { distinct, available, num_slots: n, pinned_outside } = e {
                             prop_assert!(distinct > available);
                             prop_assert_eq!(n, num_slots);
                             prop_assert_eq!(available + pinned_outside, num_slots);

@@ -25,8 +25,21 @@ pub fn run(root: &Path) -> Result<()> {
         pkgs.push("-p".to_string());
         pkgs.push(c.to_string());
     }
-    let tests = artifacts(root, &["test", "--release", "--features", "gpu", "--no-run"], &pkgs, |kind| kind == "test")?;
-    let benches = artifacts(root, &["build", "--release", "--features", "gpu", "--examples"], &pkgs, |kind| kind == "example")?;
+    // Integration tests named `device_*` (one body per backend) or `gpu_*` (GPU only) are the GPU suites;
+    // the rest are CPU tests that CI already runs (and some, like insta snapshots, need the source tree).
+    let tests = artifacts(root, &["test", "--release", "--features", "gpu", "--no-run"], &pkgs, |kind| kind == "test")?
+        .into_iter()
+        .filter(|(name, _)| name.contains("--device_") || name.contains("--gpu_"))
+        .collect::<Vec<_>>();
+    let benches =
+        artifacts(root, &["build", "--release", "--features", "gpu", "--examples"], &pkgs, |kind| kind == "example")?;
+    let demo =
+        artifacts(root, &["build", "--release", "--bin", "lora-demo"], &["-p".into(), "lora-engine".into()], |kind| {
+            kind == "bin"
+        })?;
+    for (_, path) in &demo {
+        copy(path, &out.join("lora-demo"))?;
+    }
     for (name, path) in &tests {
         copy(path, &out.join("tests").join(name))?;
     }
@@ -55,7 +68,12 @@ pub fn run(root: &Path) -> Result<()> {
 }
 
 /// Run cargo with JSON messages and collect (name, executable) of the artifacts whose target kind passes.
-fn artifacts(root: &Path, args: &[&str], pkgs: &[String], keep: impl Fn(&str) -> bool) -> Result<Vec<(String, PathBuf)>> {
+fn artifacts(
+    root: &Path,
+    args: &[&str],
+    pkgs: &[String],
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, PathBuf)>> {
     let output = Command::new("cargo")
         .current_dir(root)
         .args(args)
@@ -119,6 +137,7 @@ what="${1:-all}"; shift || true
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null || echo "nvidia-smi: no GPU visible"
 passed=0; failed=0; summary=""
 if [ "$what" = all ] || [ "$what" = tests ]; then
+  echo "== demo"; "$here/lora-demo" || failed=$((failed + 1))
   for t in "$here"/tests/*; do
     name="$(basename "$t")"
     "$t" --test-threads=1 --nocapture >"$logs/$name.log" 2>&1

@@ -58,7 +58,8 @@ fn nightly() -> Result<String> {
             pinned
         }
     };
-    let installed = Command::new("rustup").args(["component", "list", "--installed", "--toolchain", &toolchain]).output()?;
+    let installed =
+        Command::new("rustup").args(["component", "list", "--installed", "--toolchain", &toolchain]).output()?;
     let installed = String::from_utf8_lossy(&installed.stdout);
     if !installed.contains("rust-src") || !installed.contains("llvm-tools") {
         eprintln!("ptx: adding rust-src and llvm-tools to {toolchain}");
@@ -219,7 +220,8 @@ fn ptxas(root: &Path) -> Result<PathBuf> {
 
 /// One line per kernel: registers, stack, spills, shared memory, barriers. Fails on spills or stack.
 pub fn ptxas_report(root: &Path, ptx_path: &Path) -> Result<String> {
-    let out = Command::new(ptxas(root)?).args(["-arch=sm_90", "-v"]).arg(ptx_path).args(["-o", "/dev/null"]).output()?;
+    let out =
+        Command::new(ptxas(root)?).args(["-arch=sm_90", "-v"]).arg(ptx_path).args(["-o", "/dev/null"]).output()?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {
         bail!("ptxas failed:\n{text}");
@@ -259,7 +261,9 @@ fn snapshot(root: &Path, report: &str, check: bool) -> Result<()> {
     // SAFETY-free: plain environment configuration of insta before the assertion, single-threaded here.
     std::env::set_var("INSTA_UPDATE", if check { "no" } else { "always" });
     std::env::set_var("INSTA_FORCE_PASS", "0");
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| settings.bind(|| insta::assert_snapshot!("ptxas", report))));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        settings.bind(|| insta::assert_snapshot!("ptxas", report))
+    }));
     if result.is_err() {
         bail!("ptxas resource snapshot lora-kernels/ptx/ptxas.snap is stale: run `cargo xtask ptx` and review it");
     }

@@ -71,10 +71,8 @@ impl Gate {
                 drop(s);
                 panic!("launch aborted by another thread");
             }
-            let (guard, _) = self
-                .cv
-                .wait_timeout(s, std::time::Duration::from_millis(20))
-                .unwrap_or_else(|e| e.into_inner());
+            let (guard, _) =
+                self.cv.wait_timeout(s, std::time::Duration::from_millis(20)).unwrap_or_else(|e| e.into_inner());
             s = guard;
         }
     }
@@ -417,7 +415,10 @@ pub unsafe fn ldmatrix_x2(row: *const u16) -> [u32; 2] {
 /// # Safety
 /// Both addresses valid for 16 bytes and 16-byte aligned.
 pub unsafe fn cp_async_16(dst: *mut u8, src: *const u8) {
-    debug_assert!((dst as usize).is_multiple_of(16) && (src as usize).is_multiple_of(16), "cp.async needs 16-byte alignment");
+    debug_assert!(
+        (dst as usize).is_multiple_of(16) && (src as usize).is_multiple_of(16),
+        "cp.async needs 16-byte alignment"
+    );
     // SAFETY: the caller guarantees both ranges are valid and do not overlap (shared vs global).
     unsafe { std::ptr::copy_nonoverlapping(src, dst, 16) }
 }

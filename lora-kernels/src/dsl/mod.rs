@@ -25,9 +25,9 @@ pub use nvptx::*;
 pub mod emu;
 #[cfg(not(target_arch = "nvptx64"))]
 pub use emu::{
-    atomic_add_u32, block_dim_x, block_idx_x, block_idx_y, block_idx_z, cp_async_16, cp_async_wait_all,
-    dyn_smem, grid_dim_x, grid_dim_y, grid_dim_z, ldmatrix_x2, ldmatrix_x4, ldmatrix_x4_trans,
-    mma_bf16_m16n8k16, shfl_idx_u32, shfl_xor_f32, sync_threads, thread_idx_x, threadfence,
+    atomic_add_u32, block_dim_x, block_idx_x, block_idx_y, block_idx_z, cp_async_16, cp_async_wait_all, dyn_smem,
+    grid_dim_x, grid_dim_y, grid_dim_z, ldmatrix_x2, ldmatrix_x4, ldmatrix_x4_trans, mma_bf16_m16n8k16, shfl_idx_u32,
+    shfl_xor_f32, sync_threads, thread_idx_x, threadfence,
 };
 
 /// Repeat a block for each listed constant, binding it to `$j` (a `usize`): a guaranteed unroll, so that
@@ -141,12 +141,7 @@ pub unsafe fn load8_bf16_masked(row: *const u16, k: u32, k_end: u32) -> [u32; 4]
             }
             i += 1;
         }
-        [
-            pack_bf16x2(e[0], e[1]),
-            pack_bf16x2(e[2], e[3]),
-            pack_bf16x2(e[4], e[5]),
-            pack_bf16x2(e[6], e[7]),
-        ]
+        [pack_bf16x2(e[0], e[1]), pack_bf16x2(e[2], e[3]), pack_bf16x2(e[4], e[5]), pack_bf16x2(e[6], e[7])]
     }
 }
 

@@ -26,9 +26,9 @@
 //! `num_tiles` one word. `num_slots <= PREP_THREADS`. One block of `PREP_THREADS` threads with
 //! `prep_shared_bytes(max_reqs, num_slots)` bytes of dynamic shared memory.
 
-use crate::abi::{GemmDesc, ModuleShape, SlotWeights, StepLayout, Tile, TILE_M};
 #[allow(unused_imports)]
 use crate::abi::PREP_THREADS;
+use crate::abi::{GemmDesc, ModuleShape, SlotWeights, StepLayout, Tile, TILE_M};
 use crate::dsl::*;
 
 kernel! {

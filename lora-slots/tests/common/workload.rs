@@ -56,26 +56,15 @@ pub fn sliding(
     for step in 0..period {
         let start = step * slide;
         let id = |j: usize| Some(((start + j) % total) as u32);
-        let mut batch: Vec<Option<u32>> = (0..requests)
-            .map(|r| {
-                if r < window {
-                    id(r)
-                } else {
-                    id(rng.below(window as u64) as usize)
-                }
-            })
-            .collect();
+        let mut batch: Vec<Option<u32>> =
+            (0..requests).map(|r| if r < window { id(r) } else { id(rng.below(window as u64) as usize) }).collect();
         // Shuffle so that requests of one adapter are not adjacent.
         for i in (1..batch.len()).rev() {
             batch.swap(i, rng.below(i as u64 + 1) as usize);
         }
         batches.push(batch);
     }
-    Workload {
-        name,
-        num_slots,
-        batches,
-    }
+    Workload { name, num_slots, batches }
 }
 
 /// 256 requests over 64 slots with 16 distinct adapters; nothing changes
@@ -87,25 +76,11 @@ pub fn steady() -> Workload {
 /// 16 distinct adapters per step from a window sliding by 4 over 96 adapters:
 /// 4 loads and (once warm) 4 evictions per step.
 pub fn churn() -> Workload {
-    sliding(
-        "churn: 16 of 96 adapters, 4 evictions/step",
-        64,
-        256,
-        16,
-        4,
-        96,
-    )
+    sliding("churn: 16 of 96 adapters, 4 evictions/step", 64, 256, 16, 4, 96)
 }
 
 /// A fresh set of 16 adapters every step from 128 in rotation: 16 evictions
 /// per step.
 pub fn heavy_churn() -> Workload {
-    sliding(
-        "heavy churn: 16 of 128 adapters, 16 evictions/step",
-        64,
-        256,
-        16,
-        16,
-        128,
-    )
+    sliding("heavy churn: 16 of 128 adapters, 16 evictions/step", 64, 256, 16, 16, 128)
 }
