@@ -112,9 +112,9 @@ pub fn run(d: &dyn TestDevice) -> Result<DemoReport, GemmError> {
         )?;
     }
     let (mut num, mut den, mut untouched) = (0f64, 0f64, true);
-    for t in 0..tokens {
+    for (t, slot) in token_slot.iter().enumerate() {
         let row = t * g.ldy as usize..(t + 1) * g.ldy as usize;
-        if token_slot[t].is_none() {
+        if slot.is_none() {
             untouched &= y[row.clone()] == y_bits[row];
             continue;
         }
