@@ -127,7 +127,18 @@ mod gpu_blas {
     /// One `Y = X·Wᵀ + beta·Y` case with strided rows; checks every element, including that the padding
     /// columns of Y past `n` are untouched.
     #[allow(clippy::too_many_arguments)]
-    fn case(d: &CudaDevice, blas: &Blas, m: usize, n: usize, k: usize, ldx: usize, ldw: usize, ldy: usize, beta: f32, seed: u64) {
+    fn case(
+        d: &CudaDevice,
+        blas: &Blas,
+        m: usize,
+        n: usize,
+        k: usize,
+        ldx: usize,
+        ldw: usize,
+        ldy: usize,
+        beta: f32,
+        seed: u64,
+    ) {
         let mut rng = Rng(seed);
         let (x, xf) = rng.bf16_vec(m * ldx, 1.0);
         let (w, wf) = rng.bf16_vec(n * ldw, 1.0);
@@ -161,7 +172,10 @@ mod gpu_blas {
             }
         }
         let rel = (num / den).sqrt();
-        eprintln!("{}: gemm_xwt {m}x{n}x{k} (ldx {ldx}, ldw {ldw}, ldy {ldy}, beta {beta}): rel error {rel:.2e}", d.name());
+        eprintln!(
+            "{}: gemm_xwt {m}x{n}x{k} (ldx {ldx}, ldw {ldw}, ldy {ldy}, beta {beta}): rel error {rel:.2e}",
+            d.name()
+        );
         assert!(rel < 1e-2, "{}: gemm_xwt rel error {rel}", d.name());
     }
 
