@@ -160,17 +160,7 @@ fn min_bytes(groups: &[GroupPlan], c: Config) -> Bytes {
 
 /// The launch geometry the planner chose for one group.
 fn geometry(p: &GroupPlan) -> Geometry {
-    Geometry {
-        splits: p.splits,
-        k_chunk: p.k_chunk,
-        max_tiles: p.max_tiles,
-        n_mod: p.n_mod,
-        expand_blocks: p.expand_blocks,
-        max_tokens: p.max_tokens,
-        r_pad: p.r_pad,
-        num_slots: p.num_slots,
-        shrink_shared: p.shrink.shared_bytes,
-    }
+    p.geometry()
 }
 
 /// Everything planned for one config, without CUDA.
@@ -371,7 +361,7 @@ fn dry_run(configs: &[Config], args: &Args) -> Result<()> {
     let plans: Vec<ConfigPlan> = configs.iter().map(|&c| plan_config(c, args.sms)).collect::<Result<_>>()?;
     let groups: Vec<String> = plans[0].model.groups.iter().map(group_line).collect();
     println!("groups: {}", groups.join("; "));
-    println!("geometry per group: splits x k_chunk, max_tiles, expand blocks, r_pad, shrink shared bytes");
+    println!("geometry per group: max splits x k_chunk, max_tiles, expand blocks, r_pad, shrink shared bytes");
     println!(
         "{:>6} {:>4} {:>4} {:>4} {:>5} {:>9} {:>7} {:>8} {:>6} {:>5} {:>6} {:>5}  geometry",
         "tokens", "rank", "dist", "reqs", "tiles", "MB", "x MB", "A+B MB", "y MB", "words", "bl-lch", "check"
@@ -384,7 +374,7 @@ fn dry_run(configs: &[Config], args: &Args) -> Result<()> {
             let _ = write!(
                 geo,
                 "{} {}x{} t{} e{} r{} s{}; ",
-                gp.name, g.splits, g.k_chunk, g.max_tiles, g.expand_blocks, g.r_pad, g.shrink_shared
+                gp.name, gp.splits, gp.k_chunk, g.max_tiles, g.expand_blocks, g.r_pad, g.shrink_shared
             );
         }
         println!(
@@ -1203,7 +1193,7 @@ impl Bench {
             ours_eager,
             prep,
             groups,
-            splits: p.geoms.iter().map(|g| g.splits).collect(),
+            splits: p.geoms.iter().map(|g| g.max_splits).collect(),
             base,
             base_eager,
             gemm: gemm.0,

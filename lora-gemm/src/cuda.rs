@@ -52,7 +52,7 @@ impl LoraModule {
         let mut functions = HashMap::new();
         for k in Kernel::ALL {
             let f = module.load_function(k.name())?;
-            if matches!(k, Kernel::Shrink | Kernel::Prep) {
+            if k.is_shrink() || k == Kernel::Prep {
                 f.set_attribute(
                     CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     200 * 1024,

@@ -5,9 +5,8 @@
 use lora_kernels::abi::{GemmDesc, ModuleShape, SlotWeights, Tile};
 use lora_kernels::dsl::emu::{launch, LaunchConfig};
 use lora_kernels::kernels::baseline::{gather_rows, scatter_add_rows};
-use lora_kernels::kernels::{
-    expand::lora_expand, prep::lora_prep, probe::probe_warp_ops, shrink::lora_shrink, smoke::smoke_mma,
-};
+use lora_kernels::kernels::shrink::{lora_shrink_r128, lora_shrink_r16, lora_shrink_r32, lora_shrink_r64};
+use lora_kernels::kernels::{expand::lora_expand, prep::lora_prep, probe::probe_warp_ops, smoke::smoke_mma};
 use lora_kernels::Kernel;
 
 use crate::launch::{Arg, Launcher};
@@ -46,8 +45,8 @@ impl Launcher for EmuLauncher {
             Kernel::SmokeMma => 6,
             Kernel::ProbeWarpOps => 3,
             Kernel::Prep => 14,
-            Kernel::Shrink => 14,
-            Kernel::Expand => 9,
+            Kernel::ShrinkR16 | Kernel::ShrinkR32 | Kernel::ShrinkR64 | Kernel::ShrinkR128 => 16,
+            Kernel::Expand => 12,
             Kernel::GatherRows | Kernel::ScatterAddRows => 6,
         };
         if a.len() != want {
@@ -84,18 +83,25 @@ impl Launcher for EmuLauncher {
                     })
                 }?
             }
-            Kernel::Shrink => {
+            Kernel::ShrinkR16 | Kernel::ShrinkR32 | Kernel::ShrinkR64 | Kernel::ShrinkR128 => {
                 let (x, ldx, perm, tiles, num_tiles) =
                     (ptr::<u16>(a[0])?, u(a[1])?, ptr::<u32>(a[2])?, ptr::<Tile>(a[3])?, ptr::<u32>(a[4])?);
-                let (descs, num_slots, k_chunk) = (ptr::<GemmDesc>(a[5])?, u(a[6])?, u(a[7])?);
-                let (partial, counters, t) = (ptr::<f32>(a[8])?, ptr::<u32>(a[9])?, ptr::<u16>(a[10])?);
-                let (max_tokens, r_pad, max_tiles) = (u(a[11])?, u(a[12])?, u(a[13])?);
+                let (descs, num_slots, n_mod, k, max_splits) =
+                    (ptr::<GemmDesc>(a[5])?, u(a[6])?, u(a[7])?, u(a[8])?, u(a[9])?);
+                let (partial, counters, t) = (ptr::<f32>(a[10])?, ptr::<u32>(a[11])?, ptr::<u16>(a[12])?);
+                let (max_tokens, r_pad, max_tiles) = (u(a[13])?, u(a[14])?, u(a[15])?);
+                let f = match kernel {
+                    Kernel::ShrinkR16 => lora_shrink_r16,
+                    Kernel::ShrinkR32 => lora_shrink_r32,
+                    Kernel::ShrinkR64 => lora_shrink_r64,
+                    _ => lora_shrink_r128,
+                };
                 // SAFETY: see above.
                 unsafe {
                     launch(&cfg, || {
-                        lora_shrink(
-                            x, ldx, perm, tiles, num_tiles, descs, num_slots, k_chunk, partial, counters, t,
-                            max_tokens, r_pad, max_tiles,
+                        f(
+                            x, ldx, perm, tiles, num_tiles, descs, num_slots, n_mod, k, max_splits, partial, counters,
+                            t, max_tokens, r_pad, max_tiles,
                         )
                     })
                 }?
@@ -103,9 +109,17 @@ impl Launcher for EmuLauncher {
             Kernel::Expand => {
                 let (t, r_pad, perm, tiles, num_tiles) =
                     (ptr::<u16>(a[0])?, u(a[1])?, ptr::<u32>(a[2])?, ptr::<Tile>(a[3])?, ptr::<u32>(a[4])?);
-                let (descs, num_slots, y, ldy) = (ptr::<GemmDesc>(a[5])?, u(a[6])?, ptr::<u16>(a[7])?, u(a[8])?);
+                let (descs, num_slots, n_mod, n_blocks, max_tiles) =
+                    (ptr::<GemmDesc>(a[5])?, u(a[6])?, u(a[7])?, u(a[8])?, u(a[9])?);
+                let (y, ldy) = (ptr::<u16>(a[10])?, u(a[11])?);
                 // SAFETY: see above.
-                unsafe { launch(&cfg, || lora_expand(t, r_pad, perm, tiles, num_tiles, descs, num_slots, y, ldy)) }?
+                unsafe {
+                    launch(&cfg, || {
+                        lora_expand(
+                            t, r_pad, perm, tiles, num_tiles, descs, num_slots, n_mod, n_blocks, max_tiles, y, ldy,
+                        )
+                    })
+                }?
             }
             Kernel::GatherRows | Kernel::ScatterAddRows => {
                 let (src, ld_src, idx, dst, ld_dst, cols) =

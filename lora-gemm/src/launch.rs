@@ -37,15 +37,21 @@ pub trait Launcher {
 /// The fixed launch geometry of one module group at one capacity (what a graph capture bakes in).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {
-    /// Split-K factor of the shrink (its grid's x).
-    pub splits: u32,
-    /// `k` per split, a multiple of 32.
-    pub k_chunk: u32,
-    /// Tile capacity (grid y of both GEMMs): `abi::max_tiles(max_tokens, num_slots)`.
+    /// The shrink entry point (rank class).
+    pub shrink: Kernel,
+    /// Blocks of the shrink's persistent grid.
+    pub shrink_blocks: u32,
+    /// Blocks of the expand's persistent grid.
+    pub expand_grid: u32,
+    /// Largest split-K factor.
+    pub max_splits: u32,
+    /// Shared input width of the group.
+    pub k: u32,
+    /// Tile capacity: `abi::max_tiles(max_tokens, num_slots)`.
     pub max_tiles: u32,
-    /// Modules in the group (grid z).
+    /// Modules in the group.
     pub n_mod: u32,
-    /// Expand blocks along the output (grid x of the expand): `ceil(max n / EXPAND_BN)`.
+    /// Expand column blocks per module: `ceil(max n / EXPAND_BN)`.
     pub expand_blocks: u32,
     /// Token capacity (rows of the workspaces).
     pub max_tokens: u32,
@@ -157,7 +163,9 @@ pub fn launch_group(
         Arg::Ptr(s.num_tiles),
         Arg::Ptr(descs),
         Arg::U32(g.num_slots),
-        Arg::U32(g.k_chunk),
+        Arg::U32(g.n_mod),
+        Arg::U32(g.k),
+        Arg::U32(g.max_splits),
         Arg::Ptr(ws.partial),
         Arg::Ptr(ws.counters),
         Arg::Ptr(ws.t),
@@ -165,7 +173,10 @@ pub fn launch_group(
         Arg::U32(g.r_pad),
         Arg::U32(g.max_tiles),
     ];
-    l.launch(Kernel::Shrink, (g.splits, g.max_tiles, g.n_mod), GEMM_THREADS, g.shrink_shared, &shrink)?;
+    if !g.shrink.is_shrink() {
+        return Err(GemmError::Invalid(format!("{:?} is not a shrink kernel", g.shrink)));
+    }
+    l.launch(g.shrink, (g.shrink_blocks, 1, 1), GEMM_THREADS, g.shrink_shared, &shrink)?;
     let expand = [
         Arg::Ptr(ws.t),
         Arg::U32(g.r_pad),
@@ -174,18 +185,24 @@ pub fn launch_group(
         Arg::Ptr(s.num_tiles),
         Arg::Ptr(descs),
         Arg::U32(g.num_slots),
+        Arg::U32(g.n_mod),
+        Arg::U32(g.expand_blocks),
+        Arg::U32(g.max_tiles),
         Arg::Ptr(y),
         Arg::U32(ldy),
     ];
-    l.launch(Kernel::Expand, (g.expand_blocks, g.max_tiles, g.n_mod), GEMM_THREADS, 0, &expand)
+    l.launch(Kernel::Expand, (g.expand_grid, 1, 1), GEMM_THREADS, 0, &expand)
 }
 
 impl crate::plan::GroupPlan {
     /// The launch geometry this plan fixes.
     pub fn geometry(&self) -> Geometry {
         Geometry {
-            splits: self.splits,
-            k_chunk: self.k_chunk,
+            shrink: self.shrink_kernel,
+            shrink_blocks: self.shrink.grid.0,
+            expand_grid: self.expand.grid.0,
+            max_splits: self.splits,
+            k: self.k,
             max_tiles: self.max_tiles,
             n_mod: self.n_mod,
             expand_blocks: self.expand_blocks,

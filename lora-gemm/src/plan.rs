@@ -8,16 +8,22 @@
 //! `y_col_i .. y_col_i + n_i` with `y_col` the prefix sum of the widths. One shrink and one expand launch
 //! cover a whole group.
 //!
-//! Split-K rule of the shrink (one block per `(split, tile, module)`): with `est_tiles = ceil(max_tokens/16)`
-//! — the one-adapter case, the fewest tiles and so the worst for occupancy — aim for two blocks per SM:
-//! `splits = clamp(ceil(2·sm_count / (n_mod·est_tiles)), 1, max(1, k / (SHRINK_K_STEP·GEMM_WARPS)))`, so
-//! that every split still gives each of the four warps at least one 32-wide `k` step; then
-//! `k_chunk = round_up(ceil(k / splits), 32)` and `splits = ceil(k / k_chunk)` (no empty split).
+//! Grids and split-K. Both GEMMs run a *persistent* grid of `sm_count × blocks-per-SM` blocks that loop over
+//! the step's work items, so one captured launch serves any tile count. The shrink decides its split factor
+//! on the device from the step's tile count (`ceil(G / (tiles · n_mod))`, at most the planned `splits`);
+//! the planner fixes only that maximum: `splits = clamp(k / (2·SHRINK_K_STEP·GEMM_WARPS), 1, MAX_SPLITS)`
+//! — every split gives each of the four warps at least two 32-wide `k` steps — with
+//! `k_chunk = round_up(ceil(k / splits), 32)` and `splits = ceil(k / k_chunk)` (no empty split). A single-tile
+//! step (one adapter at decode) uses exactly these; steps with many tiles use fewer splits, down to one
+//! (then the shrink writes `t` directly, with no reduction). The shrink's entry point is the smallest rank
+//! class (16, 32, 64, 128) holding the capacity's max rank.
 
 use lora_kernels::abi::{
     max_tiles, prep_shared_bytes, rank_pad, shrink_shared_bytes, ModuleShape, StepLayout, EXPAND_BN, GEMM_THREADS,
-    GEMM_WARPS, MAX_GROUP_MODULES, MAX_RANK, PREP_THREADS, SHRINK_K_STEP, TILE_M,
+    GEMM_WARPS, MAX_GROUP_MODULES, MAX_RANK, PREP_THREADS, SHRINK_K_STEP,
 };
+
+use lora_kernels::Kernel;
 
 use crate::GemmError;
 
@@ -168,12 +174,14 @@ pub struct GroupPlan {
     pub r_pad: u32,
     /// Tile capacity: `max_tiles(max_tokens, num_slots)` (grid y of both GEMMs).
     pub max_tiles: u32,
-    /// Split-K factor (grid x of the shrink).
+    /// Largest split-K factor (what a single-tile step uses; the device picks fewer for more tiles).
     pub splits: u32,
-    /// `k` per split, a multiple of [`SHRINK_K_STEP`].
+    /// `k` per split at `splits`, a multiple of [`SHRINK_K_STEP`].
     pub k_chunk: u32,
-    /// Expand blocks along the output: `ceil(max_n / EXPAND_BN)` (grid x of the expand).
+    /// Expand column blocks per module: `ceil(max_n / EXPAND_BN)`.
     pub expand_blocks: u32,
+    /// The shrink entry point (rank class of `max_rank`).
+    pub shrink_kernel: Kernel,
     /// The shrink launch.
     pub shrink: LaunchShape,
     /// The expand launch.
@@ -281,15 +289,26 @@ fn group_shapes(g: &ModuleGroup) -> Result<(Vec<ModuleShape>, u32, u32, u32), Ge
     Ok((shapes, k, max_n, ldy))
 }
 
-/// The split-K chunk the planner picks (see the module docs).
-fn pick_k_chunk(k: u32, n_mod: u32, max_tokens: u32, sm_count: u32) -> u32 {
-    let (k, n_mod, sm) = (k as u64, n_mod as u64, sm_count as u64);
-    let est_tiles = (max_tokens as u64).div_ceil(TILE_M as u64);
-    let want = (2 * sm).div_ceil(n_mod * est_tiles);
-    let most = (k / (SHRINK_K_STEP * GEMM_WARPS) as u64).max(1);
-    let splits = want.clamp(1, most);
-    let step = SHRINK_K_STEP as u64;
-    (k.div_ceil(splits).div_ceil(step) * step) as u32
+/// Largest split-K factor the planner allows.
+pub const MAX_SPLITS: u32 = 32;
+/// Shrink blocks per SM of the persistent grid.
+pub const SHRINK_BLOCKS_PER_SM: u32 = 4;
+/// Expand blocks per SM of the persistent grid.
+pub const EXPAND_BLOCKS_PER_SM: u32 = 8;
+
+/// The split-K chunk the planner picks at most (see the module docs).
+fn pick_k_chunk(k: u32) -> u32 {
+    let splits = (k / (2 * SHRINK_K_STEP * GEMM_WARPS)).clamp(1, MAX_SPLITS);
+    k.div_ceil(splits).div_ceil(SHRINK_K_STEP) * SHRINK_K_STEP
+}
+
+/// The split factor and chunk the shrink kernel picks on the device for a step with `tiles` tiles (its
+/// exact formula, for tests and reports): at most the planned `splits`, about one work item per block.
+pub fn device_splits(plan: &GroupPlan, tiles: u32) -> (u32, u32) {
+    let items = (tiles * plan.n_mod).max(1);
+    let splits = plan.shrink.grid.0.div_ceil(items).clamp(1, plan.splits.max(1));
+    let k_chunk = plan.k.div_ceil(splits).div_ceil(SHRINK_K_STEP) * SHRINK_K_STEP;
+    (plan.k.div_ceil(k_chunk), k_chunk)
 }
 
 /// Plan one module group, choosing the split-K factor from `sm_count` (see the module docs).
@@ -299,14 +318,22 @@ pub fn plan_group(cap: &Capacity, group: &ModuleGroup, sm_count: u32) -> Result<
         return invalid("sm_count must be at least 1".into());
     }
     let (_, k, _, _) = group_shapes(group)?;
-    let n_mod = group.modules.len() as u32;
-    plan_group_with_k_chunk(cap, group, pick_k_chunk(k, n_mod, cap.max_tokens, sm_count))
+    plan_group_with_k_chunk(cap, group, pick_k_chunk(k), sm_count)
 }
 
-/// Plan one module group with a given split-K chunk (a positive multiple of [`SHRINK_K_STEP`]);
-/// `splits = ceil(k / k_chunk)`. For tests and tuning; [`plan_group`] picks the chunk itself.
-pub fn plan_group_with_k_chunk(cap: &Capacity, group: &ModuleGroup, k_chunk: u32) -> Result<GroupPlan, GemmError> {
+/// Plan one module group with a given largest split-K chunk (a positive multiple of [`SHRINK_K_STEP`]);
+/// `splits = ceil(k / k_chunk)` is then the most the device may use. For tests and tuning; [`plan_group`]
+/// picks the chunk itself.
+pub fn plan_group_with_k_chunk(
+    cap: &Capacity,
+    group: &ModuleGroup,
+    k_chunk: u32,
+    sm_count: u32,
+) -> Result<GroupPlan, GemmError> {
     cap.validate()?;
+    if sm_count == 0 {
+        return invalid("sm_count must be at least 1".into());
+    }
     let (shapes, k, max_n, ldy) = group_shapes(group)?;
     if k_chunk == 0 || !k_chunk.is_multiple_of(SHRINK_K_STEP) {
         return invalid(format!("k_chunk {k_chunk} must be a positive multiple of {SHRINK_K_STEP}"));
@@ -347,12 +374,14 @@ pub fn plan_group_with_k_chunk(cap: &Capacity, group: &ModuleGroup, k_chunk: u32
         splits,
         k_chunk,
         expand_blocks,
+        shrink_kernel: Kernel::shrink_for_rank(cap.max_rank)
+            .ok_or_else(|| GemmError::Invalid(format!("no shrink kernel for rank {}", cap.max_rank)))?,
         shrink: LaunchShape {
-            grid: (splits, mt, n_mod),
+            grid: (sm_count * SHRINK_BLOCKS_PER_SM, 1, 1),
             block: GEMM_THREADS,
             shared_bytes: shrink_shared_bytes(cap.max_rank),
         },
-        expand: LaunchShape { grid: (expand_blocks, mt, n_mod), block: GEMM_THREADS, shared_bytes: 0 },
+        expand: LaunchShape { grid: (sm_count * EXPAND_BLOCKS_PER_SM, 1, 1), block: GEMM_THREADS, shared_bytes: 0 },
         workspace: WorkspaceSize {
             partial_f32: partial as usize,
             t_bf16: rows as usize,
@@ -446,33 +475,39 @@ mod tests {
     #[test]
     fn split_rule_by_hand() {
         let g = &llama3_8b_groups();
-        // qkv, 1 token: want ceil(264 / 3) = 88, capped at 4096 / 128 = 32 → k_chunk 128, 32 splits.
-        let p = plan_group(&cap(1), &g[0], 132).unwrap();
-        assert_eq!((p.splits, p.k_chunk), (32, 128));
-        // down, 1 token: want 264, capped at 14336 / 128 = 112 → k_chunk 128, 112 splits.
+        // qkv: k 4096 / 256 = 16 splits of 256, whatever the token count.
+        for tokens in [1, 2048] {
+            let p = plan_group(&cap(tokens), &g[0], 132).unwrap();
+            assert_eq!((p.splits, p.k_chunk), (16, 256));
+        }
+        // down: 14336 / 256 = 56, capped at MAX_SPLITS = 32 → chunk round_up(448, 32) = 448.
         let p = plan_group(&cap(1), &g[3], 132).unwrap();
-        assert_eq!((p.splits, p.k_chunk), (112, 128));
-        // gate_up, 2048 tokens: est_tiles 128, want ceil(264 / 256) = 2 → k_chunk 2048.
-        let p = plan_group(&cap(2048), &g[2], 132).unwrap();
-        assert_eq!((p.splits, p.k_chunk), (2, 2048));
-        // o, 256 tokens: est_tiles 16, want ceil(264 / 16) = 17 → k_chunk round_up(241, 32) = 256, 16 splits.
-        let p = plan_group(&cap(256), &g[1], 132).unwrap();
-        assert_eq!((p.splits, p.k_chunk), (16, 256));
+        assert_eq!((p.splits, p.k_chunk), (32, 448));
+        // The device's choice for qkv (grid 4 × 132 = 528 blocks): 1 tile → 3 items → min(176, 16) = 16;
+        // 16 tiles → 48 items → 11 splits of 384; 128 tiles → 384 items → 2 splits of 2048.
+        let p = plan_group(&cap(2048), &g[0], 132).unwrap();
+        assert_eq!(p.shrink.grid, (528, 1, 1));
+        assert_eq!(device_splits(&p, 1), (16, 256));
+        assert_eq!(device_splits(&p, 16), (11, 384));
+        assert_eq!(device_splits(&p, 128), (2, 2048));
+        assert_eq!(device_splits(&p, 1000), (1, 4096));
     }
 
     #[test]
     fn small_k_and_odd_k() {
         let g = ModuleGroup::new("g", vec![ModuleSpec::new("m", 200, 45)]);
-        // 200 / 128 = 1 → one split however many SMs.
+        // 200 / 256 = 0 → one split.
         let p = plan_group(&cap(1), &g, 132).unwrap();
         assert_eq!((p.splits, p.k_chunk), (1, 224));
-        let g = ModuleGroup::new("g", vec![ModuleSpec::new("m", 300, 45)]);
-        // at most 2 splits: ceil(300 / 2) = 150 → 160, splits ceil(300 / 160) = 2.
+        let g = ModuleGroup::new("g", vec![ModuleSpec::new("m", 600, 45)]);
+        // 600 / 256 = 2 splits: ceil(600 / 2) = 300 → 320, splits ceil(600 / 320) = 2.
         let p = plan_group(&cap(1), &g, 132).unwrap();
-        assert_eq!((p.splits, p.k_chunk), (2, 160));
-        // One SM, many tokens: one split.
+        assert_eq!((p.splits, p.k_chunk), (2, 320));
+        // One SM: a grid of 4 blocks; one tile of one module still gets both splits.
         let p = plan_group(&cap(2048), &g, 1).unwrap();
-        assert_eq!((p.splits, p.k_chunk), (1, 320));
+        assert_eq!(p.shrink.grid, (4, 1, 1));
+        assert_eq!(device_splits(&p, 1), (2, 320));
+        assert_eq!(device_splits(&p, 4), (1, 608));
     }
 
     #[test]
@@ -482,8 +517,10 @@ mod tests {
         let mt = max_tiles(64, 64);
         assert_eq!(mt, 4 + 64);
         assert_eq!(p.max_tiles, mt);
-        assert_eq!(p.shrink.grid, (p.splits, mt, 3));
-        assert_eq!(p.expand.grid, (32, mt, 3));
+        assert_eq!(p.shrink.grid, (4 * 132, 1, 1));
+        assert_eq!(p.expand.grid, (8 * 132, 1, 1));
+        assert_eq!(p.expand_blocks, 32);
+        assert_eq!(p.shrink_kernel, Kernel::ShrinkR64);
         assert_eq!((p.shrink.block, p.expand.block), (128, 128));
         assert_eq!((p.shrink.shared_bytes, p.expand.shared_bytes), (shrink_shared_bytes(64), 0));
         assert_eq!(p.r_pad, 64);
@@ -502,11 +539,11 @@ mod tests {
     fn explicit_k_chunk_and_ldy() {
         let g =
             ModuleGroup::new("g", vec![ModuleSpec::new("a", 200, 123), ModuleSpec::new("b", 200, 45)]).with_ldy(170);
-        let p = plan_group_with_k_chunk(&cap(16), &g, 64).unwrap();
+        let p = plan_group_with_k_chunk(&cap(16), &g, 64, 132).unwrap();
         assert_eq!((p.splits, p.k_chunk, p.ldy, p.max_n, p.expand_blocks), (4, 64, 170, 123, 1));
         assert_eq!(p.shapes[1].y_col, 123);
-        err(plan_group_with_k_chunk(&cap(16), &g, 48), "multiple of 32");
-        err(plan_group_with_k_chunk(&cap(16), &g, 0), "multiple of 32");
+        err(plan_group_with_k_chunk(&cap(16), &g, 48, 132), "multiple of 32");
+        err(plan_group_with_k_chunk(&cap(16), &g, 0, 132), "multiple of 32");
     }
 
     #[test]

@@ -26,8 +26,7 @@ use std::sync::Mutex;
 use lora_gemm::device::{download, upload, EmuDevice, Rng, TestDevice};
 use lora_gemm::launch::{launch_group, launch_prep, Arg, Launcher, PrepArgs, StepBuffers, Workspace};
 use lora_gemm::plan::{
-    plan_group_with_k_chunk, plan_model, plan_prep, Capacity, LaunchShape, ModelPlan, ModuleGroup, ModuleSpec,
-    WorkspaceSize,
+    plan_group_with_k_chunk, plan_model, plan_prep, Capacity, ModelPlan, ModuleGroup, ModuleSpec, WorkspaceSize,
 };
 use lora_gemm::reference::{lora_module_reference, rel_error, scale_for, AdapterModule};
 use lora_gemm::reorder::{descriptors, reorder, token_slots};
@@ -36,8 +35,7 @@ use lora_gemm::GemmError;
 use lora_kernels::abi::{
     shrink_shared_bytes, GemmDesc, ModuleShape, SlotWeights, StepLayout, Tile, SLOT_WEIGHTS_WORDS,
 };
-use lora_kernels::dsl::{bf16_to_f32, dyn_smem, thread_idx_x};
-use lora_kernels::kernels::{expand::lora_expand, prep::lora_prep, shrink::lora_shrink};
+use lora_kernels::dsl::bf16_to_f32;
 use lora_kernels::Kernel;
 use proptest::prelude::*;
 use proptest::test_runner::{FileFailurePersistence, TestRunner};
@@ -66,6 +64,17 @@ macro_rules! device_test {
 
 /// The SM count the planner is given (an H100 SXM's; the split choice only changes speed, not results).
 const SMS: u32 = 132;
+/// SM count planned for on the emulator: the persistent grids shrink to 16 / 32 blocks (the emulator runs
+/// blocks one after another, and any grid size must give the same result — which the two arms check).
+const EMU_SMS: u32 = 4;
+
+fn device_sms(d: &dyn TestDevice) -> u32 {
+    if d.name().contains("emulator") {
+        EMU_SMS
+    } else {
+        SMS
+    }
+}
 /// Poison byte of the prep outputs (so a word reads 0xA5A5_A5A5).
 const POISON: u8 = 0xA5;
 const POISON_WORD: u32 = 0xA5A5_A5A5;
@@ -151,7 +160,7 @@ fn make_entry(d: &dyn TestDevice, rng: &mut Rng, spec: W, k: u32, n: u32, flavou
 #[derive(Clone, Copy, Debug)]
 enum Chunk {
     /// The planner picks it for this SM count.
-    Planner(u32),
+    Planner,
     /// Fixed `k_chunk` for every group.
     Fixed(u32),
 }
@@ -225,14 +234,12 @@ impl<'d> Rig<'d> {
         layers: u32,
         chunk: Chunk,
     ) -> Self {
-        let sms = match chunk {
-            Chunk::Planner(s) => s,
-            Chunk::Fixed(_) => SMS,
-        };
+        // `Chunk::Planner` plans for the device's SM count (see `device_sms`).
+        let sms = device_sms(d);
         let mut plan = plan_model(&cap, groups, layers, sms).unwrap();
         if let Chunk::Fixed(kc) = chunk {
             for (p, g) in plan.groups.iter_mut().zip(groups) {
-                *p = plan_group_with_k_chunk(&cap, g, kc).unwrap();
+                *p = plan_group_with_k_chunk(&cap, g, kc, sms).unwrap();
             }
             plan.workspace = plan.groups.iter().fold(WorkspaceSize::default(), |a, p| a.max(p.workspace));
         }
@@ -596,7 +603,7 @@ impl Case {
             ldy_extra: 0,
             reqs: reqs.to_vec(),
             weights: vec![vec![W::Rank(8); slots as usize]; widths.len()],
-            chunk: Chunk::Planner(SMS),
+            chunk: Chunk::Planner,
             seed: 1,
             via_step: false,
         }
@@ -861,13 +868,15 @@ device_test!(mixed_batch_three_modules_two_splits, |d: &dyn TestDevice, big: boo
 });
 
 device_test!(planner_splits_with_odd_k, |d: &dyn TestDevice, big: bool| {
-    // k 300: the planner (132 SMs, 1 tile) picks 2 splits of 160 (the second 140 wide); ldx > k.
-    let mut c = Case::new(2, 300, &[45], &[(0, 5), (1, 4)]);
-    c.ldx = 304;
+    // k 556 (not a multiple of 8): the planner allows 556 / 256 = 2 splits of round_up(278, 32) = 288 (the
+    // second 268 wide), and a step of two tiles on one module gets both; ldx > k.
+    let mut c = Case::new(2, 556, &[45], &[(0, 5), (1, 4)]);
+    c.ldx = 560;
     c.weights = vec![vec![W::Rank(16), W::Rank(7)]];
     let r = run_case(d, "planner_splits_with_odd_k", &c);
     let g = &r.rig.plan.groups[0];
-    assert_eq!((g.splits, g.k_chunk), (2, 160));
+    assert_eq!((g.splits, g.k_chunk), (2, 288));
+    assert_eq!(lora_gemm::plan::device_splits(g, 2), (2, 288));
     if big {
         // A down-like module: k 14336 → 4096, at 64 and 256 tokens (many splits).
         for (tokens, via_step) in [(64u32, false), (256, true)] {
@@ -1237,14 +1246,13 @@ device_test!(prep_matches_reorder, |d: &dyn TestDevice, big: bool| {
 });
 
 // ---------------------------------------------------------------------------------------------------
-// Emulator only: dynamic shared memory used vs what the plan gives.
+// Emulator only: dynamic shared memory used vs what the plan gives. Every emulated launch has a guard zone
+// after the shared memory it was given (`lora_kernels::dsl::emu::GUARD_BYTES`) and fails the launch when a
+// block writes into it; this device records those failures instead of panicking, and can tell the shrink it
+// has less shared memory than planned (to prove the guard catches an overrun).
 
-/// Shared memory past the planned size, poisoned by the emulator and checked after every block.
-const GUARD: u32 = 64 * 1024;
-
-/// An emulator whose launches get a guard zone of 0xFF-poisoned shared memory past the planned size;
-/// a block that writes into it is recorded (on the GPU it would have used memory it was not given).
-/// `shrink_planned` overrides the size the shrink is told it has (to prove the guard catches overruns).
+/// An emulator that records launches failing the shared-memory guard. `shrink_planned` overrides the size
+/// the shrink is launched with.
 #[derive(Default)]
 struct GuardedEmu {
     inner: EmuDevice,
@@ -1275,57 +1283,6 @@ impl TestDevice for GuardedEmu {
 
 struct GuardedLauncher<'a>(&'a GuardedEmu);
 
-fn p<T>(a: Arg) -> *mut T {
-    match a {
-        Arg::Ptr(p) => p as usize as *mut T,
-        Arg::U32(_) => panic!("expected an address argument"),
-    }
-}
-
-fn u(a: Arg) -> u32 {
-    match a {
-        Arg::U32(v) => v,
-        Arg::Ptr(_) => panic!("expected a u32 argument"),
-    }
-}
-
-/// Run `kernel` with a guard zone after the planned shared memory; returns a description of every block
-/// that wrote into the guard zone.
-fn launch_guarded(what: &str, shape: LaunchShape, kernel: impl Fn()) -> Result<Vec<String>, GemmError> {
-    use lora_kernels::dsl::emu::{launch, LaunchConfig};
-    let cfg = LaunchConfig { grid: shape.grid, block_threads: shape.block, shared_bytes: shape.shared_bytes + GUARD };
-    let planned = shape.shared_bytes as usize;
-    let hits = Mutex::new(Vec::new());
-    let body = || {
-        kernel();
-        // Thread 0 has passed every barrier of the block by now, so every shared-memory write of the
-        // block happened before this check (the kernels' early exits are block-uniform).
-        if thread_idx_x() == 0 {
-            let s = dyn_smem::<u8>();
-            for i in 0..GUARD as usize {
-                // SAFETY: the block's shared memory is `planned + GUARD` bytes.
-                if unsafe { s.add(planned + i).read_volatile() } != 0xFF {
-                    let (bx, by, bz) = (
-                        lora_kernels::dsl::block_idx_x(),
-                        lora_kernels::dsl::block_idx_y(),
-                        lora_kernels::dsl::block_idx_z(),
-                    );
-                    hits.lock().unwrap_or_else(|e| e.into_inner()).push(format!(
-                        "{what} block ({bx},{by},{bz}) wrote shared byte {} (planned {planned})",
-                        planned + i
-                    ));
-                    break;
-                }
-            }
-        }
-    };
-    // SAFETY: every caller passes a kernel whose pointers are live buffers laid out as the kernel's
-    // documented safety contract requires (the launch layer built the arguments from the plan), with the
-    // planned geometry plus extra shared memory.
-    unsafe { launch(&cfg, body) }?;
-    Ok(hits.into_inner().unwrap_or_else(|e| e.into_inner()))
-}
-
 impl Launcher for GuardedLauncher<'_> {
     fn launch(
         &self,
@@ -1335,60 +1292,17 @@ impl Launcher for GuardedLauncher<'_> {
         shared: u32,
         a: &[Arg],
     ) -> Result<(), GemmError> {
-        let mut shape = LaunchShape { grid, block, shared_bytes: shared };
-        let hits = match kernel {
-            Kernel::Prep => {
-                assert_eq!(a.len(), 14);
-                let step = p::<u32>(a[0]);
-                let (max_reqs, max_tokens, num_slots) = (u(a[1]), u(a[2]), u(a[3]));
-                let (weights, shapes) = (p::<SlotWeights>(a[4]), p::<ModuleShape>(a[5]));
-                let (layers, modules) = (u(a[6]), u(a[7]));
-                let (count, off, perm) = (p::<u32>(a[8]), p::<u32>(a[9]), p::<u32>(a[10]));
-                let (tiles, num_tiles, descs) = (p::<Tile>(a[11]), p::<u32>(a[12]), p::<GemmDesc>(a[13]));
-                launch_guarded("prep", shape, || {
-                    // SAFETY: `launch_prep` built these arguments from the rig's plan and buffers.
-                    unsafe {
-                        lora_prep(
-                            step, max_reqs, max_tokens, num_slots, weights, shapes, layers, modules, count, off, perm,
-                            tiles, num_tiles, descs,
-                        )
-                    }
-                })?
-            }
-            Kernel::Shrink => {
-                assert_eq!(a.len(), 14);
-                if let Some(s) = self.0.shrink_planned {
-                    shape.shared_bytes = s;
-                }
-                let (x, ldx, perm, tiles, num_tiles) =
-                    (p::<u16>(a[0]), u(a[1]), p::<u32>(a[2]), p::<Tile>(a[3]), p::<u32>(a[4]));
-                let (descs, num_slots, k_chunk) = (p::<GemmDesc>(a[5]), u(a[6]), u(a[7]));
-                let (partial, counters, t) = (p::<f32>(a[8]), p::<u32>(a[9]), p::<u16>(a[10]));
-                let (max_tokens, r_pad, max_tiles) = (u(a[11]), u(a[12]), u(a[13]));
-                launch_guarded("shrink", shape, || {
-                    // SAFETY: `launch_group` built these arguments from the rig's plan and buffers.
-                    unsafe {
-                        lora_shrink(
-                            x, ldx, perm, tiles, num_tiles, descs, num_slots, k_chunk, partial, counters, t,
-                            max_tokens, r_pad, max_tiles,
-                        )
-                    }
-                })?
-            }
-            Kernel::Expand => {
-                assert_eq!(a.len(), 9);
-                let (t, r_pad, perm, tiles, num_tiles) =
-                    (p::<u16>(a[0]), u(a[1]), p::<u32>(a[2]), p::<Tile>(a[3]), p::<u32>(a[4]));
-                let (descs, num_slots, y, ldy) = (p::<GemmDesc>(a[5]), u(a[6]), p::<u16>(a[7]), u(a[8]));
-                launch_guarded("expand", shape, || {
-                    // SAFETY: `launch_group` built these arguments from the rig's plan and buffers.
-                    unsafe { lora_expand(t, r_pad, perm, tiles, num_tiles, descs, num_slots, y, ldy) }
-                })?
-            }
-            other => return Err(GemmError::Invalid(format!("the guarded emulator does not run {}", other.name()))),
+        let shared = match self.0.shrink_planned {
+            Some(s) if kernel.is_shrink() => s,
+            _ => shared,
         };
-        self.0.hits.lock().unwrap_or_else(|e| e.into_inner()).extend(hits);
-        Ok(())
+        match lora_gemm::emu::EmuLauncher.launch(kernel, grid, block, shared, a) {
+            Err(GemmError::Kernel(e)) if e.to_string().contains("shared memory byte") => {
+                self.0.hits.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{}: {e}", kernel.name()));
+                Ok(())
+            }
+            other => other,
+        }
     }
 }
 
@@ -1421,5 +1335,5 @@ fn kernels_stay_inside_planned_shared_memory() {
     c.weights = vec![vec![W::Rank(64)]];
     run_case(&d, "shared memory guard, control", &c);
     let hits = d.hits.lock().unwrap().clone();
-    assert!(hits.iter().any(|h| h.starts_with("shrink")), "the guard missed an overrun: {hits:?}");
+    assert!(hits.iter().any(|h| h.starts_with("lora_shrink")), "the guard missed an overrun: {hits:?}");
 }

@@ -24,10 +24,14 @@ fn check(m: &ModelPlan, groups: &[ModuleGroup]) {
         assert!(p.splits >= 1);
         assert_eq!(p.splits, k.div_ceil(p.k_chunk), "{}: no empty split", p.name);
         assert!((p.splits - 1) * p.k_chunk < k, "{}: last split non-empty", p.name);
-        assert!(p.splits == 1 || p.k_chunk >= SHRINK_K_STEP * GEMM_WARPS, "{}: every warp gets a k step", p.name);
+        assert!(p.splits == 1 || p.k_chunk >= 2 * SHRINK_K_STEP * GEMM_WARPS, "{}: two k steps per warp", p.name);
         assert_eq!(p.max_tiles, max_tiles(p.max_tokens, p.num_slots));
-        assert_eq!(p.shrink.grid, (p.splits, p.max_tiles, p.n_mod));
-        assert_eq!(p.expand.grid, (p.max_n.div_ceil(EXPAND_BN), p.max_tiles, p.n_mod));
+        // Persistent grids of a few blocks per SM (132 SMs here), whatever the capacity.
+        assert_eq!(p.shrink.grid, (4 * 132, 1, 1));
+        assert_eq!(p.expand.grid, (8 * 132, 1, 1));
+        assert_eq!(p.expand_blocks, p.max_n.div_ceil(EXPAND_BN));
+        assert!(p.splits <= lora_gemm::plan::MAX_SPLITS);
+        assert_eq!(Some(p.shrink_kernel), lora_kernels::Kernel::shrink_for_rank(p.max_rank));
         assert_eq!((p.shrink.block, p.expand.block), (GEMM_THREADS, GEMM_THREADS));
         assert_eq!(p.shrink.shared_bytes, shrink_shared_bytes(p.max_rank));
         assert_eq!(p.r_pad, rank_pad(p.max_rank));

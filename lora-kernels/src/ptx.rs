@@ -13,8 +13,14 @@ pub enum Kernel {
     ProbeWarpOps,
     /// [`crate::kernels::prep::lora_prep`].
     Prep,
-    /// [`crate::kernels::shrink::lora_shrink`].
-    Shrink,
+    /// [`crate::kernels::shrink::lora_shrink_r16`] (ranks ≤ 16).
+    ShrinkR16,
+    /// [`crate::kernels::shrink::lora_shrink_r32`] (ranks ≤ 32).
+    ShrinkR32,
+    /// [`crate::kernels::shrink::lora_shrink_r64`] (ranks ≤ 64).
+    ShrinkR64,
+    /// [`crate::kernels::shrink::lora_shrink_r128`] (ranks ≤ 128).
+    ShrinkR128,
     /// [`crate::kernels::expand::lora_expand`].
     Expand,
     /// [`crate::kernels::baseline::gather_rows`].
@@ -25,11 +31,14 @@ pub enum Kernel {
 
 impl Kernel {
     /// All kernels, in PTX order of definition.
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 10] = [
         Kernel::SmokeMma,
         Kernel::ProbeWarpOps,
         Kernel::Prep,
-        Kernel::Shrink,
+        Kernel::ShrinkR16,
+        Kernel::ShrinkR32,
+        Kernel::ShrinkR64,
+        Kernel::ShrinkR128,
         Kernel::Expand,
         Kernel::GatherRows,
         Kernel::ScatterAddRows,
@@ -41,11 +50,32 @@ impl Kernel {
             Kernel::SmokeMma => "smoke_mma",
             Kernel::ProbeWarpOps => "probe_warp_ops",
             Kernel::Prep => "lora_prep",
-            Kernel::Shrink => "lora_shrink",
+            Kernel::ShrinkR16 => "lora_shrink_r16",
+            Kernel::ShrinkR32 => "lora_shrink_r32",
+            Kernel::ShrinkR64 => "lora_shrink_r64",
+            Kernel::ShrinkR128 => "lora_shrink_r128",
             Kernel::Expand => "lora_expand",
             Kernel::GatherRows => "gather_rows",
             Kernel::ScatterAddRows => "scatter_add_rows",
         }
+    }
+}
+
+impl Kernel {
+    /// The smallest shrink rank class holding ranks up to `max_rank` (`None` above 128 or at 0).
+    pub const fn shrink_for_rank(max_rank: u32) -> Option<Kernel> {
+        match max_rank {
+            1..=16 => Some(Kernel::ShrinkR16),
+            17..=32 => Some(Kernel::ShrinkR32),
+            33..=64 => Some(Kernel::ShrinkR64),
+            65..=128 => Some(Kernel::ShrinkR128),
+            _ => None,
+        }
+    }
+
+    /// Whether this is one of the shrink entry points.
+    pub const fn is_shrink(self) -> bool {
+        matches!(self, Kernel::ShrinkR16 | Kernel::ShrinkR32 | Kernel::ShrinkR64 | Kernel::ShrinkR128)
     }
 }
 

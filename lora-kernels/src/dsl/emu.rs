@@ -138,9 +138,11 @@ pub unsafe fn launch<F: Fn()>(cfg: &LaunchConfig, kernel: F) -> Result<(), Kerne
     if gx == 0 || gy == 0 || gz == 0 {
         return Err(KernelError::BadLaunch(format!("empty grid {:?}", cfg.grid)));
     }
-    let mut smem = vec![0u128; (cfg.shared_bytes as usize).div_ceil(16).max(1)];
-    let smem_ptr = Shared(smem.as_mut_ptr() as *mut u8);
+    // The block's shared memory is followed by a guard zone; a kernel that writes past the launch's
+    // shared-memory size corrupts the guard, which is checked after every block (see GUARD_BYTES).
     let smem_len = cfg.shared_bytes as usize;
+    let mut smem = vec![u128::MAX; (smem_len + GUARD_BYTES).div_ceil(16)];
+    let smem_ptr = Shared(smem.as_mut_ptr() as *mut u8);
     let block_gate = Gate::new(n);
     let start_gate = Gate::new(n);
     let warps: Vec<Warp> = (0..n / 32)
@@ -162,7 +164,14 @@ pub unsafe fn launch<F: Fn()>(cfg: &LaunchConfig, kernel: F) -> Result<(), Kerne
                                 start_gate.wait(abort);
                                 if tid == 0 {
                                     // SAFETY: every thread is parked at start_gate; nobody touches smem.
-                                    unsafe { std::ptr::write_bytes(smem_ptr.0, 0xFF, smem_len) };
+                                    let all = unsafe { std::slice::from_raw_parts_mut(smem_ptr.0, smem_len + GUARD_BYTES) };
+                                    if let Some(at) = all[smem_len..].iter().position(|&b| b != 0xFF) {
+                                        panic!(
+                                            "a block before ({bx},{by},{bz}) wrote shared memory byte {} past the launch's {smem_len} bytes",
+                                            smem_len + at
+                                        );
+                                    }
+                                    all.fill(0xFF);
                                     block_gate.reset(n);
                                     for w in warps.iter() {
                                         w.gate.reset(32);
@@ -170,7 +179,12 @@ pub unsafe fn launch<F: Fn()>(cfg: &LaunchConfig, kernel: F) -> Result<(), Kerne
                                 }
                                 start_gate.wait(abort);
                             }));
-                            if entry.is_err() {
+                            if let Err(e) = entry {
+                                // A guard violation found by thread 0, or the abort of another thread.
+                                let text = e.downcast_ref::<String>().cloned().unwrap_or_default();
+                                if !text.is_empty() && !abort.swap(true, Ordering::SeqCst) {
+                                    *message.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
+                                }
                                 break 'grid;
                             }
                             CTX.with(|c| {
@@ -212,12 +226,29 @@ pub unsafe fn launch<F: Fn()>(cfg: &LaunchConfig, kernel: F) -> Result<(), Kerne
             }
         }
     });
+    let tail = bytemuck_free_bytes(&smem, smem_len);
+    if !abort.load(Ordering::SeqCst) {
+        if let Some(at) = tail.iter().position(|&b| b != 0xFF) {
+            return Err(KernelError::EmulatedTrap(format!(
+                "the last block wrote shared memory byte {} past the launch's {smem_len} bytes",
+                smem_len + at
+            )));
+        }
+    }
     drop(smem);
     if abort.load(Ordering::SeqCst) {
         let m = message.into_inner().unwrap_or_else(|e| e.into_inner()).unwrap_or_default();
         return Err(KernelError::EmulatedTrap(m));
     }
     Ok(())
+}
+
+/// Bytes of guard zone after every block's shared memory (a write there fails the launch).
+pub const GUARD_BYTES: usize = 64 << 10;
+
+/// The guard zone of the shared-memory buffer (the bytes after the first `len`).
+fn bytemuck_free_bytes(buf: &[u128], len: usize) -> Vec<u8> {
+    buf.iter().flat_map(|w| w.to_le_bytes()).skip(len).collect()
 }
 
 /// Thread index in the block (x).

@@ -2,18 +2,22 @@
 //! The un-reorder is fused into the epilogue (rows are written at their original token index), and so is the
 //! scale; the split-K reduction of the shrink already happened in the shrink's last block.
 //!
-//! Grid `(ceil(max_n / EXPAND_BN), max_tiles, n_mod)`, [`GEMM_THREADS`] threads (4 warps). Block
-//! `(nb, i, module)` takes tile `i` (up to 16 rows of one slot) and output columns
-//! `[nb·128, nb·128 + 128)` of that module; warp w owns columns `nb·128 + 32w ..+32` as four `n8` tiles and
-//! exits if they start past the module's width (no block barrier in this kernel, so that is safe). It walks
-//! the rank in steps of 16: lane (g = lane/4, t = lane%4) loads 8 bytes of t rows g and g+8 at `k + 4t`
-//! and, per `n8` tile, 8 bytes of B_s row `n + g` at `k + 4t` (masked past the rank: B_s rows are exactly
-//! `rank` long), with the same permuted k-to-fragment assignment as the shrink. The epilogue reads y, adds
-//! `scale · acc` in f32 and writes bf16 back, as a 4-byte pair when aligned and in range, else per element.
+//! **Work decomposition (persistent grid).** A fixed grid of `G` blocks of [`GEMM_THREADS`] threads walks the
+//! step's `n_mod · nt · n_blocks` work items `(module, tile, column block)` — column block fastest, so
+//! consecutive blocks share a tile's `t` rows — in a grid-stride loop (`nt = *num_tiles` is read from the
+//! device, `n_blocks = ceil(max n / EXPAND_BN)`). Item `(m, i, nb)` covers tile `i` (up to 16 rows of one
+//! slot) and output columns `[nb·128, nb·128 + 128)` of module m; warp w owns columns `nb·128 + 32w ..+32` as
+//! four `n8` tiles and skips the item if they start past the module's width (there is no block barrier in
+//! this kernel, so warps may diverge freely). Each warp walks the rank in steps of 16: lane
+//! (g = lane/4, t = lane%4) loads 8 bytes of t rows g and g+8 at `k + 4t` and, per `n8` tile, 8 bytes of B_s
+//! row `n + g` at `k + 4t` (masked past the rank: B_s rows are exactly `rank` long), with the same permuted
+//! k-to-fragment assignment as the shrink. The epilogue reads y, adds `scale · acc` in f32 and writes bf16
+//! back, as a 4-byte pair when aligned and in range, else per element.
 //! Each (token, column) belongs to exactly one block, so there are no write races; tokens without an
 //! adapter are never touched.
 //!
-//! Safety contract: as the shrink's, plus `t_in` is the shrink's `t_out` of this group (written by a launch
+//! Safety contract: as the shrink's (`num_tiles <= max_tiles`, `descs` holds `n_mod × num_slots` problems,
+//! `n_blocks >= ceil(max n / EXPAND_BN)`), plus `t_in` is the shrink's `t_out` of this group (written by a launch
 //! that completed before this one), `y` rows of `ldy` elements hold columns `y_col .. y_col + n` of every
 //! module, B pointers valid for `[n, rank]`.
 
@@ -21,35 +25,41 @@ use crate::abi::{GemmDesc, Tile, EXPAND_BN, MAX_RANK};
 use crate::dsl::*;
 
 kernel! {
-    /// Grouped expand with fused scale and un-reorder. See the module docs.
-    pub unsafe fn lora_expand(
-        t_in: *const u16,
-        r_pad: u32,
-        perm: *const u32,
-        tiles: *const Tile,
-        num_tiles: *const u32,
-        descs: *const GemmDesc,
-        num_slots: u32,
-        y: *mut u16,
-        ldy: u32,
-    ) {
-        // SAFETY: the launch contract in the module docs keeps every address below in bounds.
-        unsafe {
-            let (nb, tile_i, module) = (block_idx_x(), block_idx_y(), block_idx_z());
-            let n_mod = grid_dim_z();
-            if tile_i >= *num_tiles {
-                return;
-            }
+/// Grouped expand with fused scale and un-reorder. See the module docs.
+pub unsafe fn lora_expand(
+    t_in: *const u16,
+    r_pad: u32,
+    perm: *const u32,
+    tiles: *const Tile,
+    num_tiles: *const u32,
+    descs: *const GemmDesc,
+    num_slots: u32,
+    n_mod: u32,
+    n_blocks: u32,
+    max_tiles: u32,
+    y: *mut u16,
+    ldy: u32,
+) {
+    // SAFETY: the launch contract in the module docs keeps every address below in bounds.
+    unsafe {
+        let nt = (*num_tiles).min(max_tiles);
+        let total = n_mod * nt * n_blocks;
+        let (lane, warp) = (lane_id(), warp_id());
+        let mut w = block_idx_x();
+        while w < total {
+            let nb = w % n_blocks;
+            let tile_i = (w / n_blocks) % nt;
+            let module = w / n_blocks / nt;
+            w += grid_dim_x();
             let tile = *tiles.add(tile_i as usize);
             let d = *descs.add((module * num_slots + tile.slot) as usize);
             if d.m == 0 {
-                return;
+                continue;
             }
-            let r = d.rank.min(MAX_RANK);
-            let (lane, warp) = (lane_id(), warp_id());
+            let r = d.rank.min(MAX_RANK).min(r_pad);
             let n0 = nb * EXPAND_BN + warp * 32;
             if n0 >= d.n {
-                return;
+                continue;
             }
             let (g, t) = (lane / 4, lane % 4);
             let t_row = |row: u32| t_in.add((((tile.row_start + row) * n_mod + module) * r_pad) as usize);
@@ -83,6 +93,7 @@ kernel! {
                     }
                 }
             });
+            }
         }
     }
 }

@@ -1,81 +1,111 @@
 //! The shrink: `t_s = x[perm_s] · A_sᵀ` for every tile and module of a module group, split over `k`, with
 //! the split-K partial sums reduced deterministically inside the same launch.
 //!
-//! Grid `(splits, max_tiles, n_mod)`, [`GEMM_THREADS`] threads (4 warps). Block `(split, i, module)` takes
-//! tile `i` of the step (up to 16 slot-sorted rows of one slot; blocks past `num_tiles` exit) and the
-//! problem `descs[module][slot]` (zero-sized problems exit), and covers `k` in
-//! `[split·k_chunk, min(k, (split+1)·k_chunk))`. Warp w walks that range in steps of 32 starting at
-//! `32w`, four warps interleaved. Lane (g = lane/4, t = lane%4) loads 16 bytes of x row g and of x row g+8
-//! (rows gathered through `perm`) at `k + 8t`, and 16 bytes of A_s row `8j + g` for each 8-column rank
-//! tile j; these 8 consecutive `k` feed two `m16n8k16` steps. Because a dot product may sum its `k` in any
-//! order, the actual `k` indices are assigned to fragment slots so that each lane's 16-byte chunk fills
-//! exactly its own fragment registers (the same assignment for A and B), which keeps every global load
-//! 16 bytes wide without a trip through shared memory. Ranks need not be multiples of anything: rank tiles
-//! past `rank` are skipped and the rows of the last one masked; `k` not a multiple of 8 takes the masked
-//! element path of [`load8_bf16_masked`].
+//! **Work decomposition (persistent grid).** The grid is a fixed number of blocks `(G, 1, 1)` of
+//! [`GEMM_THREADS`] threads (4 warps), chosen by the planner from the SM count, so a graph captures one
+//! launch that fits any step. The work is decided on the device from the step's tile count
+//! `nt = *num_tiles`: the split factor is `splits = clamp(ceil(G / (nt · n_mod)), 1, max_splits)`
+//! (fewer tiles → more splits, so one adapter's single tile still spreads over the GPU; many tiles → one
+//! split, no reduction), `k_chunk = round_up(ceil(k / splits), 32)`, and the `nt · n_mod · splits` work items
+//! `(module, tile, split)` — split fastest — are taken by the blocks in a grid-stride loop. Items whose
+//! problem is zero-sized (`m == 0`: empty slot, rank 0, null pointer) are skipped at once.
 //!
-//! Epilogue: the four warps' 16 × rank accumulators are summed in shared memory and written as this split's
-//! f32 partial `partial[split][row][module][..rank]`. The block then fences, bumps
+//! **One work item.** Tile `i` (up to 16 slot-sorted rows of one slot), module `m`, `k` in
+//! `[split·k_chunk, min(k, (split+1)·k_chunk))`. Warp w walks that range in steps of 32 starting at `32w`.
+//! Lane (g = lane/4, t = lane%4) loads 16 bytes of x row g and of x row g+8 (rows gathered through `perm`)
+//! at `k + 8t`, and 16 bytes of A_s row `8j + g` for each 8-column rank tile j; these 8 consecutive `k`
+//! feed two `m16n8k16` steps. Because a dot product may sum its `k` in any order, the actual `k` indices
+//! are assigned to fragment slots so that each lane's 16-byte chunk fills exactly its own fragment
+//! registers (the same assignment for A and x), which keeps every global load 16 bytes wide without a trip
+//! through shared memory. Ranks need not be multiples of anything: rank tiles past `rank` are skipped and
+//! the rows of the last one masked; `k` not a multiple of 8 takes the masked element path.
+//!
+//! **Rank classes.** The accumulators of `RT` rank tiles live in registers, so the kernel exists in four
+//! entry points — `lora_shrink_r16`, `_r32`, `_r64`, `_r128` (RT = 2, 4, 8, 16) — and the planner picks the
+//! smallest that holds the capacity's max rank: fewer registers, more blocks per SM. Ranks are never
+//! padded in compute beyond the next multiple of 8.
+//!
+//! **Epilogue.** The four warps' 16 × rank accumulators are summed in shared memory and written as this
+//! split's f32 partial `partial[split][row][module][..rank]`. The block then fences, bumps
 //! `counters[module][i]`, and the block that arrives last sums the partials of splits 0, 1, 2, … in that
 //! fixed order (so the result does not depend on arrival order — no float atomics), rounds to bf16 into
 //! `t[row][module][..rank_pad(rank)]` (zeros past `rank`) and resets the counter to 0 for the next launch.
+//! With one split the partial is skipped and `t` written directly.
 //!
 //! Safety contract: `x` rows of `ldx` elements hold every token in `perm`; `descs` holds `n_mod × num_slots`
-//! problems (this layer's modules of the group, module-major) with ranks ≤ [`MAX_RANK`] and valid A
-//! pointers; `partial` holds `splits × max_tokens × n_mod × r_pad` f32, `t_out` `max_tokens × n_mod × r_pad`
-//! bf16, `counters` `n_mod × max_tiles` words that are 0 before the launch (they are 0 again after it);
-//! `r_pad >= rank_pad(rank)` and `k_chunk` a multiple of 32; dynamic shared memory
-//! `shrink_shared_bytes(max rank)`.
+//! problems (this layer's modules of the group, module-major), all with input width `k`, ranks ≤ the
+//! variant's `8·RT`, valid A pointers; `partial` holds `max_splits × max_tokens × n_mod × r_pad` f32,
+//! `t_out` `max_tokens × n_mod × r_pad` bf16, `counters` `n_mod × max_tiles` words that are 0 before the
+//! launch (they are 0 again after it); `r_pad >= rank_pad(max rank)`; `num_tiles <= max_tiles`; dynamic
+//! shared memory `shrink_shared_bytes(max rank)`.
 
-use crate::abi::{rank_pad, GemmDesc, Tile, GEMM_THREADS, GEMM_WARPS, MAX_RANK, SHRINK_K_STEP, TILE_M};
+use crate::abi::{rank_pad, GemmDesc, Tile, GEMM_THREADS, GEMM_WARPS, SHRINK_K_STEP, TILE_M};
 use crate::dsl::*;
 
-/// Rank tiles (of 8) the accumulators cover.
-const RANK_TILES: usize = (MAX_RANK / 8) as usize;
-const _: () = assert!(RANK_TILES == 16, "the unrolled loops below list 16 rank tiles");
+/// The body of every rank class: `RT` rank tiles of 8 (see the module docs).
+///
+/// # Safety
+/// The launch contract of the module docs.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn shrink<const RT: usize>(
+    x: *const u16,
+    ldx: u32,
+    perm: *const u32,
+    tiles: *const Tile,
+    num_tiles: *const u32,
+    descs: *const GemmDesc,
+    num_slots: u32,
+    n_mod: u32,
+    k: u32,
+    max_splits: u32,
+    partial: *mut f32,
+    counters: *mut u32,
+    t_out: *mut u16,
+    max_tokens: u32,
+    r_pad: u32,
+    max_tiles: u32,
+) {
+    // SAFETY: the launch contract in the module docs keeps every address below in bounds.
+    unsafe {
+        let nt = (*num_tiles).min(max_tiles);
+        let items = nt * n_mod;
+        if items == 0 || k == 0 {
+            return;
+        }
+        let blocks = grid_dim_x();
+        let splits = blocks.div_ceil(items).clamp(1, max_splits.max(1));
+        let k_chunk = k.div_ceil(splits).div_ceil(SHRINK_K_STEP) * SHRINK_K_STEP;
+        let splits = k.div_ceil(k_chunk);
+        let (tid, lane, warp) = (thread_idx_x(), lane_id(), warp_id());
+        let (g, t) = (lane / 4, lane % 4);
+        let red: *mut f32 = dyn_smem::<f32>();
 
-kernel! {
-    /// Split-K grouped shrink with in-launch deterministic reduction. See the module docs.
-    pub unsafe fn lora_shrink(
-        x: *const u16,
-        ldx: u32,
-        perm: *const u32,
-        tiles: *const Tile,
-        num_tiles: *const u32,
-        descs: *const GemmDesc,
-        num_slots: u32,
-        k_chunk: u32,
-        partial: *mut f32,
-        counters: *mut u32,
-        t_out: *mut u16,
-        max_tokens: u32,
-        r_pad: u32,
-        max_tiles: u32,
-    ) {
-        // SAFETY: the launch contract in the module docs keeps every address below in bounds.
-        unsafe {
-            let (split, tile_i, module) = (block_idx_x(), block_idx_y(), block_idx_z());
-            let (splits, n_mod) = (grid_dim_x(), grid_dim_z());
-            if tile_i >= *num_tiles {
-                return;
-            }
+        let mut w = block_idx_x();
+        while w < items * splits {
+            let split = w % splits;
+            let tile_i = (w / splits) % nt;
+            let module = w / splits / nt;
+            w += blocks;
             let tile = *tiles.add(tile_i as usize);
             let d = *descs.add((module * num_slots + tile.slot) as usize);
             if d.m == 0 {
-                return;
+                continue;
             }
-            // r_pad >= rank_pad(max rank) bounds every shared and workspace index below, even for a bad table.
-            let r = d.rank.min(MAX_RANK).min(r_pad);
+            // Bounded by the variant and by r_pad (>= rank_pad(max rank)), even for a bad table.
+            let r = d.rank.min(8 * RT as u32).min(r_pad);
             let rank_tiles = r.div_ceil(8);
             let k0 = split * k_chunk;
-            let k1 = (k0 + k_chunk).min(d.k);
-            let (tid, lane, warp) = (thread_idx_x(), lane_id(), warp_id());
-            let (g, t) = (lane / 4, lane % 4);
+            let k1 = (k0 + k_chunk).min(k);
             let x_lo = if g < tile.rows { x.add((*perm.add((tile.row_start + g) as usize) * ldx) as usize) } else { x };
-            let x_hi = if g + 8 < tile.rows { x.add((*perm.add((tile.row_start + g + 8) as usize) * ldx) as usize) } else { x };
+            let x_hi = if g + 8 < tile.rows {
+                x.add((*perm.add((tile.row_start + g + 8) as usize) * ldx) as usize)
+            } else {
+                x
+            };
             let a_base = d.a as *const u16;
 
-            let mut acc = [[0f32; 4]; RANK_TILES];
+            let mut acc = [[0f32; 4]; RT];
             let mut kk = k0 + warp * SHRINK_K_STEP;
             while kk < k1 {
                 let kc = kk + 8 * t;
@@ -84,7 +114,7 @@ kernel! {
                 let frag0 = [xa[0], xb[0], xa[1], xb[1]];
                 let frag1 = [xa[2], xb[2], xa[3], xb[3]];
                 crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
-                    if (j as u32) < rank_tiles {
+                    if j < RT && (j as u32) < rank_tiles {
                         let n = j as u32 * 8 + g;
                         let bv = if n < r { load8_bf16_masked(a_base.add((n * d.lda) as usize), kc, k1) } else { [0; 4] };
                         acc[j] = mma_bf16_m16n8k16(frag0, [bv[0], bv[1]], acc[j]);
@@ -95,9 +125,8 @@ kernel! {
             }
 
             // Cross-warp reduction through shared memory: red[warp][row][col], row stride r.
-            let red: *mut f32 = dyn_smem::<f32>();
             crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
-                if (j as u32) < rank_tiles {
+                if j < RT && (j as u32) < rank_tiles {
                     crate::unroll!(i in [0, 1, 2, 3] {
                         let row = g + 8 * (i as u32 / 2);
                         let col = j as u32 * 8 + 2 * t + (i as u32 % 2);
@@ -108,16 +137,39 @@ kernel! {
                 }
             });
             sync_threads();
+            let rp = rank_pad(r);
+            if splits == 1 {
+                // No other split: write t directly (zeros past the rank).
+                let mut idx = tid;
+                while idx < TILE_M * rp {
+                    let (row, col) = (idx / rp, idx % rp);
+                    if row < tile.rows {
+                        let mut sum = 0f32;
+                        if col < r {
+                            let mut wi = 0;
+                            while wi < GEMM_WARPS {
+                                sum += *red.add(((wi * TILE_M + row) * r + col) as usize);
+                                wi += 1;
+                            }
+                        }
+                        let at = ((tile.row_start + row) * n_mod + module) * r_pad + col;
+                        *t_out.add(at as usize) = f32_to_bf16(sum);
+                    }
+                    idx += GEMM_THREADS;
+                }
+                sync_threads();
+                continue;
+            }
             let flag = red.add((GEMM_WARPS * TILE_M * r) as usize) as *mut u32;
             let mut idx = tid;
             while idx < TILE_M * r {
                 let (row, col) = (idx / r, idx % r);
                 if row < tile.rows {
                     let mut sum = 0f32;
-                    let mut w = 0;
-                    while w < GEMM_WARPS {
-                        sum += *red.add(((w * TILE_M + row) * r + col) as usize);
-                        w += 1;
+                    let mut wi = 0;
+                    while wi < GEMM_WARPS {
+                        sum += *red.add(((wi * TILE_M + row) * r + col) as usize);
+                        wi += 1;
                     }
                     let at = ((split * max_tokens + tile.row_start + row) * n_mod + module) * r_pad + col;
                     *partial.add(at as usize) = sum;
@@ -125,7 +177,7 @@ kernel! {
                 idx += GEMM_THREADS;
             }
 
-            // Last-arriving split reduces all splits in a fixed order.
+            // The last-arriving split reduces all splits in a fixed order.
             threadfence();
             sync_threads();
             let counter = counters.add((module * max_tiles + tile_i) as usize);
@@ -134,32 +186,71 @@ kernel! {
                 *flag = (old + 1 == splits) as u32;
             }
             sync_threads();
-            if *flag == 0 {
-                return;
-            }
-            threadfence();
-            let rp = rank_pad(r);
-            let mut idx = tid;
-            while idx < TILE_M * rp {
-                let (row, col) = (idx / rp, idx % rp);
-                if row < tile.rows {
-                    let mut sum = 0f32;
-                    if col < r {
-                        let mut s = 0;
-                        while s < splits {
-                            let at = ((s * max_tokens + tile.row_start + row) * n_mod + module) * r_pad + col;
-                            sum += core::ptr::read_volatile(partial.add(at as usize));
-                            s += 1;
+            if *flag != 0 {
+                threadfence();
+                let mut idx = tid;
+                while idx < TILE_M * rp {
+                    let (row, col) = (idx / rp, idx % rp);
+                    if row < tile.rows {
+                        let mut sum = 0f32;
+                        if col < r {
+                            let mut s = 0;
+                            while s < splits {
+                                let at = ((s * max_tokens + tile.row_start + row) * n_mod + module) * r_pad + col;
+                                sum += core::ptr::read_volatile(partial.add(at as usize));
+                                s += 1;
+                            }
                         }
+                        let at = ((tile.row_start + row) * n_mod + module) * r_pad + col;
+                        *t_out.add(at as usize) = f32_to_bf16(sum);
                     }
-                    let at = ((tile.row_start + row) * n_mod + module) * r_pad + col;
-                    *t_out.add(at as usize) = f32_to_bf16(sum);
+                    idx += GEMM_THREADS;
                 }
-                idx += GEMM_THREADS;
+                if tid == 0 {
+                    core::ptr::write_volatile(counter, 0);
+                }
             }
-            if tid == 0 {
-                core::ptr::write_volatile(counter, 0);
-            }
+            // Shared memory (red, flag) is reused by this block's next work item.
+            sync_threads();
         }
     }
 }
+
+macro_rules! shrink_entry {
+    ($name:ident, $rt:literal, $max:literal) => {
+        kernel! {
+            #[doc = concat!("Persistent split-K grouped shrink for ranks up to ", $max, ". See the module docs.")]
+            pub unsafe fn $name(
+                x: *const u16,
+                ldx: u32,
+                perm: *const u32,
+                tiles: *const Tile,
+                num_tiles: *const u32,
+                descs: *const GemmDesc,
+                num_slots: u32,
+                n_mod: u32,
+                k: u32,
+                max_splits: u32,
+                partial: *mut f32,
+                counters: *mut u32,
+                t_out: *mut u16,
+                max_tokens: u32,
+                r_pad: u32,
+                max_tiles: u32,
+            ) {
+                // SAFETY: forwarded launch contract.
+                unsafe {
+                    shrink::<$rt>(
+                        x, ldx, perm, tiles, num_tiles, descs, num_slots, n_mod, k, max_splits, partial, counters,
+                        t_out, max_tokens, r_pad, max_tiles,
+                    )
+                }
+            }
+        }
+    };
+}
+
+shrink_entry!(lora_shrink_r16, 2, "16");
+shrink_entry!(lora_shrink_r32, 4, "32");
+shrink_entry!(lora_shrink_r64, 8, "64");
+shrink_entry!(lora_shrink_r128, 16, "128");
