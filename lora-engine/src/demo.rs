@@ -76,11 +76,7 @@ pub fn run(d: &dyn TestDevice) -> Result<DemoReport, GemmError> {
         num_tiles: upload(d, &[0u32])?,
         descs: upload(d, &vec![0u8; plan.descs * std::mem::size_of::<lora_kernels::abi::GemmDesc>()])?,
     };
-    let ws = Workspace {
-        partial: upload(d, &vec![0f32; plan.workspace.partial_f32])?,
-        counters: upload(d, &vec![0u32; plan.workspace.counters_u32])?,
-        t: upload(d, &vec![0u16; plan.workspace.t_bf16])?,
-    };
+    let ws = Workspace { partial: upload(d, &vec![0f32; plan.workspace.partial_f32])? };
     let prep = PrepArgs {
         max_reqs: cap.max_reqs,
         max_tokens: cap.max_tokens,

@@ -397,7 +397,7 @@ fn dry_run(configs: &[Config], args: &Args) -> Result<()> {
     let s = sizes(&plans);
     println!(
         "buffers: tokens {}, rank {}, adapters {}, step words {}, tiles {}, workspace {:.2} MB \
-         (partial {} f32, t {} bf16, counters {})",
+         (partial {} f32)",
         s.tokens,
         s.rank,
         s.distinct,
@@ -405,8 +405,6 @@ fn dry_run(configs: &[Config], args: &Args) -> Result<()> {
         s.tiles,
         mb(s.workspace.bytes() as u64),
         s.workspace.partial_f32,
-        s.workspace.t_bf16,
-        s.workspace.counters_u32
     );
     // The requests and packed step of each token count (its first rank, most adapters), spelled out.
     let mut shown: Vec<u32> = Vec::new();
@@ -538,11 +536,7 @@ fn upload_data(d: &dyn TestDevice, model: &ModelPlan, s: &Sizes, h: &HostData) -
             num_tiles: zeros(d, 4)?,
             descs: zeros(d, nm * ns * std::mem::size_of::<GemmDesc>())?,
         },
-        ws: Workspace {
-            partial: zeros(d, 4 * s.workspace.partial_f32)?,
-            counters: zeros(d, 4 * s.workspace.counters_u32)?,
-            t: zeros(d, 2 * s.workspace.t_bf16)?,
-        },
+        ws: Workspace { partial: zeros(d, 4 * s.workspace.partial_f32)? },
         idx: zeros(d, 4 * t)?,
     })
 }

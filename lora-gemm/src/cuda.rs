@@ -45,20 +45,12 @@ pub struct LoraModule {
 }
 
 impl LoraModule {
-    /// Load [`PTX`] into `ctx` and look up every kernel of [`Kernel::ALL`]; raises the dynamic shared
-    /// memory limit of the kernels that may need more than 48 KiB.
+    /// Load [`PTX`] into `ctx` and look up every kernel of [`Kernel::ALL`].
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Self, GemmError> {
         let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(PTX))?;
         let mut functions = HashMap::new();
         for k in Kernel::ALL {
-            let f = module.load_function(k.name())?;
-            if k.is_shrink() || k == Kernel::Prep {
-                f.set_attribute(
-                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    200 * 1024,
-                )?;
-            }
-            functions.insert(k, f);
+            functions.insert(k, module.load_function(k.name())?);
         }
         Ok(LoraModule { _module: module, functions })
     }
@@ -68,6 +60,9 @@ impl LoraModule {
         &self.functions[&k]
     }
 }
+
+/// Dynamic shared memory a kernel may use without opting in.
+const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
 
 /// Launches on one stream (capturable: it only enqueues kernels).
 pub struct CudaLauncher<'a> {
@@ -99,6 +94,13 @@ impl Launcher for CudaLauncher<'_> {
                 Arg::U32(_) => b.arg(v),
                 Arg::Ptr(_) => b.arg(p),
             };
+        }
+        if shared > DEFAULT_SHARED_LIMIT {
+            // Only launches that need it raise the limit: a large opt-in changes the L1/shared carve-out.
+            self.module.function(kernel).set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared as i32,
+            )?;
         }
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: shared };
         // SAFETY: the argument list is built by `crate::launch` in the kernel's parameter order, with the

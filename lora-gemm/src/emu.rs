@@ -45,8 +45,8 @@ impl Launcher for EmuLauncher {
             Kernel::SmokeMma => 6,
             Kernel::ProbeWarpOps => 3,
             Kernel::Prep => 14,
-            Kernel::ShrinkR16 | Kernel::ShrinkR32 | Kernel::ShrinkR64 | Kernel::ShrinkR128 => 16,
-            Kernel::Expand => 12,
+            Kernel::ShrinkR16 | Kernel::ShrinkR32 | Kernel::ShrinkR64 | Kernel::ShrinkR128 => 14,
+            Kernel::Expand => 16,
             Kernel::GatherRows | Kernel::ScatterAddRows => 6,
         };
         if a.len() != want {
@@ -88,8 +88,8 @@ impl Launcher for EmuLauncher {
                     (ptr::<u16>(a[0])?, u(a[1])?, ptr::<u32>(a[2])?, ptr::<Tile>(a[3])?, ptr::<u32>(a[4])?);
                 let (descs, num_slots, n_mod, k, max_splits) =
                     (ptr::<GemmDesc>(a[5])?, u(a[6])?, u(a[7])?, u(a[8])?, u(a[9])?);
-                let (partial, counters, t) = (ptr::<f32>(a[10])?, ptr::<u32>(a[11])?, ptr::<u16>(a[12])?);
-                let (max_tokens, r_pad, max_tiles) = (u(a[13])?, u(a[14])?, u(a[15])?);
+                let partial = ptr::<f32>(a[10])?;
+                let (max_tokens, r_pad, max_tiles) = (u(a[11])?, u(a[12])?, u(a[13])?);
                 let f = match kernel {
                     Kernel::ShrinkR16 => lora_shrink_r16,
                     Kernel::ShrinkR32 => lora_shrink_r32,
@@ -100,23 +100,39 @@ impl Launcher for EmuLauncher {
                 unsafe {
                     launch(&cfg, || {
                         f(
-                            x, ldx, perm, tiles, num_tiles, descs, num_slots, n_mod, k, max_splits, partial, counters,
-                            t, max_tokens, r_pad, max_tiles,
+                            x, ldx, perm, tiles, num_tiles, descs, num_slots, n_mod, k, max_splits, partial,
+                            max_tokens, r_pad, max_tiles,
                         )
                     })
                 }?
             }
             Kernel::Expand => {
-                let (t, r_pad, perm, tiles, num_tiles) =
-                    (ptr::<u16>(a[0])?, u(a[1])?, ptr::<u32>(a[2])?, ptr::<Tile>(a[3])?, ptr::<u32>(a[4])?);
-                let (descs, num_slots, n_mod, n_blocks, max_tiles) =
-                    (ptr::<GemmDesc>(a[5])?, u(a[6])?, u(a[7])?, u(a[8])?, u(a[9])?);
-                let (y, ldy) = (ptr::<u16>(a[10])?, u(a[11])?);
+                let (partial, r_pad, max_tokens, shrink_blocks, max_splits, k) =
+                    (ptr::<f32>(a[0])?, u(a[1])?, u(a[2])?, u(a[3])?, u(a[4])?, u(a[5])?);
+                let (perm, tiles, num_tiles, descs) =
+                    (ptr::<u32>(a[6])?, ptr::<Tile>(a[7])?, ptr::<u32>(a[8])?, ptr::<GemmDesc>(a[9])?);
+                let (num_slots, n_mod, n_blocks, max_tiles) = (u(a[10])?, u(a[11])?, u(a[12])?, u(a[13])?);
+                let (y, ldy) = (ptr::<u16>(a[14])?, u(a[15])?);
                 // SAFETY: see above.
                 unsafe {
                     launch(&cfg, || {
                         lora_expand(
-                            t, r_pad, perm, tiles, num_tiles, descs, num_slots, n_mod, n_blocks, max_tiles, y, ldy,
+                            partial,
+                            r_pad,
+                            max_tokens,
+                            shrink_blocks,
+                            max_splits,
+                            k,
+                            perm,
+                            tiles,
+                            num_tiles,
+                            descs,
+                            num_slots,
+                            n_mod,
+                            n_blocks,
+                            max_tiles,
+                            y,
+                            ldy,
                         )
                     })
                 }?

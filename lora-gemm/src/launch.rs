@@ -87,10 +87,6 @@ pub struct StepBuffers {
 pub struct Workspace {
     /// `[splits][max_tokens][n_mod][r_pad]` f32.
     pub partial: u64,
-    /// `[n_mod][max_tiles]` u32, zero at rest.
-    pub counters: u64,
-    /// `[max_tokens][n_mod][r_pad]` bf16.
-    pub t: u64,
 }
 
 /// Static prep inputs.
@@ -140,7 +136,8 @@ pub fn launch_prep(l: &dyn Launcher, p: &PrepArgs, s: &StepBuffers) -> Result<()
     l.launch(Kernel::Prep, (1, 1, 1), PREP_THREADS, shared, &args)
 }
 
-/// Launch the shrink and the expand of one module group of one layer.
+/// Launch the shrink and the expand of one module group of one layer, one after the other on one launcher
+/// (see [`launch_shrink`] and [`launch_expand`] to put the shrink on a parallel branch).
 /// `descs` is the address of `descs[layer][first module of the group][0]`; `x` is the group's input
 /// (`[tokens, ldx]` bf16) and `y` its fused output (`[tokens, ldy]` bf16), updated in place.
 #[allow(clippy::too_many_arguments)]
@@ -155,6 +152,22 @@ pub fn launch_group(
     y: u64,
     ldy: u32,
 ) -> Result<(), GemmError> {
+    launch_shrink(l, g, s, ws, descs, x, ldx)?;
+    launch_expand(l, g, s, ws, descs, y, ldy)
+}
+
+/// The shrink of one module group of one layer: reads `x`, writes the split partials of `ws`. It only needs
+/// the prep of this step and `x`, so it may run beside the group's base GEMM.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_shrink(
+    l: &dyn Launcher,
+    g: &Geometry,
+    s: &StepBuffers,
+    ws: &Workspace,
+    descs: u64,
+    x: u64,
+    ldx: u32,
+) -> Result<(), GemmError> {
     let shrink = [
         Arg::Ptr(x),
         Arg::U32(ldx),
@@ -167,8 +180,6 @@ pub fn launch_group(
         Arg::U32(g.k),
         Arg::U32(g.max_splits),
         Arg::Ptr(ws.partial),
-        Arg::Ptr(ws.counters),
-        Arg::Ptr(ws.t),
         Arg::U32(g.max_tokens),
         Arg::U32(g.r_pad),
         Arg::U32(g.max_tiles),
@@ -176,10 +187,27 @@ pub fn launch_group(
     if !g.shrink.is_shrink() {
         return Err(GemmError::Invalid(format!("{:?} is not a shrink kernel", g.shrink)));
     }
-    l.launch(g.shrink, (g.shrink_blocks, 1, 1), GEMM_THREADS, g.shrink_shared, &shrink)?;
+    l.launch(g.shrink, (g.shrink_blocks, 1, 1), GEMM_THREADS, g.shrink_shared, &shrink)
+}
+
+/// The expand of one module group of one layer: sums the shrink's partials and adds `scale · t · Bᵀ` into `y`
+/// at the original token rows. Runs after the shrink and after whatever wrote `y` (the base GEMM).
+pub fn launch_expand(
+    l: &dyn Launcher,
+    g: &Geometry,
+    s: &StepBuffers,
+    ws: &Workspace,
+    descs: u64,
+    y: u64,
+    ldy: u32,
+) -> Result<(), GemmError> {
     let expand = [
-        Arg::Ptr(ws.t),
+        Arg::Ptr(ws.partial),
         Arg::U32(g.r_pad),
+        Arg::U32(g.max_tokens),
+        Arg::U32(g.shrink_blocks),
+        Arg::U32(g.max_splits),
+        Arg::U32(g.k),
         Arg::Ptr(s.perm),
         Arg::Ptr(s.tiles),
         Arg::Ptr(s.num_tiles),

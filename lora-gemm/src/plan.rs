@@ -123,27 +123,19 @@ pub struct LaunchShape {
 /// [`WorkspaceSize::max`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkspaceSize {
-    /// Split-K partials, f32: `splits × max_tokens × n_mod × r_pad`.
+    /// Split-K partials, f32: `splits × max_tokens × n_mod × r_pad` (the shrink's output, the expand's input).
     pub partial_f32: usize,
-    /// The shrink's output `t`, bf16: `max_tokens × n_mod × r_pad`.
-    pub t_bf16: usize,
-    /// Split arrival counters, u32 (zero at rest): `n_mod × max_tiles`.
-    pub counters_u32: usize,
 }
 
 impl WorkspaceSize {
     /// Element-wise maximum: one allocation that serves both.
     pub fn max(self, o: WorkspaceSize) -> WorkspaceSize {
-        WorkspaceSize {
-            partial_f32: self.partial_f32.max(o.partial_f32),
-            t_bf16: self.t_bf16.max(o.t_bf16),
-            counters_u32: self.counters_u32.max(o.counters_u32),
-        }
+        WorkspaceSize { partial_f32: self.partial_f32.max(o.partial_f32) }
     }
 
     /// Total bytes.
     pub fn bytes(&self) -> usize {
-        4 * self.partial_f32 + 2 * self.t_bf16 + 4 * self.counters_u32
+        4 * self.partial_f32
     }
 }
 
@@ -382,11 +374,7 @@ pub fn plan_group_with_k_chunk(
             shared_bytes: shrink_shared_bytes(cap.max_rank),
         },
         expand: LaunchShape { grid: (sm_count * EXPAND_BLOCKS_PER_SM, 1, 1), block: GEMM_THREADS, shared_bytes: 0 },
-        workspace: WorkspaceSize {
-            partial_f32: partial as usize,
-            t_bf16: rows as usize,
-            counters_u32: n_mod as usize * mt as usize,
-        },
+        workspace: WorkspaceSize { partial_f32: partial as usize },
     })
 }
 
@@ -528,8 +516,6 @@ mod tests {
         let cols: Vec<(u32, u32)> = p.shapes.iter().map(|s| (s.y_col, s.n)).collect();
         assert_eq!(cols, vec![(0, 4096), (4096, 1024), (5120, 1024)]);
         assert_eq!(p.workspace.partial_f32, p.splits as usize * 64 * 3 * 64);
-        assert_eq!(p.workspace.t_bf16, 64 * 3 * 64);
-        assert_eq!(p.workspace.counters_u32, 3 * mt as usize);
         // Odd max rank pads to 16.
         let c = Capacity { max_rank: 3, ..cap(64) };
         assert_eq!(plan_group(&c, g, 132).unwrap().r_pad, 16);

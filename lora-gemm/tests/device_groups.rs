@@ -258,11 +258,7 @@ impl<'d> Rig<'d> {
             descs: upload(d, &vec![GemmDesc::default(); plan.descs]).unwrap(),
         };
         let w = plan.workspace;
-        let ws = Workspace {
-            partial: upload(d, &vec![0f32; w.partial_f32]).unwrap(),
-            counters: upload(d, &vec![0u32; w.counters_u32]).unwrap(),
-            t: upload(d, &vec![0u16; w.t_bf16]).unwrap(),
-        };
+        let ws = Workspace { partial: upload(d, &vec![0f32; w.partial_f32]).unwrap() };
         let args = PrepArgs {
             max_reqs: cap.max_reqs,
             max_tokens: cap.max_tokens,
@@ -318,7 +314,6 @@ impl<'d> Rig<'d> {
     fn poison_workspace(&self) {
         let w = self.plan.workspace;
         poison(self.d, self.ws.partial, 4 * w.partial_f32, 0xFF);
-        poison(self.d, self.ws.t, 2 * w.t_bf16, 0xFF);
     }
 
     fn descs_at(&self, layer: u32, group: usize) -> u64 {
@@ -449,8 +444,6 @@ impl<'d> Rig<'d> {
         let ldy = io.ldy;
         let tokens = self.tok_slot.len();
         let y: Vec<u16> = download(d, io.y_dev, io.rows * ldy).unwrap();
-        let counters: Vec<u32> = download(d, self.ws.counters, self.plan.workspace.counters_u32).unwrap();
-        assert!(counters.iter().all(|&c| c == 0), "{name}: split counters not reset: {counters:?}");
 
         let mut y_ref: Vec<f64> = io.y0[..tokens * ldy].iter().map(|&b| bf16_to_f32(b) as f64).collect();
         // Per element: the module it belongs to, when its token's slot carries that module.

@@ -42,9 +42,7 @@ fn check(m: &ModelPlan, groups: &[ModuleGroup]) {
         }
         assert_eq!(p.ldy, col);
         let rows = p.max_tokens as usize * p.n_mod as usize * p.r_pad as usize;
-        assert_eq!(p.workspace.t_bf16, rows);
         assert_eq!(p.workspace.partial_f32, p.splits as usize * rows);
-        assert_eq!(p.workspace.counters_u32, p.n_mod as usize * p.max_tiles as usize);
     }
 }
 
@@ -52,7 +50,7 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
     let mut s = String::new();
     writeln!(
         s,
-        "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:>8} {:>6}",
+        "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:<10}",
         "tokens",
         "group",
         "k",
@@ -65,8 +63,7 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
         "smem",
         "r_pad",
         "partial",
-        "t",
-        "ctrs"
+        "shrink"
     )
     .unwrap();
     for t in BUCKETS {
@@ -76,7 +73,7 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
             let ns: Vec<String> = p.shapes.iter().map(|s| s.n.to_string()).collect();
             writeln!(
                 s,
-                "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:>8} {:>6}",
+                "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:<10}",
                 t,
                 p.name,
                 p.k,
@@ -89,8 +86,7 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
                 p.shrink.shared_bytes,
                 p.r_pad,
                 p.workspace.partial_f32,
-                p.workspace.t_bf16,
-                p.workspace.counters_u32
+                p.shrink_kernel.name(),
             )
             .unwrap();
         }

@@ -15,7 +15,9 @@ use std::hash::Hash;
 use std::time::Instant;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtr};
 use lora_gemm::blas::Blas;
 use lora_gemm::device::Rng;
 
@@ -43,6 +45,9 @@ pub struct SyntheticModel<A: Copy + Eq + Hash + Debug> {
     x: Vec<u64>,
     y: Vec<u64>,
     graphs: BTreeMap<(u32, bool), CudaGraph>,
+    side: Arc<CudaStream>,
+    fork: CudaEvent,
+    join: CudaEvent,
     _buffers: Vec<CudaSlice<u16>>,
 }
 
@@ -78,7 +83,21 @@ impl<A: Copy + Eq + Hash + Debug> SyntheticModel<A> {
             }
         }
         stream.synchronize()?;
-        Ok(SyntheticModel { rt, blas, dims, weights, x, y, graphs: BTreeMap::new(), _buffers: buffers })
+        let ctx = rt.context().clone();
+        let (side, fork, join) = (ctx.new_stream()?, ctx.new_event(None)?, ctx.new_event(None)?);
+        Ok(SyntheticModel {
+            rt,
+            blas,
+            dims,
+            weights,
+            x,
+            y,
+            graphs: BTreeMap::new(),
+            side,
+            fork,
+            join,
+            _buffers: buffers,
+        })
     }
 
     /// Input of (layer, group): `[capacity, k]` bf16 at this address.
@@ -97,14 +116,26 @@ impl<A: Copy + Eq + Hash + Debug> SyntheticModel<A> {
     }
 
     /// Enqueue one step's launches for `bucket` on the runtime's stream (eagerly, or while capturing).
+    ///
+    /// Per (layer, group) the LoRA shrink runs on a side stream, beside the base GEMM that reads the same
+    /// input (a parallel branch in the captured graph); the expand waits for both and adds into the GEMM's
+    /// output. The next group starts after the expand, as a real model's next op would (it reads this
+    /// output), so the overlap shown is the one a real decode step can have.
     pub fn launch_step(&self, bucket: u32, with_lora: bool) -> Result<(), GraphError> {
-        let l = self.rt.launcher();
+        let main = &self.rt.stream;
+        let (l, side) = (self.rt.launcher(), self.rt.launcher_on(&self.side));
         if with_lora {
             self.rt.launch_prep(&l)?;
         }
         for layer in 0..self.rt.config().num_layers {
             for (g, &(k, n)) in self.dims.iter().enumerate() {
                 let (x, y) = (self.x(layer, g), self.y(layer, g));
+                if with_lora {
+                    self.fork.record(main)?;
+                    self.side.wait(&self.fork)?;
+                    self.rt.launch_shrink(&side, bucket, layer, g, x, k)?;
+                    self.join.record(&self.side)?;
+                }
                 // SAFETY: x, y and the weights are live allocations of [capacity, k], [capacity, n], [n, k];
                 // bucket <= capacity.
                 unsafe {
@@ -122,7 +153,8 @@ impl<A: Copy + Eq + Hash + Debug> SyntheticModel<A> {
                     )
                 }?;
                 if with_lora {
-                    self.rt.launch_group(&l, bucket, layer, g, x, k, y, n)?;
+                    main.wait(&self.join)?;
+                    self.rt.launch_expand(&l, bucket, layer, g, y, n)?;
                 }
             }
         }

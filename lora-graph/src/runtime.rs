@@ -20,7 +20,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 use lora_gemm::cuda::{sm_count, CudaLauncher, LoraModule};
-use lora_gemm::launch::{launch_group, launch_prep, Geometry, Launcher, PrepArgs, StepBuffers, Workspace};
+use lora_gemm::launch::{
+    launch_expand, launch_prep, launch_shrink, Geometry, Launcher, PrepArgs, StepBuffers, Workspace,
+};
 use lora_gemm::plan::{plan_model, Capacity, ModelPlan, ModuleGroup};
 use lora_gemm::step::StepPacker;
 use lora_kernels::abi::{GemmDesc, SlotWeights, StepLayout, Tile};
@@ -165,11 +167,7 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
             num_tiles: alloc(4)?,
             descs: alloc(descs * std::mem::size_of::<GemmDesc>())?,
         };
-        let ws = Workspace {
-            partial: alloc(4 * ws_size.partial_f32)?,
-            counters: alloc(4 * ws_size.counters_u32)?,
-            t: alloc(2 * ws_size.t_bf16)?,
-        };
+        let ws = Workspace { partial: alloc(4 * ws_size.partial_f32)? };
         let device_bytes = buffers.iter().map(|b| b.len()).sum();
         // SAFETY: `shapes` was just allocated with room for every module shape; the copy is ordered on
         // `stream` before any launch that reads it.
@@ -399,6 +397,23 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
         Ok(())
     }
 
+    /// A launcher on another stream of this context (for a parallel graph branch).
+    pub fn launcher_on<'a>(&'a self, stream: &'a Arc<CudaStream>) -> CudaLauncher<'a> {
+        CudaLauncher { module: &self.module, stream }
+    }
+
+    fn group_args(&self, bucket: u32, layer: u32, group: usize) -> Result<(&Geometry, u64), GraphError> {
+        let geoms = self.geometry.get(&bucket).ok_or_else(|| GraphError::BadStep(format!("no bucket {bucket}")))?;
+        let g = geoms.get(group).ok_or_else(|| GraphError::BadStep(format!("no group {group}")))?;
+        if layer >= self.cfg.num_layers {
+            return Err(GraphError::BadStep(format!("no layer {layer}")));
+        }
+        let n_modules = self.plan.shapes.len() as u64;
+        let first =
+            (layer as u64 * n_modules + self.plan.group_module_base[group] as u64) * self.cfg.capacity.num_slots as u64;
+        Ok((g, self.step_bufs.descs + first * std::mem::size_of::<GemmDesc>() as u64))
+    }
+
     /// Launch the LoRA (shrink + expand) of group `group` of layer `layer` for bucket `bucket`: reads `x`
     /// (`[tokens, ldx]` bf16), adds into `y` (`[tokens, ldy]` bf16).
     #[allow(clippy::too_many_arguments)]
@@ -413,16 +428,37 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
         y: u64,
         ldy: u32,
     ) -> Result<(), GraphError> {
-        let geoms = self.geometry.get(&bucket).ok_or_else(|| GraphError::BadStep(format!("no bucket {bucket}")))?;
-        let g = geoms.get(group).ok_or_else(|| GraphError::BadStep(format!("no group {group}")))?;
-        if layer >= self.cfg.num_layers {
-            return Err(GraphError::BadStep(format!("no layer {layer}")));
-        }
-        let n_modules = self.plan.shapes.len() as u64;
-        let first =
-            (layer as u64 * n_modules + self.plan.group_module_base[group] as u64) * self.cfg.capacity.num_slots as u64;
-        let descs = self.step_bufs.descs + first * std::mem::size_of::<GemmDesc>() as u64;
-        launch_group(l, g, &self.step_bufs, &self.ws, descs, x, ldx, y, ldy)?;
+        self.launch_shrink(l, bucket, layer, group, x, ldx)?;
+        self.launch_expand(l, bucket, layer, group, y, ldy)
+    }
+
+    /// The shrink of a group (needs only the prep and `x`: it may run beside the base GEMM).
+    pub fn launch_shrink(
+        &self,
+        l: &dyn Launcher,
+        bucket: u32,
+        layer: u32,
+        group: usize,
+        x: u64,
+        ldx: u32,
+    ) -> Result<(), GraphError> {
+        let (g, descs) = self.group_args(bucket, layer, group)?;
+        launch_shrink(l, g, &self.step_bufs, &self.ws, descs, x, ldx)?;
+        Ok(())
+    }
+
+    /// The expand of a group (after its shrink and after the base GEMM that wrote `y`).
+    pub fn launch_expand(
+        &self,
+        l: &dyn Launcher,
+        bucket: u32,
+        layer: u32,
+        group: usize,
+        y: u64,
+        ldy: u32,
+    ) -> Result<(), GraphError> {
+        let (g, descs) = self.group_args(bucket, layer, group)?;
+        launch_expand(l, g, &self.step_bufs, &self.ws, descs, y, ldy)?;
         Ok(())
     }
 }

@@ -180,6 +180,27 @@ pub const fn shrink_shared_bytes(max_rank: u32) -> u32 {
     GEMM_WARPS * TILE_M * rank_pad(max_rank) * 4 + 16
 }
 
+/// The split-K factor and chunk of the shrink for a step: `blocks` is the shrink's grid, `items` the step's
+/// `tiles × n_mod`. About one work item per block, at most `max_splits`, every chunk a multiple of
+/// [`SHRINK_K_STEP`] and no empty split. The expand recomputes it to know how many partials to sum.
+pub const fn shrink_splits(blocks: u32, items: u32, max_splits: u32, k: u32) -> (u32, u32) {
+    let items = if items == 0 { 1 } else { items };
+    let max = if max_splits == 0 { 1 } else { max_splits };
+    let want = blocks.div_ceil(items);
+    let splits = if want < 1 {
+        1
+    } else if want > max {
+        max
+    } else {
+        want
+    };
+    let k_chunk = k.div_ceil(splits).div_ceil(SHRINK_K_STEP) * SHRINK_K_STEP;
+    if k_chunk == 0 {
+        return (1, SHRINK_K_STEP);
+    }
+    (k.div_ceil(k_chunk), k_chunk)
+}
+
 /// Round `r` up to the rank padding of the `t` buffer (a multiple of 16: one expand `k` step).
 pub const fn rank_pad(r: u32) -> u32 {
     r.div_ceil(16) * 16

@@ -1,6 +1,7 @@
 //! The expand: `y[perm rows, y_col ..] += scale_s · t_s · B_sᵀ` for every tile and module of a module group.
-//! The un-reorder is fused into the epilogue (rows are written at their original token index), and so is the
-//! scale; the split-K reduction of the shrink already happened in the shrink's last block.
+//! The un-reorder is fused into the epilogue (rows are written at their original token index), and so are
+//! the scale and the split-K reduction of the shrink: the A operand is the sum of the shrink's f32 partials,
+//! taken in split order 0, 1, 2, … (deterministic) and rounded to bf16 while it is loaded.
 //!
 //! **Work decomposition (persistent grid).** A fixed grid of `G` blocks of [`GEMM_THREADS`] threads walks the
 //! step's `n_mod · nt · n_blocks` work items `(module, tile, column block)` — column block fastest, so
@@ -10,25 +11,31 @@
 //! four `n8` tiles and skips the item if they start past the module's width (there is no block barrier in
 //! this kernel, so warps may diverge freely). Each warp walks the rank in steps of 16: lane
 //! (g = lane/4, t = lane%4) loads 8 bytes of t rows g and g+8 at `k + 4t` and, per `n8` tile, 8 bytes of B_s
-//! row `n + g` at `k + 4t` (masked past the rank: B_s rows are exactly `rank` long), with the same permuted
+//! row `n + g` at `k + 4t` (masked past the rank: B_s rows are exactly `rank` long); the 4 values of the A operand are
+//! 16-byte loads of each split's partial, summed, with the same permuted
 //! k-to-fragment assignment as the shrink. The epilogue reads y, adds `scale · acc` in f32 and writes bf16
 //! back, as a 4-byte pair when aligned and in range, else per element.
 //! Each (token, column) belongs to exactly one block, so there are no write races; tokens without an
 //! adapter are never touched.
 //!
 //! Safety contract: as the shrink's (`num_tiles <= max_tiles`, `descs` holds `n_mod × num_slots` problems,
-//! `n_blocks >= ceil(max n / EXPAND_BN)`), plus `t_in` is the shrink's `t_out` of this group (written by a launch
-//! that completed before this one), `y` rows of `ldy` elements hold columns `y_col .. y_col + n` of every
+//! `n_blocks >= ceil(max n / EXPAND_BN)`), plus `partial` is the shrink's output for this group (written by a launch
+//! that completed before this one, with the same `shrink_blocks`, `max_splits`, `k`, `max_tokens`, `r_pad`),
+//! `y` rows of `ldy` elements hold columns `y_col .. y_col + n` of every
 //! module, B pointers valid for `[n, rank]`.
 
-use crate::abi::{GemmDesc, Tile, EXPAND_BN, MAX_RANK};
+use crate::abi::{shrink_splits, GemmDesc, Tile, EXPAND_BN, MAX_RANK};
 use crate::dsl::*;
 
 kernel! {
 /// Grouped expand with fused scale and un-reorder. See the module docs.
 pub unsafe fn lora_expand(
-    t_in: *const u16,
+    partial: *const f32,
     r_pad: u32,
+    max_tokens: u32,
+    shrink_blocks: u32,
+    max_splits: u32,
+    k: u32,
     perm: *const u32,
     tiles: *const Tile,
     num_tiles: *const u32,
@@ -44,6 +51,7 @@ pub unsafe fn lora_expand(
     unsafe {
         let nt = (*num_tiles).min(max_tiles);
         let total = n_mod * nt * n_blocks;
+        let (splits, _) = shrink_splits(shrink_blocks, nt * n_mod, max_splits, k);
         let (lane, warp) = (lane_id(), warp_id());
         let mut w = block_idx_x();
         while w < total {
@@ -62,13 +70,15 @@ pub unsafe fn lora_expand(
                 continue;
             }
             let (g, t) = (lane / 4, lane % 4);
-            let t_row = |row: u32| t_in.add((((tile.row_start + row) * n_mod + module) * r_pad) as usize);
+            // Row `row` of split `s` of this tile's partials (the shrink's output, not yet reduced).
+            let split_stride = (max_tokens * n_mod * r_pad) as usize;
+            let p_row = |row: u32| partial.add((((tile.row_start + row) * n_mod + module) * r_pad) as usize);
             let b_base = d.b as *const u16;
             let mut acc = [[0f32; 4]; 4];
             let mut kk = 0;
             while kk < r {
-                let ta = if g < tile.rows { ld_v2(t_row(g).add((kk + 4 * t) as usize) as *const u32) } else { [0; 2] };
-                let tb = if g + 8 < tile.rows { ld_v2(t_row(g + 8).add((kk + 4 * t) as usize) as *const u32) } else { [0; 2] };
+                let ta = if g < tile.rows { sum_splits(p_row(g).add((kk + 4 * t) as usize), splits, split_stride) } else { [0; 2] };
+                let tb = if g + 8 < tile.rows { sum_splits(p_row(g + 8).add((kk + 4 * t) as usize), splits, split_stride) } else { [0; 2] };
                 let frag = [ta[0], tb[0], ta[1], tb[1]];
                 crate::unroll!(j in [0, 1, 2, 3] {
                     let n = n0 + j as u32 * 8 + g;
@@ -95,6 +105,28 @@ pub unsafe fn lora_expand(
             });
             }
         }
+    }
+}
+
+/// Sum 4 consecutive f32 of `splits` partials `stride` apart, in split order 0, 1, 2, …, and round to two
+/// bf16 pairs (the A fragment registers of 4 consecutive `k`).
+///
+/// # Safety
+/// `p + s·stride .. + 4` must be readable and 16-byte aligned for every `s < splits`.
+#[inline(always)]
+unsafe fn sum_splits(p: *const f32, splits: u32, stride: usize) -> [u32; 2] {
+    // SAFETY: the caller guarantees every split's 4 floats are readable and aligned.
+    unsafe {
+        let mut acc = [0f32; 4];
+        let mut s = 0;
+        while s < splits {
+            let v = ld_v4(p.add(s as usize * stride) as *const u32);
+            crate::unroll!(i in [0, 1, 2, 3] {
+                acc[i] += f32::from_bits(v[i]);
+            });
+            s += 1;
+        }
+        [pack_bf16x2(f32_to_bf16(acc[0]), f32_to_bf16(acc[1])), pack_bf16x2(f32_to_bf16(acc[2]), f32_to_bf16(acc[3]))]
     }
 }
 

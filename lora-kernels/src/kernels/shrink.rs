@@ -26,20 +26,18 @@
 //! padded in compute beyond the next multiple of 8.
 //!
 //! **Epilogue.** The four warps' 16 × rank accumulators are summed in shared memory and written as this
-//! split's f32 partial `partial[split][row][module][..rank]`. The block then fences, bumps
-//! `counters[module][i]`, and the block that arrives last sums the partials of splits 0, 1, 2, … in that
-//! fixed order (so the result does not depend on arrival order — no float atomics), rounds to bf16 into
-//! `t[row][module][..rank_pad(rank)]` (zeros past `rank`) and resets the counter to 0 for the next launch.
-//! With one split the partial is skipped and `t` written directly.
+//! split's f32 partial `partial[split][row][module][..rank_pad(rank)]` (zeros past the rank). There is no
+//! reduction here: the expand sums the splits 0, 1, 2, … of its rows in that fixed order while loading its
+//! A operand (so the result does not depend on which block ran first — no float atomics, no counters, no
+//! second pass), with the split count recomputed from the same formula ([`shrink_splits`]).
 //!
 //! Safety contract: `x` rows of `ldx` elements hold every token in `perm`; `descs` holds `n_mod × num_slots`
 //! problems (this layer's modules of the group, module-major), all with input width `k`, ranks ≤ the
-//! variant's `8·RT`, valid A pointers; `partial` holds `max_splits × max_tokens × n_mod × r_pad` f32,
-//! `t_out` `max_tokens × n_mod × r_pad` bf16, `counters` `n_mod × max_tiles` words that are 0 before the
-//! launch (they are 0 again after it); `r_pad >= rank_pad(max rank)`; `num_tiles <= max_tiles`; dynamic
-//! shared memory `shrink_shared_bytes(max rank)`.
+//! variant's `8·RT`, valid A pointers; `partial` holds `max_splits × max_tokens × n_mod × r_pad` f32;
+//! `r_pad >= rank_pad(max rank)`; `num_tiles <= max_tiles`; dynamic shared memory
+//! `shrink_shared_bytes(max rank)`.
 
-use crate::abi::{rank_pad, GemmDesc, Tile, GEMM_THREADS, GEMM_WARPS, SHRINK_K_STEP, TILE_M};
+use crate::abi::{rank_pad, shrink_splits, GemmDesc, Tile, GEMM_THREADS, GEMM_WARPS, SHRINK_K_STEP, TILE_M};
 use crate::dsl::*;
 
 /// The body of every rank class: `RT` rank tiles of 8 (see the module docs).
@@ -60,8 +58,6 @@ unsafe fn shrink<const RT: usize>(
     k: u32,
     max_splits: u32,
     partial: *mut f32,
-    counters: *mut u32,
-    t_out: *mut u16,
     max_tokens: u32,
     r_pad: u32,
     max_tiles: u32,
@@ -74,9 +70,7 @@ unsafe fn shrink<const RT: usize>(
             return;
         }
         let blocks = grid_dim_x();
-        let splits = blocks.div_ceil(items).clamp(1, max_splits.max(1));
-        let k_chunk = k.div_ceil(splits).div_ceil(SHRINK_K_STEP) * SHRINK_K_STEP;
-        let splits = k.div_ceil(k_chunk);
+        let (splits, k_chunk) = shrink_splits(blocks, items, max_splits, k);
         let (tid, lane, warp) = (thread_idx_x(), lane_id(), warp_id());
         let (g, t) = (lane / 4, lane % 4);
         let red: *mut f32 = dyn_smem::<f32>();
@@ -137,80 +131,26 @@ unsafe fn shrink<const RT: usize>(
                 }
             });
             sync_threads();
+            // This split's partial, zero past the rank up to rank_pad(r) so the expand loads it unmasked.
             let rp = rank_pad(r);
-            if splits == 1 {
-                // No other split: write t directly (zeros past the rank).
-                let mut idx = tid;
-                while idx < TILE_M * rp {
-                    let (row, col) = (idx / rp, idx % rp);
-                    if row < tile.rows {
-                        let mut sum = 0f32;
-                        if col < r {
-                            let mut wi = 0;
-                            while wi < GEMM_WARPS {
-                                sum += *red.add(((wi * TILE_M + row) * r + col) as usize);
-                                wi += 1;
-                            }
-                        }
-                        let at = ((tile.row_start + row) * n_mod + module) * r_pad + col;
-                        *t_out.add(at as usize) = f32_to_bf16(sum);
-                    }
-                    idx += GEMM_THREADS;
-                }
-                sync_threads();
-                continue;
-            }
-            let flag = red.add((GEMM_WARPS * TILE_M * r) as usize) as *mut u32;
             let mut idx = tid;
-            while idx < TILE_M * r {
-                let (row, col) = (idx / r, idx % r);
+            while idx < TILE_M * rp {
+                let (row, col) = (idx / rp, idx % rp);
                 if row < tile.rows {
                     let mut sum = 0f32;
-                    let mut wi = 0;
-                    while wi < GEMM_WARPS {
-                        sum += *red.add(((wi * TILE_M + row) * r + col) as usize);
-                        wi += 1;
+                    if col < r {
+                        let mut wi = 0;
+                        while wi < GEMM_WARPS {
+                            sum += *red.add(((wi * TILE_M + row) * r + col) as usize);
+                            wi += 1;
+                        }
                     }
                     let at = ((split * max_tokens + tile.row_start + row) * n_mod + module) * r_pad + col;
                     *partial.add(at as usize) = sum;
                 }
                 idx += GEMM_THREADS;
             }
-
-            // The last-arriving split reduces all splits in a fixed order.
-            threadfence();
-            sync_threads();
-            let counter = counters.add((module * max_tiles + tile_i) as usize);
-            if tid == 0 {
-                let old = atomic_add_u32(counter, 1);
-                *flag = (old + 1 == splits) as u32;
-            }
-            sync_threads();
-            if *flag != 0 {
-                threadfence();
-                let mut idx = tid;
-                while idx < TILE_M * rp {
-                    let (row, col) = (idx / rp, idx % rp);
-                    if row < tile.rows {
-                        let mut sum = 0f32;
-                        if col < r {
-                            let mut s = 0;
-                            while s < splits {
-                                let at = ((s * max_tokens + tile.row_start + row) * n_mod + module) * r_pad + col;
-                                sum += core::ptr::read_volatile(partial.add(at as usize));
-                                s += 1;
-                            }
-                        }
-                        let at = ((tile.row_start + row) * n_mod + module) * r_pad + col;
-                        *t_out.add(at as usize) = f32_to_bf16(sum);
-                    }
-                    idx += GEMM_THREADS;
-                }
-                if tid == 0 {
-                    core::ptr::write_volatile(counter, 0);
-                }
-            }
-            // Shared memory (red, flag) is reused by this block's next work item.
+            // Shared memory is reused by this block's next work item.
             sync_threads();
         }
     }
@@ -232,8 +172,6 @@ macro_rules! shrink_entry {
                 k: u32,
                 max_splits: u32,
                 partial: *mut f32,
-                counters: *mut u32,
-                t_out: *mut u16,
                 max_tokens: u32,
                 r_pad: u32,
                 max_tiles: u32,
@@ -241,8 +179,8 @@ macro_rules! shrink_entry {
                 // SAFETY: forwarded launch contract.
                 unsafe {
                     shrink::<$rt>(
-                        x, ldx, perm, tiles, num_tiles, descs, num_slots, n_mod, k, max_splits, partial, counters,
-                        t_out, max_tokens, r_pad, max_tiles,
+                        x, ldx, perm, tiles, num_tiles, descs, num_slots, n_mod, k, max_splits, partial, max_tokens,
+                        r_pad, max_tiles,
                     )
                 }
             }
