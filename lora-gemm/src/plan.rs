@@ -286,7 +286,7 @@ pub const MAX_SPLITS: u32 = 32;
 /// Shrink blocks per SM of the persistent grid.
 pub const SHRINK_BLOCKS_PER_SM: u32 = 4;
 /// Expand blocks per SM of the persistent grid.
-pub const EXPAND_BLOCKS_PER_SM: u32 = 8;
+pub const EXPAND_BLOCKS_PER_SM: u32 = 4;
 
 /// The split-K chunk the planner picks at most (see the module docs).
 fn pick_k_chunk(k: u32) -> u32 {
@@ -506,7 +506,7 @@ mod tests {
         assert_eq!(mt, 4 + 64);
         assert_eq!(p.max_tiles, mt);
         assert_eq!(p.shrink.grid, (4 * 132, 1, 1));
-        assert_eq!(p.expand.grid, (8 * 132, 1, 1));
+        assert_eq!(p.expand.grid, (4 * 132, 1, 1));
         assert_eq!(p.expand_blocks, 32);
         assert_eq!(p.shrink_kernel, Kernel::ShrinkR64);
         assert_eq!((p.shrink.block, p.expand.block), (128, 128));

@@ -28,7 +28,7 @@ fn check(m: &ModelPlan, groups: &[ModuleGroup]) {
         assert_eq!(p.max_tiles, max_tiles(p.max_tokens, p.num_slots));
         // Persistent grids of a few blocks per SM (132 SMs here), whatever the capacity.
         assert_eq!(p.shrink.grid, (4 * 132, 1, 1));
-        assert_eq!(p.expand.grid, (8 * 132, 1, 1));
+        assert_eq!(p.expand.grid, (4 * 132, 1, 1));
         assert_eq!(p.expand_blocks, p.max_n.div_ceil(EXPAND_BN));
         assert!(p.splits <= lora_gemm::plan::MAX_SPLITS);
         assert_eq!(Some(p.shrink_kernel), lora_kernels::Kernel::shrink_for_rank(p.max_rank));

@@ -75,15 +75,22 @@ pub unsafe fn lora_expand(
             let p_row = |row: u32| partial.add((((tile.row_start + row) * n_mod + module) * r_pad) as usize);
             let b_base = d.b as *const u16;
             let mut acc = [[0f32; 4]; 4];
+            let (lo_ok, hi_ok) = (g < tile.rows, g + 8 < tile.rows);
             let mut kk = 0;
             while kk < r {
-                let ta = if g < tile.rows { sum_splits(p_row(g).add((kk + 4 * t) as usize), splits, split_stride) } else { [0; 2] };
-                let tb = if g + 8 < tile.rows { sum_splits(p_row(g + 8).add((kk + 4 * t) as usize), splits, split_stride) } else { [0; 2] };
-                let frag = [ta[0], tb[0], ta[1], tb[1]];
+                // B first: its loads do not depend on the partials, so both are in flight together.
+                let mut bv = [[0u32; 2]; 4];
                 crate::unroll!(j in [0, 1, 2, 3] {
                     let n = n0 + j as u32 * 8 + g;
-                    let bv = if n < d.n { load4_bf16_masked(b_base.add((n * d.ldb) as usize), kk + 4 * t, r) } else { [0; 2] };
-                    acc[j] = mma_bf16_m16n8k16(frag, bv, acc[j]);
+                    if n < d.n {
+                        bv[j] = load4_bf16_masked(b_base.add((n * d.ldb) as usize), kk + 4 * t, r);
+                    }
+                });
+                let at = (kk + 4 * t) as usize;
+                let (ta, tb) = sum_splits(p_row(g).add(at), p_row(g + 8).add(at), lo_ok, hi_ok, splits, split_stride);
+                let frag = [ta[0], tb[0], ta[1], tb[1]];
+                crate::unroll!(j in [0, 1, 2, 3] {
+                    acc[j] = mma_bf16_m16n8k16(frag, bv[j], acc[j]);
                 });
                 kk += 16;
             }
@@ -108,25 +115,46 @@ pub unsafe fn lora_expand(
     }
 }
 
-/// Sum 4 consecutive f32 of `splits` partials `stride` apart, in split order 0, 1, 2, …, and round to two
-/// bf16 pairs (the A fragment registers of 4 consecutive `k`).
+/// For rows `lo` and `hi` (each used only when its flag is set): sum 4 consecutive f32 of `splits` partials
+/// `stride` apart, in split order 0, 1, 2, … (deterministic), and round to two bf16 pairs — the A fragment
+/// registers of 4 consecutive `k`. Loads go out four splits at a time for both rows, so a long split
+/// count costs a few memory latencies, not one per split.
 ///
 /// # Safety
-/// `p + s·stride .. + 4` must be readable and 16-byte aligned for every `s < splits`.
+/// For every `s < splits`, `p + s·stride .. + 4` must be readable and 16-byte aligned for each used row.
 #[inline(always)]
-unsafe fn sum_splits(p: *const f32, splits: u32, stride: usize) -> [u32; 2] {
+unsafe fn sum_splits(lo: *const f32, hi: *const f32, lo_ok: bool, hi_ok: bool, splits: u32, stride: usize) -> ([u32; 2], [u32; 2]) {
     // SAFETY: the caller guarantees every split's 4 floats are readable and aligned.
     unsafe {
-        let mut acc = [0f32; 4];
-        let mut s = 0;
-        while s < splits {
-            let v = ld_v4(p.add(s as usize * stride) as *const u32);
+        let (mut a, mut b) = ([0f32; 4], [0f32; 4]);
+        let mut s0 = 0;
+        while s0 < splits {
+            let (mut va, mut vb) = ([[0u32; 4]; 4], [[0u32; 4]; 4]);
             crate::unroll!(i in [0, 1, 2, 3] {
-                acc[i] += f32::from_bits(v[i]);
+                let s = s0 + i as u32;
+                if s < splits {
+                    if lo_ok {
+                        va[i] = ld_v4(lo.add(s as usize * stride) as *const u32);
+                    }
+                    if hi_ok {
+                        vb[i] = ld_v4(hi.add(s as usize * stride) as *const u32);
+                    }
+                }
             });
-            s += 1;
+            crate::unroll!(i in [0, 1, 2, 3] {
+                if s0 + (i as u32) < splits {
+                    crate::unroll!(c in [0, 1, 2, 3] {
+                        a[c] += f32::from_bits(va[i][c]);
+                        b[c] += f32::from_bits(vb[i][c]);
+                    });
+                }
+            });
+            s0 += 4;
         }
-        [pack_bf16x2(f32_to_bf16(acc[0]), f32_to_bf16(acc[1])), pack_bf16x2(f32_to_bf16(acc[2]), f32_to_bf16(acc[3]))]
+        let pack = |v: [f32; 4]| {
+            [pack_bf16x2(f32_to_bf16(v[0]), f32_to_bf16(v[1])), pack_bf16x2(f32_to_bf16(v[2]), f32_to_bf16(v[3]))]
+        };
+        (pack(a), pack(b))
     }
 }
 

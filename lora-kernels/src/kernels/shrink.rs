@@ -11,7 +11,8 @@
 //! problem is zero-sized (`m == 0`: empty slot, rank 0, null pointer) are skipped at once.
 //!
 //! **One work item.** Tile `i` (up to 16 slot-sorted rows of one slot), module `m`, `k` in
-//! `[split·k_chunk, min(k, (split+1)·k_chunk))`. Warp w walks that range in steps of 32 starting at `32w`.
+//! `[split·k_chunk, min(k, (split+1)·k_chunk))`. Warp w walks that range in steps of 32 starting at `32w`,
+//! two steps (`kk` and `kk + 128`) per iteration with all their loads issued before the first MMA.
 //! Lane (g = lane/4, t = lane%4) loads 16 bytes of x row g and of x row g+8 (rows gathered through `perm`)
 //! at `k + 8t`, and 16 bytes of A_s row `8j + g` for each 8-column rank tile j; these 8 consecutive `k`
 //! feed two `m16n8k16` steps. Because a dot product may sum its `k` in any order, the actual `k` indices
@@ -100,22 +101,57 @@ unsafe fn shrink<const RT: usize>(
             let a_base = d.a as *const u16;
 
             let mut acc = [[0f32; 4]; RT];
+            // Two 32-wide k steps per iteration (this warp's `kk` and `kk + 128`): all their loads are
+            // issued before the first MMA, so a warp waits for memory once per two steps. Past `k1` the
+            // masked loads return zeros (an MMA on zeros adds nothing).
+            // (Rank classes above 32 have no registers to spare for that and take one step per iteration.)
+            let stride = SHRINK_K_STEP * GEMM_WARPS;
+            let two = RT <= 4;
             let mut kk = k0 + warp * SHRINK_K_STEP;
             while kk < k1 {
-                let kc = kk + 8 * t;
-                let xa = if g < tile.rows { load8_bf16_masked(x_lo, kc, k1) } else { [0; 4] };
-                let xb = if g + 8 < tile.rows { load8_bf16_masked(x_hi, kc, k1) } else { [0; 4] };
-                let frag0 = [xa[0], xb[0], xa[1], xb[1]];
-                let frag1 = [xa[2], xb[2], xa[3], xb[3]];
+                let (kc0, kc1) = (kk + 8 * t, kk + stride + 8 * t);
+                let (lo_ok, hi_ok) = (g < tile.rows, g + 8 < tile.rows);
+                let mut xv = [[0u32; 4]; 4];
+                if lo_ok {
+                    xv[0] = load8_bf16_masked(x_lo, kc0, k1);
+                    if two {
+                        xv[2] = load8_bf16_masked(x_lo, kc1, k1);
+                    }
+                }
+                if hi_ok {
+                    xv[1] = load8_bf16_masked(x_hi, kc0, k1);
+                    if two {
+                        xv[3] = load8_bf16_masked(x_hi, kc1, k1);
+                    }
+                }
+                let mut av = [[[0u32; 4]; 2]; RT];
                 crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
                     if j < RT && (j as u32) < rank_tiles {
                         let n = j as u32 * 8 + g;
-                        let bv = if n < r { load8_bf16_masked(a_base.add((n * d.lda) as usize), kc, k1) } else { [0; 4] };
-                        acc[j] = mma_bf16_m16n8k16(frag0, [bv[0], bv[1]], acc[j]);
-                        acc[j] = mma_bf16_m16n8k16(frag1, [bv[2], bv[3]], acc[j]);
+                        if n < r {
+                            let row = a_base.add((n * d.lda) as usize);
+                            av[j][0] = load8_bf16_masked(row, kc0, k1);
+                            if two {
+                                av[j][1] = load8_bf16_masked(row, kc1, k1);
+                            }
+                        }
                     }
                 });
-                kk += SHRINK_K_STEP * GEMM_WARPS;
+                crate::unroll!(h in [0, 1] {
+                    if h == 0 || two {
+                    let (xa, xb) = (xv[2 * h], xv[2 * h + 1]);
+                    let frag0 = [xa[0], xb[0], xa[1], xb[1]];
+                    let frag1 = [xa[2], xb[2], xa[3], xb[3]];
+                    crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+                        if j < RT && (j as u32) < rank_tiles {
+                            let bv = av[j][h];
+                            acc[j] = mma_bf16_m16n8k16(frag0, [bv[0], bv[1]], acc[j]);
+                            acc[j] = mma_bf16_m16n8k16(frag1, [bv[2], bv[3]], acc[j]);
+                        }
+                    });
+                    }
+                });
+                kk += if two { 2 * stride } else { stride };
             }
 
             // Cross-warp reduction through shared memory: red[warp][row][col], row stride r.
