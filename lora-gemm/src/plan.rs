@@ -11,8 +11,9 @@
 //! Grids and split-K. Both GEMMs run a *persistent* grid of `sm_count × blocks-per-SM` blocks that loop over
 //! the step's work items, so one captured launch serves any tile count. The shrink decides its split factor
 //! on the device from the step's tile count (`ceil(G / (tiles · n_mod))`, at most the planned `splits`);
-//! the planner fixes only that maximum: `splits = clamp(k / (2·SHRINK_K_STEP·GEMM_WARPS), 1, MAX_SPLITS)`
-//! — every split gives each of the four warps at least two 32-wide `k` steps — with
+//! the planner fixes only that maximum: `splits = clamp(k / (4·SHRINK_K_STEP·GEMM_WARPS), 1, MAX_SPLITS)`
+//! — every split gives each of the four warps at least four 32-wide `k` steps, and the expand, which sums
+//! the splits, at most four rounds of loads — with
 //! `k_chunk = round_up(ceil(k / splits), 32)` and `splits = ceil(k / k_chunk)` (no empty split). A single-tile
 //! step (one adapter at decode) uses exactly these; steps with many tiles use fewer splits, down to one
 //! (then the shrink writes `t` directly, with no reduction). The shrink's entry point is the smallest rank
@@ -282,7 +283,7 @@ fn group_shapes(g: &ModuleGroup) -> Result<(Vec<ModuleShape>, u32, u32, u32), Ge
 }
 
 /// Largest split-K factor the planner allows.
-pub const MAX_SPLITS: u32 = 32;
+pub const MAX_SPLITS: u32 = 16;
 /// Shrink blocks per SM of the persistent grid.
 pub const SHRINK_BLOCKS_PER_SM: u32 = 4;
 /// Expand blocks per SM of the persistent grid.
@@ -290,7 +291,7 @@ pub const EXPAND_BLOCKS_PER_SM: u32 = 4;
 
 /// The split-K chunk the planner picks at most (see the module docs).
 fn pick_k_chunk(k: u32) -> u32 {
-    let splits = (k / (2 * SHRINK_K_STEP * GEMM_WARPS)).clamp(1, MAX_SPLITS);
+    let splits = (k / (4 * SHRINK_K_STEP * GEMM_WARPS)).clamp(1, MAX_SPLITS);
     k.div_ceil(splits).div_ceil(SHRINK_K_STEP) * SHRINK_K_STEP
 }
 
@@ -463,20 +464,20 @@ mod tests {
     #[test]
     fn split_rule_by_hand() {
         let g = &llama3_8b_groups();
-        // qkv: k 4096 / 256 = 16 splits of 256, whatever the token count.
+        // qkv: k 4096 / 512 = 8 splits of 512, whatever the token count.
         for tokens in [1, 2048] {
             let p = plan_group(&cap(tokens), &g[0], 132).unwrap();
-            assert_eq!((p.splits, p.k_chunk), (16, 256));
+            assert_eq!((p.splits, p.k_chunk), (8, 512));
         }
-        // down: 14336 / 256 = 56, capped at MAX_SPLITS = 32 → chunk round_up(448, 32) = 448.
+        // down: 14336 / 512 = 28, capped at MAX_SPLITS = 16 → chunk 896.
         let p = plan_group(&cap(1), &g[3], 132).unwrap();
-        assert_eq!((p.splits, p.k_chunk), (32, 448));
-        // The device's choice for qkv (grid 4 × 132 = 528 blocks): 1 tile → 3 items → min(176, 16) = 16;
-        // 16 tiles → 48 items → 11 splits of 384; 128 tiles → 384 items → 2 splits of 2048.
+        assert_eq!((p.splits, p.k_chunk), (16, 896));
+        // The device's choice for qkv (grid 4 × 132 = 528 blocks): 1 tile → 3 items → min(176, 8) = 8;
+        // 16 tiles → 48 items → min(11, 8) = 8; 128 tiles → 384 items → 2 splits of 2048.
         let p = plan_group(&cap(2048), &g[0], 132).unwrap();
         assert_eq!(p.shrink.grid, (528, 1, 1));
-        assert_eq!(device_splits(&p, 1), (16, 256));
-        assert_eq!(device_splits(&p, 16), (11, 384));
+        assert_eq!(device_splits(&p, 1), (8, 512));
+        assert_eq!(device_splits(&p, 16), (8, 512));
         assert_eq!(device_splits(&p, 128), (2, 2048));
         assert_eq!(device_splits(&p, 1000), (1, 4096));
     }
@@ -484,18 +485,18 @@ mod tests {
     #[test]
     fn small_k_and_odd_k() {
         let g = ModuleGroup::new("g", vec![ModuleSpec::new("m", 200, 45)]);
-        // 200 / 256 = 0 → one split.
+        // 200 / 512 = 0 → one split.
         let p = plan_group(&cap(1), &g, 132).unwrap();
         assert_eq!((p.splits, p.k_chunk), (1, 224));
-        let g = ModuleGroup::new("g", vec![ModuleSpec::new("m", 600, 45)]);
-        // 600 / 256 = 2 splits: ceil(600 / 2) = 300 → 320, splits ceil(600 / 320) = 2.
+        let g = ModuleGroup::new("g", vec![ModuleSpec::new("m", 1200, 45)]);
+        // 1200 / 512 = 2 splits: ceil(1200 / 2) = 600 → 608, splits ceil(1200 / 608) = 2.
         let p = plan_group(&cap(1), &g, 132).unwrap();
-        assert_eq!((p.splits, p.k_chunk), (2, 320));
+        assert_eq!((p.splits, p.k_chunk), (2, 608));
         // One SM: a grid of 4 blocks; one tile of one module still gets both splits.
         let p = plan_group(&cap(2048), &g, 1).unwrap();
         assert_eq!(p.shrink.grid, (4, 1, 1));
-        assert_eq!(device_splits(&p, 1), (2, 320));
-        assert_eq!(device_splits(&p, 4), (1, 608));
+        assert_eq!(device_splits(&p, 1), (2, 608));
+        assert_eq!(device_splits(&p, 4), (1, 1216));
     }
 
     #[test]

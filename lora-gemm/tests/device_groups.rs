@@ -861,15 +861,15 @@ device_test!(mixed_batch_three_modules_two_splits, |d: &dyn TestDevice, big: boo
 });
 
 device_test!(planner_splits_with_odd_k, |d: &dyn TestDevice, big: bool| {
-    // k 556 (not a multiple of 8): the planner allows 556 / 256 = 2 splits of round_up(278, 32) = 288 (the
-    // second 268 wide), and a step of two tiles on one module gets both; ldx > k.
-    let mut c = Case::new(2, 556, &[45], &[(0, 5), (1, 4)]);
-    c.ldx = 560;
+    // k 1100 (not a multiple of 8): the planner allows 1100 / 512 = 2 splits of round_up(550, 32) = 576 (the
+    // second 524 wide), and a step of two tiles on one module gets both; ldx > k.
+    let mut c = Case::new(2, 1100, &[45], &[(0, 5), (1, 4)]);
+    c.ldx = 1104;
     c.weights = vec![vec![W::Rank(16), W::Rank(7)]];
     let r = run_case(d, "planner_splits_with_odd_k", &c);
     let g = &r.rig.plan.groups[0];
-    assert_eq!((g.splits, g.k_chunk), (2, 288));
-    assert_eq!(lora_gemm::plan::device_splits(g, 2), (2, 288));
+    assert_eq!((g.splits, g.k_chunk), (2, 576));
+    assert_eq!(lora_gemm::plan::device_splits(g, 2), (2, 576));
     if big {
         // A down-like module: k 14336 → 4096, at 64 and 256 tokens (many splits).
         for (tokens, via_step) in [(64u32, false), (256, true)] {

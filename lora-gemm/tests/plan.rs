@@ -24,7 +24,7 @@ fn check(m: &ModelPlan, groups: &[ModuleGroup]) {
         assert!(p.splits >= 1);
         assert_eq!(p.splits, k.div_ceil(p.k_chunk), "{}: no empty split", p.name);
         assert!((p.splits - 1) * p.k_chunk < k, "{}: last split non-empty", p.name);
-        assert!(p.splits == 1 || p.k_chunk >= 2 * SHRINK_K_STEP * GEMM_WARPS, "{}: two k steps per warp", p.name);
+        assert!(p.splits == 1 || p.k_chunk >= 4 * SHRINK_K_STEP * GEMM_WARPS, "{}: four k steps per warp", p.name);
         assert_eq!(p.max_tiles, max_tiles(p.max_tokens, p.num_slots));
         // Persistent grids of a few blocks per SM (132 SMs here), whatever the capacity.
         assert_eq!(p.shrink.grid, (4 * 132, 1, 1));

@@ -76,6 +76,24 @@ pub unsafe fn lora_expand(
             let b_base = d.b as *const u16;
             let mut acc = [[0f32; 4]; 4];
             let (lo_ok, hi_ok) = (g < tile.rows, g + 8 < tile.rows);
+            // The epilogue's reads are issued now, ahead of the MMA loop: the rows' token indices and the
+            // old y pairs this lane will update (4-byte aligned, in-range pairs; other cases read in the
+            // epilogue), so the epilogue only waits for its stores.
+            let y_lo = if lo_ok { y.add((*perm.add((tile.row_start + g) as usize) * ldy + d.y_col) as usize) } else { y };
+            let y_hi = if hi_ok { y.add((*perm.add((tile.row_start + g + 8) as usize) * ldy + d.y_col) as usize) } else { y };
+            let mut y_old = [[0u32; 2]; 4];
+            crate::unroll!(j in [0, 1, 2, 3] {
+                let col = n0 + j as u32 * 8 + 2 * t;
+                if col + 1 < d.n {
+                    let (p_lo, p_hi) = (y_lo.add(col as usize), y_hi.add(col as usize));
+                    if lo_ok && (p_lo as usize).is_multiple_of(4) {
+                        y_old[j][0] = *(p_lo as *const u32);
+                    }
+                    if hi_ok && (p_hi as usize).is_multiple_of(4) {
+                        y_old[j][1] = *(p_hi as *const u32);
+                    }
+                }
+            });
             let mut kk = 0;
             while kk < r {
                 // B first: its loads do not depend on the partials, so both are in flight together.
@@ -100,13 +118,11 @@ pub unsafe fn lora_expand(
                 let col = n0 + j as u32 * 8 + 2 * t;
                 if col < d.n {
                     // Rows g and g + 8 of the fragment: constant indices keep acc in registers.
-                    if g < tile.rows {
-                        let tok = *perm.add((tile.row_start + g) as usize);
-                        add_pair(y.add((tok * ldy + d.y_col + col) as usize), d.scale * acc_j[0], d.scale * acc_j[1], col + 1 < d.n);
+                    if lo_ok {
+                        add_pair(y_lo.add(col as usize), y_old[j][0], d.scale * acc_j[0], d.scale * acc_j[1], col + 1 < d.n);
                     }
-                    if g + 8 < tile.rows {
-                        let tok = *perm.add((tile.row_start + g + 8) as usize);
-                        add_pair(y.add((tok * ldy + d.y_col + col) as usize), d.scale * acc_j[2], d.scale * acc_j[3], col + 1 < d.n);
+                    if hi_ok {
+                        add_pair(y_hi.add(col as usize), y_old[j][1], d.scale * acc_j[2], d.scale * acc_j[3], col + 1 < d.n);
                     }
                 }
             });
@@ -123,7 +139,14 @@ pub unsafe fn lora_expand(
 /// # Safety
 /// For every `s < splits`, `p + s·stride .. + 4` must be readable and 16-byte aligned for each used row.
 #[inline(always)]
-unsafe fn sum_splits(lo: *const f32, hi: *const f32, lo_ok: bool, hi_ok: bool, splits: u32, stride: usize) -> ([u32; 2], [u32; 2]) {
+unsafe fn sum_splits(
+    lo: *const f32,
+    hi: *const f32,
+    lo_ok: bool,
+    hi_ok: bool,
+    splits: u32,
+    stride: usize,
+) -> ([u32; 2], [u32; 2]) {
     // SAFETY: the caller guarantees every split's 4 floats are readable and aligned.
     unsafe {
         let (mut a, mut b) = ([0f32; 4], [0f32; 4]);
@@ -158,17 +181,18 @@ unsafe fn sum_splits(lo: *const f32, hi: *const f32, lo_ok: bool, hi_ok: bool, s
     }
 }
 
-/// `p[0] += v0` and, when `both`, `p[1] += v1`, in bf16 with f32 arithmetic: one 4-byte read-modify-write
-/// when both are in range and `p` is 4-byte aligned, element by element otherwise.
+/// `p[0] += v0` and, when `both`, `p[1] += v1`, in bf16 with f32 arithmetic: one 4-byte store of the pair
+/// `old` (read ahead by the caller) when both are in range and `p` is 4-byte aligned, element by element
+/// (reading `p`) otherwise.
 ///
 /// # Safety
-/// `p[0]` (and `p[1]` when `both`) must be valid for reads and writes by this thread alone.
+/// `p[0]` (and `p[1]` when `both`) must be valid for reads and writes by this thread alone; on the pair path
+/// `old` must be the current value of the pair.
 #[inline(always)]
-unsafe fn add_pair(p: *mut u16, v0: f32, v1: f32, both: bool) {
+unsafe fn add_pair(p: *mut u16, old: u32, v0: f32, v1: f32, both: bool) {
     // SAFETY: the caller guarantees the elements are valid and owned by this thread.
     unsafe {
         if both && (p as usize).is_multiple_of(4) {
-            let old = *(p as *const u32);
             let lo = f32_to_bf16(bf16_to_f32(old as u16) + v0);
             let hi = f32_to_bf16(bf16_to_f32((old >> 16) as u16) + v1);
             *(p as *mut u32) = pack_bf16x2(lo, hi);
