@@ -37,13 +37,13 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytemuck::Pod;
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
-use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaEvent, CudaGraph, CudaStream};
+use lora_gemm::blas::Blas;
 use lora_gemm::cuda::{sm_count, CudaLauncher};
 use lora_gemm::device::{download, upload, CudaDevice, Rng, TestDevice};
-use lora_gemm::launch::{launch_group, launch_prep, Arg, Geometry, Launcher, PrepArgs, StepBuffers, Workspace};
+use lora_gemm::launch::launch_rows;
+use lora_gemm::launch::{launch_group, launch_prep, Geometry, Launcher, PrepArgs, StepBuffers, Workspace};
 use lora_gemm::plan::{llama3_8b_groups, plan_model, Capacity, GroupPlan, ModelPlan, WorkspaceSize};
 use lora_gemm::reorder::{descriptors, pack_step, reorder, token_slots, Reordered};
 use lora_kernels::abi::{GemmDesc, SlotWeights, StepLayout, Tile};
@@ -772,8 +772,7 @@ fn emu_check(sms: u32) -> Result<()> {
 
 /// Everything the GPU run holds (buffers sized for the largest config).
 struct Bench {
-    /// Declared before `dev` so that the handle is destroyed before its workspace is freed.
-    blas: CudaBlas,
+    blas: Blas,
     dev: CudaDevice,
     plan0: ModelPlan,
     h: HostData,
@@ -787,77 +786,6 @@ struct Bench {
     u: u64,
     /// Output of the L2 flush GEMMs.
     flush_out: u64,
-}
-
-/// `Y[m, n] = alpha · X[m, k] · W[n, k]ᵀ + beta · Y` in bf16 with f32 accumulation (row-major, strides in
-/// elements) — `lora_gemm::blas::Blas::gemm_xwt` plus `alpha`, on this example's own handle.
-///
-/// # Safety
-/// The addresses must be live device allocations of the stated shapes.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm(
-    blas: &CudaBlas,
-    m: usize,
-    n: usize,
-    k: usize,
-    x: u64,
-    ldx: usize,
-    w: u64,
-    ldw: usize,
-    y: u64,
-    ldy: usize,
-    alpha: f32,
-    beta: f32,
-) -> Result<()> {
-    // Row-major Y = X Wᵀ is column-major Yᵀ = W Xᵀ: cuBLAS computes (n × m) = op(W)(n × k) · (k × m).
-    // SAFETY: the caller guarantees the buffers; alpha/beta are host scalars read during the call.
-    unsafe {
-        cudarc::cublas::result::gemm_ex(
-            *blas.handle(),
-            cublasOperation_t::CUBLAS_OP_T,
-            cublasOperation_t::CUBLAS_OP_N,
-            n as i32,
-            m as i32,
-            k as i32,
-            &alpha as *const f32 as *const _,
-            w as *const _,
-            cudaDataType::CUDA_R_16BF,
-            ldw as i32,
-            x as *const _,
-            cudaDataType::CUDA_R_16BF,
-            ldx as i32,
-            &beta as *const f32 as *const _,
-            y as *mut _,
-            cudaDataType::CUDA_R_16BF,
-            ldy as i32,
-            cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-    }?;
-    Ok(())
-}
-
-/// Launch a row mover (`gather_rows` / `scatter_add_rows`): grid `(ceil(cols / 1024), rows)`, 128 threads.
-#[allow(clippy::too_many_arguments)]
-fn launch_rows(
-    l: &dyn Launcher,
-    kernel: Kernel,
-    src: u64,
-    ld_src: u32,
-    idx: u64,
-    dst: u64,
-    ld_dst: u32,
-    rows: u32,
-    cols: u32,
-) -> Result<()> {
-    l.launch(
-        kernel,
-        (cols.div_ceil(1024), rows, 1),
-        128,
-        0,
-        &[Arg::Ptr(src), Arg::U32(ld_src), Arg::Ptr(idx), Arg::Ptr(dst), Arg::U32(ld_dst), Arg::U32(cols)],
-    )?;
-    Ok(())
 }
 
 /// Results of the correctness check.
@@ -924,19 +852,8 @@ impl Bench {
     fn new(dev: CudaDevice, plans: &[ConfigPlan]) -> Result<Bench> {
         let s = sizes(plans);
         let plan0 = plans[0].model.clone();
-        // cuBLAS handle on the benchmark stream, with its own workspace so nothing is allocated during graph
-        // capture.
-        // SAFETY: only probes whether the cuBLAS library can be loaded.
-        let present = std::panic::catch_unwind(|| unsafe { cudarc::cublas::sys::is_culib_present() }).unwrap_or(false);
-        if !present {
-            bail!("the cuBLAS library (libcublas.so) was not found");
-        }
-        let blas = CudaBlas::new(dev.stream.clone())?;
-        const BLAS_WS: usize = 64 << 20;
-        let blas_ws = zeros(&dev, BLAS_WS)?;
-        // SAFETY: blas_ws is a live allocation of BLAS_WS bytes owned by `dev`, which outlives the handle
-        // (`Bench` drops `blas` first); set after `CudaBlas::new` set the stream (that resets the workspace).
-        unsafe { cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), blas_ws as *mut _, BLAS_WS) }.result()?;
+        // cuBLAS handle on the benchmark stream (with its own workspace: nothing is allocated during capture).
+        let blas = Blas::new(dev.stream.clone())?;
 
         let h = host_data(&plan0, &s);
         let dd = upload_data(&dev, &plan0, &s, &h)?;
@@ -1001,7 +918,7 @@ impl Bench {
             let sh = self.plan0.shapes[m];
             let (n, k) = (sh.n as usize, sh.k as usize);
             // SAFETY: x[gu] holds ≥ 1 row of k; w[m] is [n, k]; flush_out holds ≥ n elements.
-            unsafe { gemm(&self.blas, 1, n, k, self.dd.x[gu], k, self.w[m], k, self.flush_out, n, 1.0, 0.0) }?;
+            unsafe { self.blas.gemm_xwt(1, n, k, self.dd.x[gu], k, self.w[m], k, self.flush_out, n, 1.0, 0.0) }?;
         }
         Ok(())
     }
@@ -1043,8 +960,8 @@ impl Bench {
                     let m = m as usize;
                     // SAFETY: xs holds m·k, a is [≥ r, k], t holds m·r, b holds ≥ n·r, u holds m·n elements.
                     unsafe {
-                        gemm(&self.blas, m, r, k, self.xs, k, a, k, self.t, r, 1.0, 0.0)?;
-                        gemm(&self.blas, m, n, r, self.t, r, b, r, self.u, n, SCALE, 0.0)?;
+                        self.blas.gemm_xwt(m, r, k, self.xs, k, a, k, self.t, r, 1.0, 0.0)?;
+                        self.blas.gemm_xwt(m, n, r, self.t, r, b, r, self.u, n, SCALE, 0.0)?;
                     }
                     let y = self.dd.y[gi] + 2 * sh.y_col as u64;
                     launch_rows(&l, Kernel::ScatterAddRows, self.u, sh.n, idx, y, g.ldy, m as u32, sh.n)?;
@@ -1063,7 +980,7 @@ impl Bench {
                 let y = self.y_base[gi] + 2 * sh.y_col as u64;
                 let (x, w, ldy) = (self.dd.x[gi], self.w[mi], g.ldy as usize);
                 // SAFETY: x[gi] is [≥ tokens, k], w[mi] [n, k], y_base[gi] [≥ tokens, ldy] with y_col + n ≤ ldy.
-                unsafe { gemm(&self.blas, tokens, n, k, x, k, w, k, y, ldy, 1.0, 0.0) }?;
+                unsafe { self.blas.gemm_xwt(tokens, n, k, x, k, w, k, y, ldy, 1.0, 0.0) }?;
             }
         }
         Ok(())

@@ -5,13 +5,18 @@ use std::sync::Arc;
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaSlice, CudaStream};
 
 use crate::GemmError;
 
-/// A cuBLAS handle bound to one stream.
+/// Bytes of the workspace each handle owns (set explicitly, so no GEMM allocates during graph capture).
+pub const WORKSPACE_BYTES: usize = 64 << 20;
+
+/// A cuBLAS handle bound to one stream, with its own workspace.
 pub struct Blas {
+    // Declared before the workspace: the handle is destroyed before the memory it uses is freed.
     blas: CudaBlas,
+    _workspace: CudaSlice<u8>,
 }
 
 impl Blas {
@@ -22,11 +27,21 @@ impl Blas {
         if !present {
             return Err(GemmError::NoDevice("the cuBLAS library (libcublas.so) was not found".into()));
         }
-        Ok(Blas { blas: CudaBlas::new(stream)? })
+        let blas = CudaBlas::new(stream.clone())?;
+        let workspace = stream.alloc_zeros::<u8>(WORKSPACE_BYTES)?;
+        let ptr = {
+            let (p, _sync) = cudarc::driver::DevicePtr::device_ptr(&workspace, &stream);
+            p
+        };
+        // SAFETY: `workspace` is a live allocation of WORKSPACE_BYTES owned by this struct and freed only after
+        // the handle is destroyed (field order); set after `CudaBlas::new` bound the stream.
+        unsafe { cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, WORKSPACE_BYTES) }
+            .result()?;
+        Ok(Blas { blas, _workspace: workspace })
     }
 
-    /// `Y[m, n] = X[m, k] · W[n, k]ᵀ + beta · Y` in bf16 with f32 accumulation; `x`, `w`, `y` are device
-    /// addresses of row-major matrices with row strides `ldx`, `ldw`, `ldy` (elements).
+    /// `Y[m, n] = alpha · X[m, k] · W[n, k]ᵀ + beta · Y` in bf16 with f32 accumulation; `x`, `w`, `y` are
+    /// device addresses of row-major matrices with row strides `ldx`, `ldw`, `ldy` (elements).
     ///
     /// # Safety
     /// The addresses must be live device allocations of the stated shapes.
@@ -42,9 +57,9 @@ impl Blas {
         ldw: usize,
         y: u64,
         ldy: usize,
+        alpha: f32,
         beta: f32,
     ) -> Result<(), GemmError> {
-        let alpha = 1.0f32;
         // Row-major Y = X Wᵀ is column-major Yᵀ = W Xᵀ: cuBLAS computes (n × m) = op(W)(n × k) · (k × m).
         // SAFETY: the caller guarantees the buffers; alpha/beta are host scalars that outlive the call.
         unsafe {

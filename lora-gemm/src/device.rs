@@ -30,6 +30,33 @@ pub trait TestDevice {
     fn sync(&self) -> Result<(), GemmError>;
 }
 
+/// Define a test whose body runs on every backend, the way candle's per-device test macro does:
+/// `device_test!(name, |d: &dyn TestDevice, big: bool| { ... })` makes `name::emulator` (always; `big` is
+/// false, so keep those cases small) and, when the calling crate's `gpu` feature is on, `name::gpu` on
+/// device 0 (`big` is true), which prints `SKIP name: <reason>` and passes when no GPU can be opened.
+#[macro_export]
+macro_rules! device_test {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[test]
+            fn emulator() {
+                let d = $crate::device::EmuDevice::default();
+                ($body)(&d as &dyn $crate::device::TestDevice, false);
+            }
+            #[cfg(feature = "gpu")]
+            #[test]
+            fn gpu() {
+                match $crate::device::CudaDevice::open() {
+                    Ok(d) => ($body)(&d as &dyn $crate::device::TestDevice, true),
+                    Err(e) => eprintln!("SKIP {}: {e}", stringify!($name)),
+                }
+            }
+        }
+    };
+}
+
 /// Upload plain data.
 pub fn upload<T: Pod>(d: &dyn TestDevice, data: &[T]) -> Result<u64, GemmError> {
     d.upload_bytes(bytemuck::cast_slice(data))

@@ -222,6 +222,32 @@ pub fn launch_expand(
     l.launch(Kernel::Expand, (g.expand_grid, 1, 1), GEMM_THREADS, 0, &expand)
 }
 
+/// Launch a row mover (`Kernel::GatherRows`: `dst[r] = src[idx[r]]`, or `Kernel::ScatterAddRows`:
+/// `dst[idx[r]] += src[r]`) over `rows` rows of `cols` bf16: grid `(ceil(cols / 1024), rows)`, 128 threads.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_rows(
+    l: &dyn Launcher,
+    kernel: Kernel,
+    src: u64,
+    ld_src: u32,
+    idx: u64,
+    dst: u64,
+    ld_dst: u32,
+    rows: u32,
+    cols: u32,
+) -> Result<(), GemmError> {
+    if !matches!(kernel, Kernel::GatherRows | Kernel::ScatterAddRows) {
+        return Err(GemmError::Invalid(format!("{} is not a row mover", kernel.name())));
+    }
+    l.launch(
+        kernel,
+        (cols.div_ceil(1024), rows, 1),
+        128,
+        0,
+        &[Arg::Ptr(src), Arg::U32(ld_src), Arg::Ptr(idx), Arg::Ptr(dst), Arg::U32(ld_dst), Arg::U32(cols)],
+    )
+}
+
 impl crate::plan::GroupPlan {
     /// The launch geometry this plan fixes.
     pub fn geometry(&self) -> Geometry {

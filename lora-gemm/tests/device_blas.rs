@@ -2,58 +2,15 @@
 //! [`lora_gemm::blas::Blas::gemm_xwt`] (GPU only: cuBLAS has no emulator; skipped without a GPU) against an
 //! f64 CPU product, and the row movers `gather_rows` / `scatter_add_rows` on the emulator and the GPU.
 
-use lora_gemm::device::{download, upload, EmuDevice, Rng, TestDevice};
-use lora_gemm::launch::{Arg, Launcher};
-use lora_gemm::GemmError;
+use lora_gemm::device::{download, upload, Rng, TestDevice};
+use lora_gemm::launch::launch_rows;
 use lora_kernels::dsl::{bf16_to_f32, f32_to_bf16};
 use lora_kernels::Kernel;
 
-/// Run `$body(&dyn TestDevice)` on the emulator and, with feature `gpu`, on device 0.
-macro_rules! device_test {
-    ($name:ident, $body:expr) => {
-        mod $name {
-            use super::*;
-            #[test]
-            fn emulator() {
-                let d = EmuDevice::default();
-                ($body)(&d as &dyn TestDevice);
-            }
-            #[cfg(feature = "gpu")]
-            #[test]
-            fn gpu() {
-                match lora_gemm::device::CudaDevice::open() {
-                    Ok(d) => ($body)(&d as &dyn TestDevice),
-                    Err(e) => eprintln!("SKIP {}: {e}", stringify!($name)),
-                }
-            }
-        }
-    };
-}
+use lora_gemm::device_test;
 
 /// A bf16 value no random input produces (its f32 is 12345.0 exactly).
 const POISON: u16 = 0x4640;
-
-/// Launch a row mover: grid `(ceil(cols / 1024), rows)`, 128 threads.
-#[allow(clippy::too_many_arguments)]
-fn launch_rows(
-    l: &dyn Launcher,
-    kernel: Kernel,
-    src: u64,
-    ld_src: u32,
-    idx: u64,
-    dst: u64,
-    ld_dst: u32,
-    rows: u32,
-    cols: u32,
-) -> Result<(), GemmError> {
-    l.launch(
-        kernel,
-        (cols.div_ceil(1024), rows, 1),
-        128,
-        0,
-        &[Arg::Ptr(src), Arg::U32(ld_src), Arg::Ptr(idx), Arg::Ptr(dst), Arg::U32(ld_dst), Arg::U32(cols)],
-    )
-}
 
 /// (src rows, ld_src, ld_dst, cols, idx). Odd strides take the element path on some rows, 1030 columns
 /// need two blocks in x and a masked tail.
@@ -61,7 +18,7 @@ fn row_case() -> (u32, u32, u32, u32, Vec<u32>) {
     (9, 1037, 1040, 1030, vec![7, 0, 3, 8, 2])
 }
 
-device_test!(gather_rows_copies_indexed_rows, |d: &dyn TestDevice| {
+device_test!(gather_rows_copies_indexed_rows, |d: &dyn TestDevice, _big: bool| {
     let (src_rows, ld_src, ld_dst, cols, idx) = row_case();
     let rows = idx.len() as u32;
     let mut rng = Rng(11);
@@ -84,7 +41,7 @@ device_test!(gather_rows_copies_indexed_rows, |d: &dyn TestDevice| {
     assert_eq!(back, src, "{}: gather wrote its source", d.name());
 });
 
-device_test!(scatter_add_rows_adds_into_indexed_rows, |d: &dyn TestDevice| {
+device_test!(scatter_add_rows_adds_into_indexed_rows, |d: &dyn TestDevice, _big: bool| {
     let (dst_rows, ld_dst, ld_src, cols, idx) = row_case();
     let rows = idx.len() as u32;
     let mut rng = Rng(12);
@@ -152,7 +109,7 @@ mod gpu_blas {
         let pw = upload(d, &w).unwrap();
         let py = upload(d, &y0).unwrap();
         // SAFETY: px, pw, py are live allocations of this device holding m·ldx, n·ldw and m·ldy bf16.
-        unsafe { blas.gemm_xwt(m, n, k, px, ldx, pw, ldw, py, ldy, beta) }.unwrap();
+        unsafe { blas.gemm_xwt(m, n, k, px, ldx, pw, ldw, py, ldy, 1.0, beta) }.unwrap();
         d.sync().unwrap();
         let got: Vec<u16> = download(d, py, m * ldy).unwrap();
         let (mut num, mut den) = (0f64, 0f64);

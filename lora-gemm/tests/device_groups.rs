@@ -40,27 +40,7 @@ use lora_kernels::Kernel;
 use proptest::prelude::*;
 use proptest::test_runner::{FileFailurePersistence, TestRunner};
 
-/// Run `$body(&dyn TestDevice, big: bool)` on the emulator and, with feature `gpu`, on device 0.
-macro_rules! device_test {
-    ($name:ident, $body:expr) => {
-        mod $name {
-            use super::*;
-            #[test]
-            fn emulator() {
-                let d = EmuDevice::default();
-                ($body)(&d as &dyn TestDevice, false);
-            }
-            #[cfg(feature = "gpu")]
-            #[test]
-            fn gpu() {
-                match lora_gemm::device::CudaDevice::open() {
-                    Ok(d) => ($body)(&d as &dyn TestDevice, true),
-                    Err(e) => eprintln!("SKIP {}: {e}", stringify!($name)),
-                }
-            }
-        }
-    };
-}
+use lora_gemm::device_test;
 
 /// The SM count the planner is given (an H100 SXM's; the split choice only changes speed, not results).
 const SMS: u32 = 132;

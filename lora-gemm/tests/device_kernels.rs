@@ -6,27 +6,7 @@ use lora_gemm::launch::Arg;
 use lora_kernels::kernels::probe::PROBE_WORDS;
 use lora_kernels::Kernel;
 
-/// Run `$body(&dyn TestDevice, big: bool)` on the emulator and, with feature `gpu`, on device 0.
-macro_rules! device_test {
-    ($name:ident, $body:expr) => {
-        mod $name {
-            use super::*;
-            #[test]
-            fn emulator() {
-                let d = EmuDevice::default();
-                ($body)(&d as &dyn TestDevice, false);
-            }
-            #[cfg(feature = "gpu")]
-            #[test]
-            fn gpu() {
-                match lora_gemm::device::CudaDevice::open() {
-                    Ok(d) => ($body)(&d as &dyn TestDevice, true),
-                    Err(e) => eprintln!("SKIP {}: {e}", stringify!($name)),
-                }
-            }
-        }
-    };
-}
+use lora_gemm::device_test;
 
 fn smoke_case(d: &dyn TestDevice, m: u32, n: u32, k: u32, seed: u64) {
     let mut rng = Rng(seed);

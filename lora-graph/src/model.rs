@@ -149,6 +149,7 @@ impl<A: Copy + Eq + Hash + Debug> SyntheticModel<A> {
                         k as usize,
                         y,
                         n as usize,
+                        1.0,
                         0.0,
                     )
                 }?;
