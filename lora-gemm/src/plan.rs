@@ -284,8 +284,16 @@ fn group_shapes(g: &ModuleGroup) -> Result<(Vec<ModuleShape>, u32, u32, u32), Ge
 
 /// Largest split-K factor the planner allows.
 pub const MAX_SPLITS: u32 = 16;
-/// Shrink blocks per SM of the persistent grid.
-pub const SHRINK_BLOCKS_PER_SM: u32 = 4;
+/// Shrink blocks per SM of the persistent grid: as many as stay resident together for the rank class
+/// (`ptxas` registers per thread × 128 threads against 64 K registers per SM; see
+/// `lora-kernels/ptx/ptxas.snap`), at most 4. A grid that fits at once has no second wave of idle blocks.
+pub const fn shrink_blocks_per_sm(kernel: Kernel) -> u32 {
+    match kernel {
+        Kernel::ShrinkR64 => 3,
+        Kernel::ShrinkR128 => 2,
+        _ => 4,
+    }
+}
 /// Expand blocks per SM of the persistent grid.
 pub const EXPAND_BLOCKS_PER_SM: u32 = 4;
 
@@ -351,6 +359,8 @@ pub fn plan_group_with_k_chunk(
         ));
     }
     let expand_blocks = max_n.div_ceil(EXPAND_BN);
+    let shrink_kernel = Kernel::shrink_for_rank(cap.max_rank)
+        .ok_or_else(|| GemmError::Invalid(format!("no shrink kernel for rank {}", cap.max_rank)))?;
     Ok(GroupPlan {
         name: group.name.clone(),
         module_names: group.modules.iter().map(|m| m.name.clone()).collect(),
@@ -367,10 +377,9 @@ pub fn plan_group_with_k_chunk(
         splits,
         k_chunk,
         expand_blocks,
-        shrink_kernel: Kernel::shrink_for_rank(cap.max_rank)
-            .ok_or_else(|| GemmError::Invalid(format!("no shrink kernel for rank {}", cap.max_rank)))?,
+        shrink_kernel,
         shrink: LaunchShape {
-            grid: (sm_count * SHRINK_BLOCKS_PER_SM, 1, 1),
+            grid: (sm_count * shrink_blocks_per_sm(shrink_kernel), 1, 1),
             block: GEMM_THREADS,
             shared_bytes: shrink_shared_bytes(cap.max_rank),
         },
@@ -472,10 +481,10 @@ mod tests {
         // down: 14336 / 512 = 28, capped at MAX_SPLITS = 16 → chunk 896.
         let p = plan_group(&cap(1), &g[3], 132).unwrap();
         assert_eq!((p.splits, p.k_chunk), (16, 896));
-        // The device's choice for qkv (grid 4 × 132 = 528 blocks): 1 tile → 3 items → min(176, 8) = 8;
-        // 16 tiles → 48 items → min(11, 8) = 8; 128 tiles → 384 items → 2 splits of 2048.
+        // The device's choice for qkv (r64 class: grid 3 × 132 = 396 blocks): 1 tile → 3 items → min(132, 8) = 8;
+        // 16 tiles → 48 items → min(9, 8) = 8; 128 tiles → 384 items → 2 splits of 2048.
         let p = plan_group(&cap(2048), &g[0], 132).unwrap();
-        assert_eq!(p.shrink.grid, (528, 1, 1));
+        assert_eq!(p.shrink.grid, (396, 1, 1));
         assert_eq!(device_splits(&p, 1), (8, 512));
         assert_eq!(device_splits(&p, 16), (8, 512));
         assert_eq!(device_splits(&p, 128), (2, 2048));
@@ -492,9 +501,9 @@ mod tests {
         // 1200 / 512 = 2 splits: ceil(1200 / 2) = 600 → 608, splits ceil(1200 / 608) = 2.
         let p = plan_group(&cap(1), &g, 132).unwrap();
         assert_eq!((p.splits, p.k_chunk), (2, 608));
-        // One SM: a grid of 4 blocks; one tile of one module still gets both splits.
+        // One SM: a grid of 3 blocks; one tile of one module still gets both splits.
         let p = plan_group(&cap(2048), &g, 1).unwrap();
-        assert_eq!(p.shrink.grid, (4, 1, 1));
+        assert_eq!(p.shrink.grid, (3, 1, 1));
         assert_eq!(device_splits(&p, 1), (2, 608));
         assert_eq!(device_splits(&p, 4), (1, 1216));
     }
@@ -506,7 +515,8 @@ mod tests {
         let mt = max_tiles(64, 64);
         assert_eq!(mt, 4 + 64);
         assert_eq!(p.max_tiles, mt);
-        assert_eq!(p.shrink.grid, (4 * 132, 1, 1));
+        // Max rank 64: the r64 class, 3 resident blocks per SM.
+        assert_eq!(p.shrink.grid, (3 * 132, 1, 1));
         assert_eq!(p.expand.grid, (4 * 132, 1, 1));
         assert_eq!(p.expand_blocks, 32);
         assert_eq!(p.shrink_kernel, Kernel::ShrinkR64);

@@ -27,7 +27,7 @@ fn check(m: &ModelPlan, groups: &[ModuleGroup]) {
         assert!(p.splits == 1 || p.k_chunk >= 4 * SHRINK_K_STEP * GEMM_WARPS, "{}: four k steps per warp", p.name);
         assert_eq!(p.max_tiles, max_tiles(p.max_tokens, p.num_slots));
         // Persistent grids of a few blocks per SM (132 SMs here), whatever the capacity.
-        assert_eq!(p.shrink.grid, (4 * 132, 1, 1));
+        assert_eq!(p.shrink.grid, (lora_gemm::plan::shrink_blocks_per_sm(p.shrink_kernel) * 132, 1, 1));
         assert_eq!(p.expand.grid, (4 * 132, 1, 1));
         assert_eq!(p.expand_blocks, p.max_n.div_ceil(EXPAND_BN));
         assert!(p.splits <= lora_gemm::plan::MAX_SPLITS);

@@ -129,10 +129,28 @@ fn main() -> Result<()> {
         })?;
         rows.push((name, graph, eager));
     }
+    // Attribution (results wrong on purpose): the same steps with only the shrinks or only the expands.
+    let mut parts = Vec::new();
+    for (name, shrink, expand) in [("1 adapter, shrinks only", true, false), ("1 adapter, expands only", false, true)] {
+        model.set_lora_parts(shrink, expand);
+        model.capture_all()?;
+        let t = time_us(&mut model, reps, rounds, &mut |m| {
+            m.step(&one)?;
+            Ok(())
+        })?;
+        parts.push((name, t));
+    }
+    model.set_lora_parts(true, true);
+    model.capture_all()?;
+
     println!("\n{:<18} {:>12} {:>12} {:>10}", "step (16 tokens)", "graph µs", "eager µs", "× none");
     let base = rows[0].1;
     for (name, g, e) in &rows {
         println!("{:<18} {:>12.1} {:>12.1} {:>10.3}", name, g, e, g / base);
+    }
+
+    for (name, t) in &parts {
+        println!("{:<26} {:>12.1} (graph, for attribution only)", name, t);
     }
 
     // Host time of the per-step update for 64 requests over 16 resident adapters (steady state).

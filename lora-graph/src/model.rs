@@ -48,6 +48,7 @@ pub struct SyntheticModel<A: Copy + Eq + Hash + Debug> {
     side: Arc<CudaStream>,
     fork: CudaEvent,
     join: CudaEvent,
+    parts: (bool, bool),
     _buffers: Vec<CudaSlice<u16>>,
 }
 
@@ -96,6 +97,7 @@ impl<A: Copy + Eq + Hash + Debug> SyntheticModel<A> {
             side,
             fork,
             join,
+            parts: (true, true),
             _buffers: buffers,
         })
     }
@@ -130,7 +132,7 @@ impl<A: Copy + Eq + Hash + Debug> SyntheticModel<A> {
         for layer in 0..self.rt.config().num_layers {
             for (g, &(k, n)) in self.dims.iter().enumerate() {
                 let (x, y) = (self.x(layer, g), self.y(layer, g));
-                if with_lora {
+                if with_lora && self.parts.0 {
                     self.fork.record(main)?;
                     self.side.wait(&self.fork)?;
                     self.rt.launch_shrink(&side, bucket, layer, g, x, k)?;
@@ -153,13 +155,22 @@ impl<A: Copy + Eq + Hash + Debug> SyntheticModel<A> {
                         0.0,
                     )
                 }?;
-                if with_lora {
+                if with_lora && self.parts.0 {
                     main.wait(&self.join)?;
+                }
+                if with_lora && self.parts.1 {
                     self.rt.launch_expand(&l, bucket, layer, g, y, n)?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// For attributing time only: steps launched (and graphs captured) after this run only the LoRA shrinks
+    /// (`shrink`), only the expands (`expand`), or both (the default, the only setting that computes the
+    /// right result). Recapture after changing it.
+    pub fn set_lora_parts(&mut self, shrink: bool, expand: bool) {
+        self.parts = (shrink, expand);
     }
 
     /// Capture, instantiate and upload a graph with and without LoRA for every bucket.

@@ -69,6 +69,20 @@ pub struct PreparedStep {
     pub uploads: usize,
 }
 
+/// The bucket of a step, after the checks that need no GPU: at least one request, no more requests than the
+/// capacity, a token total that fits the largest bucket (zero-token requests are allowed; a step of only
+/// those is not).
+pub fn check_step<A>(reqs: &[StepRequest<A>], cap: &Capacity, buckets: &Buckets) -> Result<u32, GraphError> {
+    if reqs.is_empty() {
+        return Err(GraphError::BadStep("a step needs at least one request".into()));
+    }
+    if reqs.len() > cap.max_reqs as usize {
+        return Err(GraphError::BadStep(format!("{} requests exceed the capacity of {}", reqs.len(), cap.max_reqs)));
+    }
+    let total: u64 = reqs.iter().map(|r| r.tokens as u64).sum();
+    buckets.choose(total.min(u32::MAX as u64) as u32)
+}
+
 struct Registered {
     image: AdapterImage,
     pinned: PinnedHostSlice<u16>,
@@ -289,18 +303,7 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
     /// packed step input to the device (step stream). On error nothing changed.
     pub fn prepare_step(&mut self, reqs: &[StepRequest<A>]) -> Result<PreparedStep, GraphError> {
         let cap = self.cfg.capacity;
-        if reqs.is_empty() {
-            return Err(GraphError::BadStep("a step needs at least one request".into()));
-        }
-        if reqs.len() > cap.max_reqs as usize {
-            return Err(GraphError::BadStep(format!(
-                "{} requests exceed the capacity of {}",
-                reqs.len(),
-                cap.max_reqs
-            )));
-        }
-        let total: u64 = reqs.iter().map(|r| r.tokens as u64).sum();
-        let bucket = self.cfg.buckets.choose(total.min(u32::MAX as u64) as u32)?;
+        let bucket = check_step(reqs, &cap, &self.cfg.buckets)?;
         for r in reqs {
             if let Some(id) = r.adapter {
                 if !self.cache.contains(id) {
@@ -460,5 +463,32 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
         let (g, descs) = self.group_args(bucket, layer, group)?;
         launch_expand(l, g, &self.step_bufs, &self.ws, descs, y, ldy)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(adapter: Option<u32>, tokens: u32) -> StepRequest<u32> {
+        StepRequest { adapter, tokens }
+    }
+
+    #[test]
+    fn check_step_picks_the_bucket_and_rejects_bad_steps() {
+        let cap = Capacity { max_tokens: 32, num_slots: 4, max_rank: 16, max_reqs: 8 };
+        let b = Buckets::default_for(32).unwrap();
+        assert_eq!(check_step(&[req(Some(1), 1), req(None, 2)], &cap, &b).unwrap(), 4);
+        assert_eq!(check_step(&[req(None, 9)], &cap, &b).unwrap(), 16);
+        assert_eq!(check_step(&[req(None, 0), req(Some(3), 32)], &cap, &b).unwrap(), 32);
+        let err = |r: &[StepRequest<u32>]| match check_step(r, &cap, &b) {
+            Err(GraphError::BadStep(m)) => m,
+            other => panic!("expected BadStep, got {other:?}"),
+        };
+        assert!(err(&[]).contains("at least one request"));
+        assert!(err(&[req(None, 1); 9]).contains("9 requests exceed"));
+        assert!(err(&[req(None, 20), req(Some(1), 13)]).contains("33 tokens exceed"));
+        assert!(err(&[req(None, 0)]).contains("at least one token"));
+        assert!(err(&[req(None, u32::MAX), req(None, u32::MAX)]).contains("exceed"));
     }
 }
