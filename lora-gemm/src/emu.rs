@@ -5,6 +5,7 @@
 use lora_kernels::abi::{GemmDesc, ModuleShape, SlotWeights, Tile};
 use lora_kernels::dsl::emu::{launch, LaunchConfig};
 use lora_kernels::kernels::baseline::{gather_rows, scatter_add_rows};
+use lora_kernels::kernels::delta::lora_add_delta;
 use lora_kernels::kernels::shrink::{lora_shrink_r128, lora_shrink_r16, lora_shrink_r32, lora_shrink_r64};
 use lora_kernels::kernels::{expand::lora_expand, prep::lora_prep, probe::probe_warp_ops, smoke::smoke_mma};
 use lora_kernels::Kernel;
@@ -46,7 +47,8 @@ impl Launcher for EmuLauncher {
             Kernel::ProbeWarpOps => 3,
             Kernel::Prep => 14,
             Kernel::ShrinkR16 | Kernel::ShrinkR32 | Kernel::ShrinkR64 | Kernel::ShrinkR128 => 14,
-            Kernel::Expand => 16,
+            Kernel::Expand => 18,
+            Kernel::AddDelta => 8,
             Kernel::GatherRows | Kernel::ScatterAddRows => 6,
         };
         if a.len() != want {
@@ -112,7 +114,7 @@ impl Launcher for EmuLauncher {
                 let (perm, tiles, num_tiles, descs) =
                     (ptr::<u32>(a[6])?, ptr::<Tile>(a[7])?, ptr::<u32>(a[8])?, ptr::<GemmDesc>(a[9])?);
                 let (num_slots, n_mod, n_blocks, max_tiles) = (u(a[10])?, u(a[11])?, u(a[12])?, u(a[13])?);
-                let (y, ldy) = (ptr::<u16>(a[14])?, u(a[15])?);
+                let (y, ldy, delta, ld_delta) = (ptr::<u16>(a[14])?, u(a[15])?, ptr::<f32>(a[16])?, u(a[17])?);
                 // SAFETY: see above.
                 unsafe {
                     launch(&cfg, || {
@@ -133,9 +135,18 @@ impl Launcher for EmuLauncher {
                             max_tiles,
                             y,
                             ldy,
+                            delta,
+                            ld_delta,
                         )
                     })
                 }?
+            }
+            Kernel::AddDelta => {
+                let (delta, ld_delta, perm, count) =
+                    (ptr::<f32>(a[0])?, u(a[1])?, ptr::<u32>(a[2])?, ptr::<u32>(a[3])?);
+                let (max_tokens, ncols, y, ldy) = (u(a[4])?, u(a[5])?, ptr::<u16>(a[6])?, u(a[7])?);
+                // SAFETY: see above.
+                unsafe { launch(&cfg, || lora_add_delta(delta, ld_delta, perm, count, max_tokens, ncols, y, ldy)) }?
             }
             Kernel::GatherRows | Kernel::ScatterAddRows => {
                 let (src, ld_src, idx, dst, ld_dst, cols) =

@@ -201,6 +201,66 @@ pub fn launch_expand(
     y: u64,
     ldy: u32,
 ) -> Result<(), GemmError> {
+    expand(l, g, s, ws, descs, y, ldy, 0, 0)
+}
+
+/// The expand in delta mode: writes `scale · t · Bᵀ` (f32, zeros for modules an adapter lacks) at
+/// `delta[sorted row][y_col + col]`, row stride `ld_delta`, without touching y. It needs only the shrink, so
+/// it may run beside the base GEMM; [`launch_add_delta`] then adds it into y.
+pub fn launch_expand_delta(
+    l: &dyn Launcher,
+    g: &Geometry,
+    s: &StepBuffers,
+    ws: &Workspace,
+    descs: u64,
+    delta: u64,
+    ld_delta: u32,
+) -> Result<(), GemmError> {
+    if delta == 0 {
+        return Err(GemmError::Invalid("delta mode needs a delta buffer".into()));
+    }
+    expand(l, g, s, ws, descs, 0, 0, delta, ld_delta)
+}
+
+/// `y[perm[row], ..ncols] += delta[row, ..ncols]` for the step's adapted rows (`slot_off[num_slots]` of them).
+#[allow(clippy::too_many_arguments)]
+pub fn launch_add_delta(
+    l: &dyn Launcher,
+    s: &StepBuffers,
+    num_slots: u32,
+    max_tokens: u32,
+    delta: u64,
+    ld_delta: u32,
+    ncols: u32,
+    y: u64,
+    ldy: u32,
+    blocks: u32,
+) -> Result<(), GemmError> {
+    let args = [
+        Arg::Ptr(delta),
+        Arg::U32(ld_delta),
+        Arg::Ptr(s.perm),
+        Arg::Ptr(s.slot_off + 4 * num_slots as u64),
+        Arg::U32(max_tokens),
+        Arg::U32(ncols),
+        Arg::Ptr(y),
+        Arg::U32(ldy),
+    ];
+    l.launch(Kernel::AddDelta, (blocks.max(1), 1, 1), GEMM_THREADS, 0, &args)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn expand(
+    l: &dyn Launcher,
+    g: &Geometry,
+    s: &StepBuffers,
+    ws: &Workspace,
+    descs: u64,
+    y: u64,
+    ldy: u32,
+    delta: u64,
+    ld_delta: u32,
+) -> Result<(), GemmError> {
     let expand = [
         Arg::Ptr(ws.partial),
         Arg::U32(g.r_pad),
@@ -218,6 +278,8 @@ pub fn launch_expand(
         Arg::U32(g.max_tiles),
         Arg::Ptr(y),
         Arg::U32(ldy),
+        Arg::Ptr(delta),
+        Arg::U32(ld_delta),
     ];
     l.launch(Kernel::Expand, (g.expand_grid, 1, 1), GEMM_THREADS, 0, &expand)
 }

@@ -1310,3 +1310,67 @@ fn kernels_stay_inside_planned_shared_memory() {
     let hits = d.hits.lock().unwrap().clone();
     assert!(hits.iter().any(|h| h.starts_with("lora_shrink")), "the guard missed an overrun: {hits:?}");
 }
+
+device_test!(delta_mode_matches_direct_expand, |d: &dyn TestDevice, big: bool| {
+    // The split expand (delta mode + lora_add_delta) must give y bit for bit as the direct expand: same
+    // f32 sums, same rounding; modules an adapter lacks (absent, rank 0, null pointers) stay untouched.
+    let check = |d: &dyn TestDevice, c: &Case, name: &str| {
+        let r = run_case(d, name, c);
+        let direct: Vec<u16> = download(d, r.io.y_dev, r.io.rows * r.io.ldy).unwrap();
+        r.io.restore(d);
+        let g = &r.rig.plan.groups[0];
+        let ncols: u32 = g.shapes.iter().map(|s| s.n).sum();
+        // Poisoned delta: every value the add reads must have been written by the expand.
+        let delta = upload(d, &vec![f32::NAN; r.io.rows * ncols as usize]).unwrap();
+        r.rig.poison_workspace();
+        d.with_launcher(&mut |l| {
+            lora_gemm::launch::launch_shrink(
+                l,
+                &g.geometry(),
+                &r.rig.bufs,
+                &r.rig.ws,
+                r.rig.descs_at(0, 0),
+                r.io.x_dev,
+                r.io.ldx as u32,
+            )?;
+            lora_gemm::launch::launch_expand_delta(
+                l,
+                &g.geometry(),
+                &r.rig.bufs,
+                &r.rig.ws,
+                r.rig.descs_at(0, 0),
+                delta,
+                ncols,
+            )?;
+            lora_gemm::launch::launch_add_delta(
+                l,
+                &r.rig.bufs,
+                r.rig.cap.num_slots,
+                r.rig.cap.max_tokens,
+                delta,
+                ncols,
+                ncols,
+                r.io.y_dev,
+                r.io.ldy as u32,
+                8,
+            )
+        })
+        .unwrap();
+        d.sync().unwrap();
+        let split: Vec<u16> = download(d, r.io.y_dev, r.io.rows * r.io.ldy).unwrap();
+        let diff = direct.iter().zip(&split).filter(|(a, b)| a != b).count();
+        assert_eq!(diff, 0, "{name}: {diff} elements of y differ between the direct and the split expand");
+    };
+    let mut c = Case::new(4, 200, &[45, 64, 23], &[(0, 5), (u32::MAX, 2), (1, 17), (2, 3), (1000, 1), (3, 4)]);
+    c.weights = vec![
+        vec![W::Rank(16), W::Rank(3), W::Absent, W::Rank(8)],
+        vec![W::Rank(16), W::NullB(3), W::Rank(5), W::Rank(8)],
+        vec![W::Rank(16), W::Rank(3), W::Rank(5), W::Rank0],
+    ];
+    c.seed = 77;
+    check(d, &c, "delta_mode_matches_direct_expand");
+    if big {
+        let c = big_mixed(91, 16, 4096, 4096, &[789, 456, 123], 64, 64, &[1, 3, 8, 16, 64]);
+        check(d, &c, "big_delta_mode_64_tokens");
+    }
+});

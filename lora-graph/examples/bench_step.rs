@@ -131,8 +131,10 @@ fn main() -> Result<()> {
     }
     // Attribution (results wrong on purpose): the same steps with only the shrinks or only the expands.
     let mut parts = Vec::new();
-    for (name, shrink, expand) in [("1 adapter, shrinks only", true, false), ("1 adapter, expands only", false, true)] {
-        model.set_lora_parts(shrink, expand);
+    for (name, side, joined) in
+        [("1 adapter, parallel branch only", true, false), ("1 adapter, after-join part only", false, true)]
+    {
+        model.set_lora_parts(side, joined);
         model.capture_all()?;
         let t = time_us(&mut model, reps, rounds, &mut |m| {
             m.step(&one)?;

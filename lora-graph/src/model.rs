@@ -120,12 +120,14 @@ impl<A: Copy + Eq + Hash + Debug> SyntheticModel<A> {
     /// Enqueue one step's launches for `bucket` on the runtime's stream (eagerly, or while capturing).
     ///
     /// Per (layer, group) the LoRA shrink runs on a side stream, beside the base GEMM that reads the same
-    /// input (a parallel branch in the captured graph); the expand waits for both and adds into the GEMM's
-    /// output. The next group starts after the expand, as a real model's next op would (it reads this
-    /// output), so the overlap shown is the one a real decode step can have.
+    /// input (a parallel branch in the captured graph). For small buckets the expand is split: its delta is
+    /// computed on the side branch too, and only a small add into the GEMM's output follows the join; larger
+    /// buckets run the whole expand after the join. The next group starts after that, as a real model's next
+    /// op would (it reads this output), so the overlap shown is the one a real decode step can have.
     pub fn launch_step(&self, bucket: u32, with_lora: bool) -> Result<(), GraphError> {
         let main = &self.rt.stream;
         let (l, side) = (self.rt.launcher(), self.rt.launcher_on(&self.side));
+        let split = self.rt.splits_expand(bucket);
         if with_lora {
             self.rt.launch_prep(&l)?;
         }
@@ -136,6 +138,9 @@ impl<A: Copy + Eq + Hash + Debug> SyntheticModel<A> {
                     self.fork.record(main)?;
                     self.side.wait(&self.fork)?;
                     self.rt.launch_shrink(&side, bucket, layer, g, x, k)?;
+                    if split {
+                        self.rt.launch_expand_delta(&side, bucket, layer, g)?;
+                    }
                     self.join.record(&self.side)?;
                 }
                 // SAFETY: x, y and the weights are live allocations of [capacity, k], [capacity, n], [n, k];
@@ -159,18 +164,23 @@ impl<A: Copy + Eq + Hash + Debug> SyntheticModel<A> {
                     main.wait(&self.join)?;
                 }
                 if with_lora && self.parts.1 {
-                    self.rt.launch_expand(&l, bucket, layer, g, y, n)?;
+                    if split {
+                        self.rt.launch_add_delta(&l, bucket, g, y, n)?;
+                    } else {
+                        self.rt.launch_expand(&l, bucket, layer, g, y, n)?;
+                    }
                 }
             }
         }
         Ok(())
     }
 
-    /// For attributing time only: steps launched (and graphs captured) after this run only the LoRA shrinks
-    /// (`shrink`), only the expands (`expand`), or both (the default, the only setting that computes the
+    /// For attributing time only: steps launched (and graphs captured) after this run only the LoRA work of
+    /// the parallel branch (`side`: the shrink, and the delta of a split expand), only the work after the
+    /// join (`joined`: the expand or the delta add), or both (the default, the only setting that computes the
     /// right result). Recapture after changing it.
-    pub fn set_lora_parts(&mut self, shrink: bool, expand: bool) {
-        self.parts = (shrink, expand);
+    pub fn set_lora_parts(&mut self, side: bool, joined: bool) {
+        self.parts = (side, joined);
     }
 
     /// Capture, instantiate and upload a graph with and without LoRA for every bucket.

@@ -21,7 +21,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 use lora_gemm::cuda::{sm_count, CudaLauncher, LoraModule};
 use lora_gemm::launch::{
-    launch_expand, launch_prep, launch_shrink, Geometry, Launcher, PrepArgs, StepBuffers, Workspace,
+    launch_add_delta, launch_expand, launch_expand_delta, launch_prep, launch_shrink, Geometry, Launcher, PrepArgs,
+    StepBuffers, Workspace,
 };
 use lora_gemm::plan::{plan_model, Capacity, ModelPlan, ModuleGroup};
 use lora_gemm::step::StepPacker;
@@ -122,11 +123,20 @@ pub struct LoraRuntime<A: Copy + Eq + Hash + Debug> {
     step_bufs: StepBuffers,
     ws: Workspace,
     pool: u64,
+    sm_count: u32,
+    /// f32 `[DELTA_MAX_TOKENS][widest group]` for the split expand of small buckets.
+    delta: u64,
+    delta_ld: u32,
     device_bytes: usize,
     _buffers: Vec<CudaSlice<u8>>,
 }
 
 const STAGING_RING: usize = 4;
+
+/// Buckets up to this many tokens run the expand split in two (delta on the parallel branch, a small add on
+/// the critical path); larger ones run the direct expand, whose single read-modify-write of y moves fewer
+/// bytes when y is large.
+pub const DELTA_MAX_TOKENS: u32 = 64;
 
 impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
     /// Allocate everything for `cfg` on `ctx` (kernels loaded once here).
@@ -182,6 +192,8 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
             descs: alloc(descs * std::mem::size_of::<GemmDesc>())?,
         };
         let ws = Workspace { partial: alloc(4 * ws_size.partial_f32)? };
+        let delta_ld = plan.groups.iter().map(|g| g.shapes.iter().map(|s| s.n).sum::<u32>()).max().unwrap_or(0);
+        let delta = alloc(4 * delta_ld as usize * cap.max_tokens.min(DELTA_MAX_TOKENS) as usize)?;
         let device_bytes = buffers.iter().map(|b| b.len()).sum();
         // SAFETY: `shapes` was just allocated with room for every module shape; the copy is ordered on
         // `stream` before any launch that reads it.
@@ -233,6 +245,9 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
             step_bufs,
             ws,
             pool,
+            sm_count: sms,
+            delta,
+            delta_ld,
             device_bytes,
             _buffers: buffers,
         })
@@ -447,6 +462,57 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
     ) -> Result<(), GraphError> {
         let (g, descs) = self.group_args(bucket, layer, group)?;
         launch_shrink(l, g, &self.step_bufs, &self.ws, descs, x, ldx)?;
+        Ok(())
+    }
+
+    /// Whether steps of `bucket` use the split expand ([`Self::launch_expand_delta`] beside the base GEMM,
+    /// then [`Self::launch_add_delta`] after it) rather than [`Self::launch_expand`].
+    pub fn splits_expand(&self, bucket: u32) -> bool {
+        bucket <= DELTA_MAX_TOKENS
+    }
+
+    /// The split expand's first half: the group's delta into the runtime's delta buffer (after the shrink;
+    /// independent of the base GEMM). Only for buckets where [`Self::splits_expand`] holds.
+    pub fn launch_expand_delta(
+        &self,
+        l: &dyn Launcher,
+        bucket: u32,
+        layer: u32,
+        group: usize,
+    ) -> Result<(), GraphError> {
+        if !self.splits_expand(bucket) {
+            return Err(GraphError::BadStep(format!("bucket {bucket} does not split the expand")));
+        }
+        let (g, descs) = self.group_args(bucket, layer, group)?;
+        launch_expand_delta(l, g, &self.step_bufs, &self.ws, descs, self.delta, self.delta_ld)?;
+        Ok(())
+    }
+
+    /// The split expand's second half: add the delta into `y` (after the base GEMM wrote it).
+    pub fn launch_add_delta(
+        &self,
+        l: &dyn Launcher,
+        bucket: u32,
+        group: usize,
+        y: u64,
+        ldy: u32,
+    ) -> Result<(), GraphError> {
+        let g = self.plan.groups.get(group).ok_or_else(|| GraphError::BadStep(format!("no group {group}")))?;
+        let ncols: u32 = g.shapes.iter().map(|s| s.n).sum();
+        // One thread per 4 columns of a row, at most 4 blocks per SM.
+        let blocks = (bucket * ncols.div_ceil(4)).div_ceil(128).clamp(1, 4 * self.sm_count);
+        launch_add_delta(
+            l,
+            &self.step_bufs,
+            self.cfg.capacity.num_slots,
+            bucket,
+            self.delta,
+            self.delta_ld,
+            ncols,
+            y,
+            ldy,
+            blocks,
+        )?;
         Ok(())
     }
 

@@ -23,6 +23,8 @@ pub enum Kernel {
     ShrinkR128,
     /// [`crate::kernels::expand::lora_expand`].
     Expand,
+    /// [`crate::kernels::delta::lora_add_delta`].
+    AddDelta,
     /// [`crate::kernels::baseline::gather_rows`].
     GatherRows,
     /// [`crate::kernels::baseline::scatter_add_rows`].
@@ -31,7 +33,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// All kernels, in PTX order of definition.
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::SmokeMma,
         Kernel::ProbeWarpOps,
         Kernel::Prep,
@@ -40,6 +42,7 @@ impl Kernel {
         Kernel::ShrinkR64,
         Kernel::ShrinkR128,
         Kernel::Expand,
+        Kernel::AddDelta,
         Kernel::GatherRows,
         Kernel::ScatterAddRows,
     ];
@@ -55,6 +58,7 @@ impl Kernel {
             Kernel::ShrinkR64 => "lora_shrink_r64",
             Kernel::ShrinkR128 => "lora_shrink_r128",
             Kernel::Expand => "lora_expand",
+            Kernel::AddDelta => "lora_add_delta",
             Kernel::GatherRows => "gather_rows",
             Kernel::ScatterAddRows => "scatter_add_rows",
         }

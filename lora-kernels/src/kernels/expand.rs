@@ -18,11 +18,18 @@
 //! Each (token, column) belongs to exactly one block, so there are no write races; tokens without an
 //! adapter are never touched.
 //!
+//! **Delta mode** (`delta` non-null): instead of adding into y, the epilogue stores `scale · acc` in f32 at
+//! `delta[sorted row][y_col + col]` (row stride `ld_delta`), and columns of a module the tile's adapter lacks
+//! get exact zeros; `lora_add_delta` (in `delta.rs`) then adds the delta into y. This splits the expand's
+//! work from its read-modify-write of y, so a model step can run the expand on a parallel branch beside the
+//! base GEMM and keep only the small add on the critical path. `y`/`ldy` are unused in delta mode.
+//!
 //! Safety contract: as the shrink's (`num_tiles <= max_tiles`, `descs` holds `n_mod × num_slots` problems,
 //! `n_blocks >= ceil(max n / EXPAND_BN)`), plus `partial` is the shrink's output for this group (written by a launch
 //! that completed before this one, with the same `shrink_blocks`, `max_splits`, `k`, `max_tokens`, `r_pad`),
 //! `y` rows of `ldy` elements hold columns `y_col .. y_col + n` of every
-//! module, B pointers valid for `[n, rank]`.
+//! module, B pointers valid for `[n, rank]`; in delta mode `delta` holds `max_tokens` rows of `ld_delta >=
+//! y_col + n` f32 for every module.
 
 use crate::abi::{shrink_splits, GemmDesc, Tile, EXPAND_BN, MAX_RANK};
 use crate::dsl::*;
@@ -46,12 +53,15 @@ pub unsafe fn lora_expand(
     max_tiles: u32,
     y: *mut u16,
     ldy: u32,
+    delta: *mut f32,
+    ld_delta: u32,
 ) {
     // SAFETY: the launch contract in the module docs keeps every address below in bounds.
     unsafe {
         let nt = (*num_tiles).min(max_tiles);
         let total = n_mod * nt * n_blocks;
         let (splits, _) = shrink_splits(shrink_blocks, nt * n_mod, max_splits, k);
+        let delta_mode = !delta.is_null();
         let (lane, warp) = (lane_id(), warp_id());
         let mut w = block_idx_x();
         while w < total {
@@ -61,30 +71,48 @@ pub unsafe fn lora_expand(
             w += grid_dim_x();
             let tile = *tiles.add(tile_i as usize);
             let d = *descs.add((module * num_slots + tile.slot) as usize);
-            if d.m == 0 {
-                continue;
-            }
-            let r = d.rank.min(MAX_RANK).min(r_pad);
             let n0 = nb * EXPAND_BN + warp * 32;
             if n0 >= d.n {
                 continue;
             }
             let (g, t) = (lane / 4, lane % 4);
+            let (lo_ok, hi_ok) = (g < tile.rows, g + 8 < tile.rows);
+            // Delta mode: this tile's rows of the module's columns in `delta` (sorted-row order).
+            let d_lo = delta.add(((tile.row_start + g) * ld_delta + d.y_col) as usize);
+            let d_hi = delta.add(((tile.row_start + g + 8) * ld_delta + d.y_col) as usize);
+            if d.m == 0 {
+                // The adapter lacks this module: in delta mode its columns get exact zeros, which the add
+                // kernel skips (so those outputs stay bit-identical); otherwise nothing to do.
+                if delta_mode {
+                    crate::unroll!(j in [0, 1, 2, 3] {
+                        let col = n0 + j as u32 * 8 + 2 * t;
+                        if col < d.n {
+                            if lo_ok {
+                                put_pair(d_lo.add(col as usize), 0.0, 0.0, col + 1 < d.n);
+                            }
+                            if hi_ok {
+                                put_pair(d_hi.add(col as usize), 0.0, 0.0, col + 1 < d.n);
+                            }
+                        }
+                    });
+                }
+                continue;
+            }
+            let r = d.rank.min(MAX_RANK).min(r_pad);
             // Row `row` of split `s` of this tile's partials (the shrink's output, not yet reduced).
             let split_stride = (max_tokens * n_mod * r_pad) as usize;
             let p_row = |row: u32| partial.add((((tile.row_start + row) * n_mod + module) * r_pad) as usize);
             let b_base = d.b as *const u16;
             let mut acc = [[0f32; 4]; 4];
-            let (lo_ok, hi_ok) = (g < tile.rows, g + 8 < tile.rows);
             // The epilogue's reads are issued now, ahead of the MMA loop: the rows' token indices and the
             // old y pairs this lane will update (4-byte aligned, in-range pairs; other cases read in the
             // epilogue), so the epilogue only waits for its stores.
-            let y_lo = if lo_ok { y.add((*perm.add((tile.row_start + g) as usize) * ldy + d.y_col) as usize) } else { y };
-            let y_hi = if hi_ok { y.add((*perm.add((tile.row_start + g + 8) as usize) * ldy + d.y_col) as usize) } else { y };
+            let y_lo = if lo_ok && !delta_mode { y.add((*perm.add((tile.row_start + g) as usize) * ldy + d.y_col) as usize) } else { y };
+            let y_hi = if hi_ok && !delta_mode { y.add((*perm.add((tile.row_start + g + 8) as usize) * ldy + d.y_col) as usize) } else { y };
             let mut y_old = [[0u32; 2]; 4];
             crate::unroll!(j in [0, 1, 2, 3] {
                 let col = n0 + j as u32 * 8 + 2 * t;
-                if col + 1 < d.n {
+                if col + 1 < d.n && !delta_mode {
                     let (p_lo, p_hi) = (y_lo.add(col as usize), y_hi.add(col as usize));
                     if lo_ok && (p_lo as usize).is_multiple_of(4) {
                         y_old[j][0] = *(p_lo as *const u32);
@@ -118,11 +146,21 @@ pub unsafe fn lora_expand(
                 let col = n0 + j as u32 * 8 + 2 * t;
                 if col < d.n {
                     // Rows g and g + 8 of the fragment: constant indices keep acc in registers.
-                    if lo_ok {
-                        add_pair(y_lo.add(col as usize), y_old[j][0], d.scale * acc_j[0], d.scale * acc_j[1], col + 1 < d.n);
-                    }
-                    if hi_ok {
-                        add_pair(y_hi.add(col as usize), y_old[j][1], d.scale * acc_j[2], d.scale * acc_j[3], col + 1 < d.n);
+                    let both = col + 1 < d.n;
+                    if delta_mode {
+                        if lo_ok {
+                            put_pair(d_lo.add(col as usize), d.scale * acc_j[0], d.scale * acc_j[1], both);
+                        }
+                        if hi_ok {
+                            put_pair(d_hi.add(col as usize), d.scale * acc_j[2], d.scale * acc_j[3], both);
+                        }
+                    } else {
+                        if lo_ok {
+                            add_pair(y_lo.add(col as usize), y_old[j][0], d.scale * acc_j[0], d.scale * acc_j[1], both);
+                        }
+                        if hi_ok {
+                            add_pair(y_hi.add(col as usize), y_old[j][1], d.scale * acc_j[2], d.scale * acc_j[3], both);
+                        }
                     }
                 }
             });
@@ -178,6 +216,25 @@ unsafe fn sum_splits(
             [pack_bf16x2(f32_to_bf16(v[0]), f32_to_bf16(v[1])), pack_bf16x2(f32_to_bf16(v[2]), f32_to_bf16(v[3]))]
         };
         (pack(a), pack(b))
+    }
+}
+
+/// `p[0] = v0` and, when `both`, `p[1] = v1` (f32): one 8-byte store when aligned, else per element.
+///
+/// # Safety
+/// `p[0]` (and `p[1]` when `both`) must be valid for writes by this thread alone.
+#[inline(always)]
+unsafe fn put_pair(p: *mut f32, v0: f32, v1: f32, both: bool) {
+    // SAFETY: the caller guarantees the elements are valid and owned by this thread.
+    unsafe {
+        if both && (p as usize).is_multiple_of(8) {
+            core::ptr::write(p as *mut U32x2, U32x2([v0.to_bits(), v1.to_bits()]));
+        } else {
+            *p = v0;
+            if both {
+                *p.add(1) = v1;
+            }
+        }
     }
 }
 

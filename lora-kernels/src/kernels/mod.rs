@@ -25,6 +25,7 @@ macro_rules! kernel {
 }
 
 pub mod baseline;
+pub mod delta;
 pub mod expand;
 pub mod prep;
 pub mod probe;
