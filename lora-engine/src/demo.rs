@@ -72,6 +72,7 @@ pub fn run(d: &dyn TestDevice) -> Result<DemoReport, GemmError> {
         slot_count: upload(d, &vec![0u32; s])?,
         slot_off: upload(d, &vec![0u32; s + 1])?,
         perm: upload(d, &vec![0u32; cap.max_tokens as usize])?,
+        tok_slot: upload(d, &vec![0u32; cap.max_tokens as usize])?,
         tiles: upload(d, &vec![Tile::default(); plan.prep.max_tiles as usize])?,
         num_tiles: upload(d, &[0u32])?,
         descs: upload(d, &vec![0u8; plan.descs * std::mem::size_of::<lora_kernels::abi::GemmDesc>()])?,

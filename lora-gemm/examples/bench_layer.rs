@@ -532,6 +532,7 @@ fn upload_data(d: &dyn TestDevice, model: &ModelPlan, s: &Sizes, h: &HostData) -
             slot_count: zeros(d, 4 * ns)?,
             slot_off: zeros(d, 4 * (ns + 1))?,
             perm: zeros(d, 4 * t)?,
+            tok_slot: zeros(d, 4 * t)?,
             tiles: zeros(d, s.tiles as usize * std::mem::size_of::<Tile>())?,
             num_tiles: zeros(d, 4)?,
             descs: zeros(d, nm * ns * std::mem::size_of::<GemmDesc>())?,

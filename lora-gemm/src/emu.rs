@@ -45,10 +45,10 @@ impl Launcher for EmuLauncher {
         let want = match kernel {
             Kernel::SmokeMma => 6,
             Kernel::ProbeWarpOps => 3,
-            Kernel::Prep => 14,
+            Kernel::Prep => 15,
             Kernel::ShrinkR16 | Kernel::ShrinkR32 | Kernel::ShrinkR64 | Kernel::ShrinkR128 => 14,
             Kernel::Expand => 18,
-            Kernel::AddDelta => 8,
+            Kernel::AddDelta => 7,
             Kernel::GatherRows | Kernel::ScatterAddRows => 6,
         };
         if a.len() != want {
@@ -73,14 +73,15 @@ impl Launcher for EmuLauncher {
                 let (max_reqs, max_tokens, num_slots) = (u(a[1])?, u(a[2])?, u(a[3])?);
                 let (weights, shapes) = (ptr::<SlotWeights>(a[4])?, ptr::<ModuleShape>(a[5])?);
                 let (layers, modules) = (u(a[6])?, u(a[7])?);
-                let (count, off, perm) = (ptr::<u32>(a[8])?, ptr::<u32>(a[9])?, ptr::<u32>(a[10])?);
-                let (tiles, num_tiles, descs) = (ptr::<Tile>(a[11])?, ptr::<u32>(a[12])?, ptr::<GemmDesc>(a[13])?);
+                let (count, off, perm, tok_slot) =
+                    (ptr::<u32>(a[8])?, ptr::<u32>(a[9])?, ptr::<u32>(a[10])?, ptr::<u32>(a[11])?);
+                let (tiles, num_tiles, descs) = (ptr::<Tile>(a[12])?, ptr::<u32>(a[13])?, ptr::<GemmDesc>(a[14])?);
                 // SAFETY: see above.
                 unsafe {
                     launch(&cfg, || {
                         lora_prep(
                             step, max_reqs, max_tokens, num_slots, weights, shapes, layers, modules, count, off, perm,
-                            tiles, num_tiles, descs,
+                            tok_slot, tiles, num_tiles, descs,
                         )
                     })
                 }?
@@ -142,11 +143,10 @@ impl Launcher for EmuLauncher {
                 }?
             }
             Kernel::AddDelta => {
-                let (delta, ld_delta, perm, count) =
-                    (ptr::<f32>(a[0])?, u(a[1])?, ptr::<u32>(a[2])?, ptr::<u32>(a[3])?);
-                let (max_tokens, ncols, y, ldy) = (u(a[4])?, u(a[5])?, ptr::<u16>(a[6])?, u(a[7])?);
+                let (delta, ld_delta, tok_slot, rows) = (ptr::<f32>(a[0])?, u(a[1])?, ptr::<u32>(a[2])?, u(a[3])?);
+                let (ncols, y, ldy) = (u(a[4])?, ptr::<u16>(a[5])?, u(a[6])?);
                 // SAFETY: see above.
-                unsafe { launch(&cfg, || lora_add_delta(delta, ld_delta, perm, count, max_tokens, ncols, y, ldy)) }?
+                unsafe { launch(&cfg, || lora_add_delta(delta, ld_delta, tok_slot, rows, ncols, y, ldy)) }?
             }
             Kernel::GatherRows | Kernel::ScatterAddRows => {
                 let (src, ld_src, idx, dst, ld_dst, cols) =

@@ -74,6 +74,8 @@ pub struct StepBuffers {
     pub slot_off: u64,
     /// `[max_tokens]` slot-sorted row → token.
     pub perm: u64,
+    /// `[max_tokens]` token → slot (`abi::NO_SLOT` for none and for padding rows).
+    pub tok_slot: u64,
     /// `[max_tiles]` tiles.
     pub tiles: u64,
     /// One word: number of tiles this step.
@@ -129,6 +131,7 @@ pub fn launch_prep(l: &dyn Launcher, p: &PrepArgs, s: &StepBuffers) -> Result<()
         Arg::Ptr(s.slot_count),
         Arg::Ptr(s.slot_off),
         Arg::Ptr(s.perm),
+        Arg::Ptr(s.tok_slot),
         Arg::Ptr(s.tiles),
         Arg::Ptr(s.num_tiles),
         Arg::Ptr(s.descs),
@@ -205,7 +208,7 @@ pub fn launch_expand(
 }
 
 /// The expand in delta mode: writes `scale · t · Bᵀ` (f32, zeros for modules an adapter lacks) at
-/// `delta[sorted row][y_col + col]`, row stride `ld_delta`, without touching y. It needs only the shrink, so
+/// `delta[token][y_col + col]`, row stride `ld_delta`, without touching y. It needs only the shrink, so
 /// it may run beside the base GEMM; [`launch_add_delta`] then adds it into y.
 pub fn launch_expand_delta(
     l: &dyn Launcher,
@@ -222,13 +225,12 @@ pub fn launch_expand_delta(
     expand(l, g, s, ws, descs, 0, 0, delta, ld_delta)
 }
 
-/// `y[perm[row], ..ncols] += delta[row, ..ncols]` for the step's adapted rows (`slot_off[num_slots]` of them).
+/// `y[t, ..ncols] += delta[t, ..ncols]` for the tokens `t < rows` that carry an adapter (`tok_slot`).
 #[allow(clippy::too_many_arguments)]
 pub fn launch_add_delta(
     l: &dyn Launcher,
     s: &StepBuffers,
-    num_slots: u32,
-    max_tokens: u32,
+    rows: u32,
     delta: u64,
     ld_delta: u32,
     ncols: u32,
@@ -239,9 +241,8 @@ pub fn launch_add_delta(
     let args = [
         Arg::Ptr(delta),
         Arg::U32(ld_delta),
-        Arg::Ptr(s.perm),
-        Arg::Ptr(s.slot_off + 4 * num_slots as u64),
-        Arg::U32(max_tokens),
+        Arg::Ptr(s.tok_slot),
+        Arg::U32(rows),
         Arg::U32(ncols),
         Arg::Ptr(y),
         Arg::U32(ldy),

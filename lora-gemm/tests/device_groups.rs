@@ -233,6 +233,7 @@ impl<'d> Rig<'d> {
             slot_count: upload(d, &vec![0u32; ns]).unwrap(),
             slot_off: upload(d, &vec![0u32; ns + 1]).unwrap(),
             perm: upload(d, &vec![0u32; cap.max_tokens as usize]).unwrap(),
+            tok_slot: upload(d, &vec![0u32; cap.max_tokens as usize]).unwrap(),
             tiles: upload(d, &vec![Tile::default(); plan.prep.max_tiles as usize]).unwrap(),
             num_tiles: upload(d, &[0u32]).unwrap(),
             descs: upload(d, &vec![GemmDesc::default(); plan.descs]).unwrap(),
@@ -1153,6 +1154,7 @@ fn check_prep_case(d: &dyn TestDevice, c: &PrepCase) {
         slot_count: upload(d, &vec![POISON_WORD; ns as usize]).unwrap(),
         slot_off: upload(d, &vec![POISON_WORD; ns as usize + 1]).unwrap(),
         perm: upload(d, &vec![POISON_WORD; c.max_tokens as usize]).unwrap(),
+        tok_slot: upload(d, &vec![POISON_WORD; c.max_tokens as usize]).unwrap(),
         tiles: upload(d, &vec![poison_tile(); mt]).unwrap(),
         num_tiles: upload(d, &[POISON_WORD]).unwrap(),
         descs: upload(d, &vec![GemmDesc { m: POISON_WORD, rank: POISON_WORD, ..GemmDesc::default() }; total]).unwrap(),
@@ -1182,6 +1184,12 @@ fn check_prep_case(d: &dyn TestDevice, c: &PrepCase) {
     let lora = want.perm.len();
     assert_eq!(&perm[..lora], &want.perm[..], "{name}: perm");
     assert!(perm[lora..].iter().all(|&p| p == POISON_WORD), "{name}: perm written past the adapted tokens");
+    // Every row's slot: the oracle's for the step's tokens, NO_SLOT for the rest of the capacity.
+    let tok_slot: Vec<u32> = download(d, bufs.tok_slot, c.max_tokens as usize).unwrap();
+    let mut want_tok: Vec<u32> =
+        token_slots(&req_slot, &offs, ns).unwrap().iter().map(|s| s.unwrap_or(lora_kernels::abi::NO_SLOT)).collect();
+    want_tok.resize(c.max_tokens as usize, lora_kernels::abi::NO_SLOT);
+    assert_eq!(tok_slot, want_tok, "{name}: tok_slot");
     let tiles: Vec<Tile> = download(d, bufs.tiles, mt).unwrap();
     let nt = want.num_tiles as usize;
     assert_eq!(&tiles[..nt], &want.tiles[..], "{name}: tiles");
@@ -1345,7 +1353,6 @@ device_test!(delta_mode_matches_direct_expand, |d: &dyn TestDevice, big: bool| {
             lora_gemm::launch::launch_add_delta(
                 l,
                 &r.rig.bufs,
-                r.rig.cap.num_slots,
                 r.rig.cap.max_tokens,
                 delta,
                 ncols,

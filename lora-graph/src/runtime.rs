@@ -187,6 +187,7 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
             slot_count: alloc(4 * s)?,
             slot_off: alloc(4 * (s + 1))?,
             perm: alloc(4 * cap.max_tokens as usize)?,
+            tok_slot: alloc(4 * cap.max_tokens as usize)?,
             tiles: alloc(std::mem::size_of::<Tile>() * plan.prep.max_tiles as usize)?,
             num_tiles: alloc(4)?,
             descs: alloc(descs * std::mem::size_of::<GemmDesc>())?,
@@ -501,18 +502,7 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
         let ncols: u32 = g.shapes.iter().map(|s| s.n).sum();
         // One thread per 4 columns of a row, at most 4 blocks per SM.
         let blocks = (bucket * ncols.div_ceil(4)).div_ceil(128).clamp(1, 4 * self.sm_count);
-        launch_add_delta(
-            l,
-            &self.step_bufs,
-            self.cfg.capacity.num_slots,
-            bucket,
-            self.delta,
-            self.delta_ld,
-            ncols,
-            y,
-            ldy,
-            blocks,
-        )?;
+        launch_add_delta(l, &self.step_bufs, bucket, self.delta, self.delta_ld, ncols, y, ldy, blocks)?;
         Ok(())
     }
 

@@ -2,6 +2,9 @@
 //! the buffers they work on. Every struct is `#[repr(C)]` with explicit padding so the host can `bytemuck`
 //! it into device memory byte for byte.
 
+/// `tok_slot` value of a token without an adapter (and of padding rows).
+pub const NO_SLOT: u32 = u32::MAX;
+
 /// Rows of one M tile: the `m16` of `mma.m16n8k16`. Every grouped-GEMM work item covers at most this many
 /// tokens of one slot.
 pub const TILE_M: u32 = 16;

@@ -1,19 +1,20 @@
-//! `lora_add_delta`: `y[perm[row], c] += delta[row, c]` for the step's adapted rows — the second half of a
-//! split expand (see the delta mode of `expand.rs`). It is the only LoRA work left on a model step's
-//! critical path when the shrink and the expand run on a parallel branch beside the base GEMM.
+//! `lora_add_delta`: `y[t, c] += delta[t, c]` for every token t of the step that carries an adapter — the
+//! second half of a split expand (see the delta mode of `expand.rs`). It is the only LoRA work left on a
+//! model step's critical path when the shrink and the expand run on a parallel branch beside the base GEMM,
+//! so it is built for latency: every thread's three loads (the token's slot, the delta, y) are independent
+//! of each other, then one store.
 //!
 //! Thread mapping: a persistent grid of `G` blocks of 128 threads; thread i of the grid handles the
-//! 4-column chunks `i, i + 128·G, …` of the `count × ceil(ncols / 4)` chunks, row-major (`count` = the
-//! step's adapted tokens, `slot_off[num_slots]` as the prep kernel wrote it). Each chunk: one 16-byte load of
-//! the f32 delta (element loads at a ragged end), the token row from `perm`, and a bf16 read-modify-write of
-//! y in f32 arithmetic. An exact `0.0` delta is skipped: the expand writes exact zeros for modules an adapter
-//! lacks, and skipping them keeps those outputs bit-identical.
+//! 4-column chunks `i, i + 128·G, …` of the `rows × ceil(ncols / 4)` chunks, row-major (`rows` = the
+//! bucket). A row whose `tok_slot` is [`NO_SLOT`] (no adapter, or padding) is skipped. An exact `0.0` delta
+//! is skipped too: the expand writes exact zeros for modules an adapter lacks, and skipping them keeps
+//! those outputs bit-identical.
 //!
-//! Safety contract: `count` points at one word ≤ `max_tokens`; `perm` holds that many token indices;
-//! `delta` holds `max_tokens` rows of `ld_delta >= ncols` f32 (16-byte aligned rows when `ld_delta` is a
-//! multiple of 4); `y` rows of `ldy >= ncols` bf16 hold every token in `perm`; no two rows of `perm` are the
-//! same token.
+//! Safety contract: `tok_slot` holds `rows` words as the prep kernel wrote them; `delta` holds `rows` rows
+//! of `ld_delta >= ncols` f32, written by the delta-mode expand of this step for every adapted token;
+//! `y` holds `rows` rows of `ldy >= ncols` bf16.
 
+use crate::abi::NO_SLOT;
 use crate::dsl::*;
 
 kernel! {
@@ -21,16 +22,14 @@ kernel! {
     pub unsafe fn lora_add_delta(
         delta: *const f32,
         ld_delta: u32,
-        perm: *const u32,
-        count: *const u32,
-        max_tokens: u32,
+        tok_slot: *const u32,
+        rows: u32,
         ncols: u32,
         y: *mut u16,
         ldy: u32,
     ) {
         // SAFETY: the launch contract in the module docs keeps every address below in bounds.
         unsafe {
-            let rows = (*count).min(max_tokens);
             let chunks = ncols.div_ceil(4);
             let total = rows * chunks;
             let stride = grid_dim_x() * block_dim_x();
@@ -38,6 +37,7 @@ kernel! {
             while i < total {
                 let (row, c) = (i / chunks, (i % chunks) * 4);
                 i += stride;
+                let slot = *tok_slot.add(row as usize);
                 let dp = delta.add((row * ld_delta + c) as usize);
                 let v = if c + 4 <= ncols && (dp as usize).is_multiple_of(16) {
                     let w = ld_v4(dp as *const u32);
@@ -51,7 +51,10 @@ kernel! {
                     });
                     v
                 };
-                let yp = y.add((*perm.add(row as usize) * ldy + c) as usize);
+                if slot == NO_SLOT {
+                    continue;
+                }
+                let yp = y.add((row * ldy + c) as usize);
                 crate::unroll!(e in [0, 1, 2, 3] {
                     if c + (e as u32) < ncols && v[e] != 0.0 {
                         *yp.add(e) = f32_to_bf16(bf16_to_f32(*yp.add(e)) + v[e]);

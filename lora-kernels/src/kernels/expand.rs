@@ -19,7 +19,7 @@
 //! adapter are never touched.
 //!
 //! **Delta mode** (`delta` non-null): instead of adding into y, the epilogue stores `scale · acc` in f32 at
-//! `delta[sorted row][y_col + col]` (row stride `ld_delta`), and columns of a module the tile's adapter lacks
+//! `delta[token][y_col + col]` (row stride `ld_delta`), and columns of a module the tile's adapter lacks
 //! get exact zeros; `lora_add_delta` (in `delta.rs`) then adds the delta into y. This splits the expand's
 //! work from its read-modify-write of y, so a model step can run the expand on a parallel branch beside the
 //! base GEMM and keep only the small add on the critical path. `y`/`ldy` are unused in delta mode.
@@ -29,7 +29,7 @@
 //! that completed before this one, with the same `shrink_blocks`, `max_splits`, `k`, `max_tokens`, `r_pad`),
 //! `y` rows of `ldy` elements hold columns `y_col .. y_col + n` of every
 //! module, B pointers valid for `[n, rank]`; in delta mode `delta` holds `max_tokens` rows of `ld_delta >=
-//! y_col + n` f32 for every module.
+//! y_col + n` f32 for every token of the step.
 
 use crate::abi::{shrink_splits, GemmDesc, Tile, EXPAND_BN, MAX_RANK};
 use crate::dsl::*;
@@ -77,9 +77,12 @@ pub unsafe fn lora_expand(
             }
             let (g, t) = (lane / 4, lane % 4);
             let (lo_ok, hi_ok) = (g < tile.rows, g + 8 < tile.rows);
-            // Delta mode: this tile's rows of the module's columns in `delta` (sorted-row order).
-            let d_lo = delta.add(((tile.row_start + g) * ld_delta + d.y_col) as usize);
-            let d_hi = delta.add(((tile.row_start + g + 8) * ld_delta + d.y_col) as usize);
+            // The rows' tokens (the epilogue writes at the original token rows, in both modes).
+            let tok_lo = if lo_ok { *perm.add((tile.row_start + g) as usize) } else { 0 };
+            let tok_hi = if hi_ok { *perm.add((tile.row_start + g + 8) as usize) } else { 0 };
+            // Delta mode: this module's columns of the tokens' delta rows.
+            let d_lo = delta.add((tok_lo * ld_delta + d.y_col) as usize);
+            let d_hi = delta.add((tok_hi * ld_delta + d.y_col) as usize);
             if d.m == 0 {
                 // The adapter lacks this module: in delta mode its columns get exact zeros, which the add
                 // kernel skips (so those outputs stay bit-identical); otherwise nothing to do.
@@ -107,8 +110,8 @@ pub unsafe fn lora_expand(
             // The epilogue's reads are issued now, ahead of the MMA loop: the rows' token indices and the
             // old y pairs this lane will update (4-byte aligned, in-range pairs; other cases read in the
             // epilogue), so the epilogue only waits for its stores.
-            let y_lo = if lo_ok && !delta_mode { y.add((*perm.add((tile.row_start + g) as usize) * ldy + d.y_col) as usize) } else { y };
-            let y_hi = if hi_ok && !delta_mode { y.add((*perm.add((tile.row_start + g + 8) as usize) * ldy + d.y_col) as usize) } else { y };
+            let y_lo = y.add((tok_lo * ldy + d.y_col) as usize);
+            let y_hi = y.add((tok_hi * ldy + d.y_col) as usize);
             let mut y_old = [[0u32; 2]; 4];
             crate::unroll!(j in [0, 1, 2, 3] {
                 let col = n0 + j as u32 * 8 + 2 * t;

@@ -15,20 +15,21 @@
 //! memory (strided over threads). Phase 2: thread s < num_slots walks the requests in order and gives each
 //! request of slot s its offset inside the slot (this is what makes the permutation stable). Phase 3: thread
 //! 0 prefix-sums counts and tile counts. Phase 4: token-parallel (strided) — each token finds its request by
-//! binary search over the offsets and writes its `perm` entry. Phase 5: thread s writes slot s's tiles.
+//! binary search over the offsets and writes its `perm` entry and its slot `tok_slot[t]` ([`NO_SLOT`] for no
+//! adapter, and for every row from the step's token count up to `max_tokens`). Phase 5: thread s writes slot s's tiles.
 //! Phase 6: descriptor-parallel (strided) over `num_layers × num_modules × num_slots`.
 //!
 //! Safety contract: `step` holds the used prefix of `StepLayout::new(max_reqs, num_slots, num_layers ×
 //! num_modules)` with `num_reqs <= max_reqs`, `num_changed <= num_slots`, changed slots below `num_slots`,
 //! non-decreasing offsets starting at 0 and `num_tokens <= max_tokens`; `weights` and `descs` hold
 //! `num_layers × num_modules × num_slots` entries, `shapes` `num_modules`; `slot_count` `num_slots`,
-//! `slot_off` `num_slots + 1`, `perm` `max_tokens`, `tiles` `max_tiles(max_tokens, num_slots)`,
+//! `slot_off` `num_slots + 1`, `perm` and `tok_slot` `max_tokens`, `tiles` `max_tiles(max_tokens, num_slots)`,
 //! `num_tiles` one word. `num_slots <= PREP_THREADS`. One block of `PREP_THREADS` threads with
 //! `prep_shared_bytes(max_reqs, num_slots)` bytes of dynamic shared memory.
 
 #[allow(unused_imports)]
 use crate::abi::PREP_THREADS;
-use crate::abi::{GemmDesc, ModuleShape, SlotWeights, StepLayout, Tile, TILE_M};
+use crate::abi::{GemmDesc, ModuleShape, SlotWeights, StepLayout, Tile, NO_SLOT, TILE_M};
 use crate::dsl::*;
 
 kernel! {
@@ -45,6 +46,7 @@ kernel! {
         slot_count: *mut u32,
         slot_off: *mut u32,
         perm: *mut u32,
+        tok_slot: *mut u32,
         tiles: *mut Tile,
         num_tiles: *mut u32,
         descs: *mut GemmDesc,
@@ -125,9 +127,14 @@ kernel! {
             }
             sync_threads();
 
-            // Phase 4: token-parallel permutation.
+            // Phase 4: token-parallel permutation, and every token's slot (NO_SLOT past the step's tokens).
             let mut t = tid;
-            while t < num_tokens {
+            while t < max_tokens {
+                if t >= num_tokens {
+                    *tok_slot.add(t as usize) = NO_SLOT;
+                    t += nt;
+                    continue;
+                }
                 // Last request whose first token is <= t (requests with no tokens are skipped over).
                 let (mut lo, mut hi) = (0u32, num_reqs);
                 while hi - lo > 1 {
@@ -143,6 +150,7 @@ kernel! {
                     let dst = *s_base.add(s as usize) + *s_dst.add(lo as usize) + (t - *s_off.add(lo as usize));
                     *perm.add(dst as usize) = t;
                 }
+                *tok_slot.add(t as usize) = if s < num_slots { s } else { NO_SLOT };
                 t += nt;
             }
 
