@@ -736,7 +736,7 @@ fn emu_check(sms: u32) -> Result<()> {
             })
         };
         let once = run(&|l| enqueue_ours(l, &dd, p))?;
-        // Twice in a row must add the delta twice (the shrink's counters are back at zero, nothing stale).
+        // Twice in a row must add the delta twice (the workspaces hold nothing stale between launches).
         let twice = run(&|l| {
             enqueue_ours(l, &dd, p)?;
             enqueue_ours(l, &dd, p)

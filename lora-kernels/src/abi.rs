@@ -204,7 +204,7 @@ pub const fn shrink_splits(blocks: u32, items: u32, max_splits: u32, k: u32) -> 
     (k.div_ceil(k_chunk), k_chunk)
 }
 
-/// Round `r` up to the rank padding of the `t` buffer (a multiple of 16: one expand `k` step).
+/// Round `r` up to the rank padding of the partial rows (a multiple of 16: one expand `k` step).
 pub const fn rank_pad(r: u32) -> u32 {
     r.div_ceil(16) * 16
 }

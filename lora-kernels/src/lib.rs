@@ -3,7 +3,8 @@
 //! - [`dsl`]: the device primitives every kernel is written in, with a device backend (inline PTX) and a
 //!   host backend (a SIMT emulator) behind the same names.
 //! - [`kernels`]: the kernels themselves — the smoke tile product, the warp-primitive probe, the fused
-//!   per-step prep, and the grouped split-K shrink and grouped expand.
+//!   per-step prep, the grouped split-K shrink, the grouped expand (direct or into a delta), the delta add,
+//!   and the row movers of the benchmark's baseline.
 //! - [`abi`]: the plain-data types and layouts the kernels and the host share.
 //! - `ptx` (host only): the committed PTX, embedded, and [`Kernel`], the one place every kernel is named.
 //!

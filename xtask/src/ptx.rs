@@ -258,7 +258,6 @@ fn snapshot(root: &Path, report: &str, check: bool) -> Result<()> {
     settings.set_omit_expression(true);
     settings.set_description("ptxas -arch=sm_90 -v resources per kernel (regenerate with `cargo xtask ptx`)");
     // `cargo xtask ptx` accepts the new report; `--check` (and CI) only compares.
-    // SAFETY-free: plain environment configuration of insta before the assertion, single-threaded here.
     std::env::set_var("INSTA_UPDATE", if check { "no" } else { "always" });
     std::env::set_var("INSTA_FORCE_PASS", "0");
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
