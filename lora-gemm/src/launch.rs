@@ -51,7 +51,7 @@ pub struct Geometry {
     pub max_tiles: u32,
     /// Modules in the group.
     pub n_mod: u32,
-    /// Expand column blocks per module: `ceil(max n / EXPAND_COLS)`.
+    /// Expand column blocks per module: `ceil(max n / EXPAND_BN)`.
     pub expand_blocks: u32,
     /// Token capacity (rows of the workspaces).
     pub max_tokens: u32,

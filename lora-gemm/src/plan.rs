@@ -20,7 +20,7 @@
 //! class (16, 32, 64, 128) holding the capacity's max rank.
 
 use lora_kernels::abi::{
-    max_tiles, prep_shared_bytes, rank_pad, shrink_shared_bytes, ModuleShape, StepLayout, EXPAND_COLS, GEMM_THREADS,
+    max_tiles, prep_shared_bytes, rank_pad, shrink_shared_bytes, ModuleShape, StepLayout, EXPAND_BN, GEMM_THREADS,
     GEMM_WARPS, MAX_GROUP_MODULES, MAX_RANK, PREP_THREADS, SHRINK_K_STEP,
 };
 
@@ -171,7 +171,7 @@ pub struct GroupPlan {
     pub splits: u32,
     /// `k` per split at `splits`, a multiple of [`SHRINK_K_STEP`].
     pub k_chunk: u32,
-    /// Expand column blocks (work items per tile and module): `ceil(max_n / EXPAND_COLS)`.
+    /// Expand column blocks per module: `ceil(max_n / EXPAND_BN)`.
     pub expand_blocks: u32,
     /// The shrink entry point (rank class of `max_rank`).
     pub shrink_kernel: Kernel,
@@ -294,8 +294,8 @@ pub const fn shrink_blocks_per_sm(kernel: Kernel) -> u32 {
         _ => 4,
     }
 }
-/// Expand blocks per SM of the persistent grid (its 158 registers per thread leave room for three).
-pub const EXPAND_BLOCKS_PER_SM: u32 = 3;
+/// Expand blocks per SM of the persistent grid.
+pub const EXPAND_BLOCKS_PER_SM: u32 = 4;
 
 /// The split-K chunk the planner picks at most (see the module docs).
 fn pick_k_chunk(k: u32) -> u32 {
@@ -358,7 +358,7 @@ pub fn plan_group_with_k_chunk(
             tok * k as u64
         ));
     }
-    let expand_blocks = max_n.div_ceil(EXPAND_COLS);
+    let expand_blocks = max_n.div_ceil(EXPAND_BN);
     let shrink_kernel = Kernel::shrink_for_rank(cap.max_rank)
         .ok_or_else(|| GemmError::Invalid(format!("no shrink kernel for rank {}", cap.max_rank)))?;
     Ok(GroupPlan {
@@ -517,8 +517,8 @@ mod tests {
         assert_eq!(p.max_tiles, mt);
         // Max rank 64: the r64 class, 3 resident blocks per SM.
         assert_eq!(p.shrink.grid, (3 * 132, 1, 1));
-        assert_eq!(p.expand.grid, (3 * 132, 1, 1));
-        assert_eq!(p.expand_blocks, 8);
+        assert_eq!(p.expand.grid, (4 * 132, 1, 1));
+        assert_eq!(p.expand_blocks, 32);
         assert_eq!(p.shrink_kernel, Kernel::ShrinkR64);
         assert_eq!((p.shrink.block, p.expand.block), (128, 128));
         assert_eq!((p.shrink.shared_bytes, p.expand.shared_bytes), (shrink_shared_bytes(64), 0));

@@ -6,9 +6,7 @@
 use std::fmt::Write;
 
 use lora_gemm::plan::{llama3_70b_groups, llama3_8b_groups, plan_model, Capacity, ModelPlan, ModuleGroup};
-use lora_kernels::abi::{
-    max_tiles, rank_pad, shrink_shared_bytes, EXPAND_COLS, GEMM_THREADS, GEMM_WARPS, SHRINK_K_STEP,
-};
+use lora_kernels::abi::{max_tiles, rank_pad, shrink_shared_bytes, EXPAND_BN, GEMM_THREADS, GEMM_WARPS, SHRINK_K_STEP};
 
 const BUCKETS: [u32; 5] = [1, 16, 64, 256, 2048];
 const SMS: u32 = 132;
@@ -30,8 +28,8 @@ fn check(m: &ModelPlan, groups: &[ModuleGroup]) {
         assert_eq!(p.max_tiles, max_tiles(p.max_tokens, p.num_slots));
         // Persistent grids of a few blocks per SM (132 SMs here), whatever the capacity.
         assert_eq!(p.shrink.grid, (lora_gemm::plan::shrink_blocks_per_sm(p.shrink_kernel) * 132, 1, 1));
-        assert_eq!(p.expand.grid, (3 * 132, 1, 1));
-        assert_eq!(p.expand_blocks, p.max_n.div_ceil(EXPAND_COLS));
+        assert_eq!(p.expand.grid, (4 * 132, 1, 1));
+        assert_eq!(p.expand_blocks, p.max_n.div_ceil(EXPAND_BN));
         assert!(p.splits <= lora_gemm::plan::MAX_SPLITS);
         assert_eq!(Some(p.shrink_kernel), lora_kernels::Kernel::shrink_for_rank(p.max_rank));
         assert_eq!((p.shrink.block, p.expand.block), (GEMM_THREADS, GEMM_THREADS));

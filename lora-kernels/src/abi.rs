@@ -14,12 +14,8 @@ pub const GEMM_THREADS: u32 = 128;
 pub const GEMM_WARPS: u32 = GEMM_THREADS / 32;
 /// The `k` one warp of the shrink consumes per iteration (two `m16n8k16` steps from one 16-byte load).
 pub const SHRINK_K_STEP: u32 = 32;
-/// Output columns one expand sub-block covers (32 per warp: four `n8` tiles).
+/// Output columns one expand block writes (32 per warp: four `n8` tiles).
 pub const EXPAND_BN: u32 = 128;
-/// Sub-blocks per expand work item: one item covers `EXPAND_COLS` columns and sums its A operand once.
-pub const EXPAND_CB: u32 = 4;
-/// Output columns of one expand work item.
-pub const EXPAND_COLS: u32 = EXPAND_BN * EXPAND_CB;
 /// Largest rank the kernels support (the shrink keeps `MAX_RANK / 8` accumulator tiles in registers).
 pub const MAX_RANK: u32 = 128;
 /// Most modules one module group may hold (q, k, v is the largest group of a Llama layer).

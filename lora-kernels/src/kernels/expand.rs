@@ -31,11 +31,7 @@
 //! module, B pointers valid for `[n, rank]`; in delta mode `delta` holds `max_tokens` rows of `ld_delta >=
 //! y_col + n` f32 for every token of the step.
 
-use crate::abi::{shrink_splits, GemmDesc, Tile, EXPAND_BN, EXPAND_CB, EXPAND_COLS, MAX_RANK};
-
-/// 16-wide rank steps of the largest rank.
-const RANK_STEPS: usize = (MAX_RANK / 16) as usize;
-const _: () = assert!(RANK_STEPS == 8, "the unrolled loops below list 8 rank steps");
+use crate::abi::{shrink_splits, GemmDesc, Tile, EXPAND_BN, MAX_RANK};
 use crate::dsl::*;
 
 kernel! {
@@ -75,10 +71,8 @@ pub unsafe fn lora_expand(
             w += grid_dim_x();
             let tile = *tiles.add(tile_i as usize);
             let d = *descs.add((module * num_slots + tile.slot) as usize);
-            // This item's columns: [nb·EXPAND_COLS, (nb+1)·EXPAND_COLS) in EXPAND_CB sub-blocks of EXPAND_BN;
-            // warp w owns columns cb·EXPAND_BN + 32w .. +32 of sub-block cb.
-            let item0 = nb * EXPAND_COLS + warp * 32;
-            if item0 >= d.n {
+            let n0 = nb * EXPAND_BN + warp * 32;
+            if n0 >= d.n {
                 continue;
             }
             let (g, t) = (lane / 4, lane % 4);
@@ -89,110 +83,93 @@ pub unsafe fn lora_expand(
             // Delta mode: this module's columns of the tokens' delta rows.
             let d_lo = delta.add((tok_lo * ld_delta + d.y_col) as usize);
             let d_hi = delta.add((tok_hi * ld_delta + d.y_col) as usize);
-            let y_lo = y.add((tok_lo * ldy + d.y_col) as usize);
-            let y_hi = y.add((tok_hi * ldy + d.y_col) as usize);
             if d.m == 0 {
                 // The adapter lacks this module: in delta mode its columns get exact zeros, which the add
                 // kernel skips (so those outputs stay bit-identical); otherwise nothing to do.
                 if delta_mode {
-                    let mut cb = 0;
-                    while cb < EXPAND_CB {
-                        let n0 = item0 + cb * EXPAND_BN;
-                        crate::unroll!(j in [0, 1, 2, 3] {
-                            let col = n0 + j as u32 * 8 + 2 * t;
-                            if col < d.n {
-                                if lo_ok {
-                                    put_pair(d_lo.add(col as usize), 0.0, 0.0, col + 1 < d.n);
-                                }
-                                if hi_ok {
-                                    put_pair(d_hi.add(col as usize), 0.0, 0.0, col + 1 < d.n);
-                                }
+                    crate::unroll!(j in [0, 1, 2, 3] {
+                        let col = n0 + j as u32 * 8 + 2 * t;
+                        if col < d.n {
+                            if lo_ok {
+                                put_pair(d_lo.add(col as usize), 0.0, 0.0, col + 1 < d.n);
                             }
-                        });
-                        cb += 1;
-                    }
+                            if hi_ok {
+                                put_pair(d_hi.add(col as usize), 0.0, 0.0, col + 1 < d.n);
+                            }
+                        }
+                    });
                 }
                 continue;
             }
             let r = d.rank.min(MAX_RANK).min(r_pad);
-            // The A operand for every 16-wide rank step, once per item (shared by its EXPAND_CB sub-blocks):
-            // the sum of the shrink's split partials of rows g and g + 8.
+            // Row `row` of split `s` of this tile's partials (the shrink's output, not yet reduced).
             let split_stride = (max_tokens * n_mod * r_pad) as usize;
             let p_row = |row: u32| partial.add((((tile.row_start + row) * n_mod + module) * r_pad) as usize);
-            let mut frags = [[0u32; 4]; RANK_STEPS];
-            crate::unroll!(s in [0, 1, 2, 3, 4, 5, 6, 7] {
-                if (s as u32) * 16 < r {
-                    let at = (s as u32 * 16 + 4 * t) as usize;
-                    let (ta, tb) = sum_splits(p_row(g).add(at), p_row(g + 8).add(at), lo_ok, hi_ok, splits, split_stride);
-                    frags[s] = [ta[0], tb[0], ta[1], tb[1]];
+            let b_base = d.b as *const u16;
+            let mut acc = [[0f32; 4]; 4];
+            // The epilogue's reads are issued now, ahead of the MMA loop: the rows' token indices and the
+            // old y pairs this lane will update (4-byte aligned, in-range pairs; other cases read in the
+            // epilogue), so the epilogue only waits for its stores.
+            let y_lo = y.add((tok_lo * ldy + d.y_col) as usize);
+            let y_hi = y.add((tok_hi * ldy + d.y_col) as usize);
+            let mut y_old = [[0u32; 2]; 4];
+            crate::unroll!(j in [0, 1, 2, 3] {
+                let col = n0 + j as u32 * 8 + 2 * t;
+                if col + 1 < d.n && !delta_mode {
+                    let (p_lo, p_hi) = (y_lo.add(col as usize), y_hi.add(col as usize));
+                    if lo_ok && (p_lo as usize).is_multiple_of(4) {
+                        y_old[j][0] = *(p_lo as *const u32);
+                    }
+                    if hi_ok && (p_hi as usize).is_multiple_of(4) {
+                        y_old[j][1] = *(p_hi as *const u32);
+                    }
                 }
             });
-            let b_base = d.b as *const u16;
-            let mut cb = 0;
-            while cb < EXPAND_CB {
-                let n0 = item0 + cb * EXPAND_BN;
-                if n0 >= d.n {
-                    break;
+            let mut kk = 0;
+            while kk < r {
+                // B first: its loads do not depend on the partials, so both are in flight together.
+                let mut bv = [[0u32; 2]; 4];
+                crate::unroll!(j in [0, 1, 2, 3] {
+                    let n = n0 + j as u32 * 8 + g;
+                    if n < d.n {
+                        bv[j] = load4_bf16_masked(b_base.add((n * d.ldb) as usize), kk + 4 * t, r);
+                    }
+                });
+                let at = (kk + 4 * t) as usize;
+                let (ta, tb) = sum_splits(p_row(g).add(at), p_row(g + 8).add(at), lo_ok, hi_ok, splits, split_stride);
+                let frag = [ta[0], tb[0], ta[1], tb[1]];
+                crate::unroll!(j in [0, 1, 2, 3] {
+                    acc[j] = mma_bf16_m16n8k16(frag, bv[j], acc[j]);
+                });
+                kk += 16;
+            }
+
+            crate::unroll!(j in [0, 1, 2, 3] {
+                let acc_j = acc[j];
+                let col = n0 + j as u32 * 8 + 2 * t;
+                if col < d.n {
+                    // Rows g and g + 8 of the fragment: constant indices keep acc in registers.
+                    let both = col + 1 < d.n;
+                    if delta_mode {
+                        if lo_ok {
+                            put_pair(d_lo.add(col as usize), d.scale * acc_j[0], d.scale * acc_j[1], both);
+                        }
+                        if hi_ok {
+                            put_pair(d_hi.add(col as usize), d.scale * acc_j[2], d.scale * acc_j[3], both);
+                        }
+                    } else {
+                        if lo_ok {
+                            add_pair(y_lo.add(col as usize), y_old[j][0], d.scale * acc_j[0], d.scale * acc_j[1], both);
+                        }
+                        if hi_ok {
+                            add_pair(y_hi.add(col as usize), y_old[j][1], d.scale * acc_j[2], d.scale * acc_j[3], both);
+                        }
+                    }
                 }
-                cb += 1;
-                // The epilogue's reads are issued ahead of the MMAs: the old y pairs this lane will update
-                // (4-byte aligned, in-range pairs; other cases read in the epilogue).
-                let mut y_old = [[0u32; 2]; 4];
-                crate::unroll!(j in [0, 1, 2, 3] {
-                    let col = n0 + j as u32 * 8 + 2 * t;
-                    if col + 1 < d.n && !delta_mode {
-                        let (p_lo, p_hi) = (y_lo.add(col as usize), y_hi.add(col as usize));
-                        if lo_ok && (p_lo as usize).is_multiple_of(4) {
-                            y_old[j][0] = *(p_lo as *const u32);
-                        }
-                        if hi_ok && (p_hi as usize).is_multiple_of(4) {
-                            y_old[j][1] = *(p_hi as *const u32);
-                        }
-                    }
-                });
-                let mut acc = [[0f32; 4]; 4];
-                crate::unroll!(s in [0, 1, 2, 3, 4, 5, 6, 7] {
-                    if (s as u32) * 16 < r {
-                        let kk = s as u32 * 16;
-                        let mut bv = [[0u32; 2]; 4];
-                        crate::unroll!(j in [0, 1, 2, 3] {
-                            let n = n0 + j as u32 * 8 + g;
-                            if n < d.n {
-                                bv[j] = load4_bf16_masked(b_base.add((n * d.ldb) as usize), kk + 4 * t, r);
-                            }
-                        });
-                        crate::unroll!(j in [0, 1, 2, 3] {
-                            acc[j] = mma_bf16_m16n8k16(frags[s], bv[j], acc[j]);
-                        });
-                    }
-                });
-                crate::unroll!(j in [0, 1, 2, 3] {
-                    let acc_j = acc[j];
-                    let col = n0 + j as u32 * 8 + 2 * t;
-                    if col < d.n {
-                        // Rows g and g + 8 of the fragment: constant indices keep acc in registers.
-                        let both = col + 1 < d.n;
-                        if delta_mode {
-                            if lo_ok {
-                                put_pair(d_lo.add(col as usize), d.scale * acc_j[0], d.scale * acc_j[1], both);
-                            }
-                            if hi_ok {
-                                put_pair(d_hi.add(col as usize), d.scale * acc_j[2], d.scale * acc_j[3], both);
-                            }
-                        } else {
-                            if lo_ok {
-                                add_pair(y_lo.add(col as usize), y_old[j][0], d.scale * acc_j[0], d.scale * acc_j[1], both);
-                            }
-                            if hi_ok {
-                                add_pair(y_hi.add(col as usize), y_old[j][1], d.scale * acc_j[2], d.scale * acc_j[3], both);
-                            }
-                        }
-                    }
-                });
+            });
             }
         }
     }
-}
 }
 
 /// For rows `lo` and `hi` (each used only when its flag is set): sum 4 consecutive f32 of `splits` partials
