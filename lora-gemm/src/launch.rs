@@ -312,6 +312,11 @@ pub fn launch_rows(
 }
 
 impl crate::plan::GroupPlan {
+    /// Output columns the group's modules cover: the sum of their widths (`ldy` may be wider).
+    pub fn out_cols(&self) -> u32 {
+        self.shapes.iter().map(|s| s.n).sum()
+    }
+
     /// The launch geometry this plan fixes.
     pub fn geometry(&self) -> Geometry {
         Geometry {

@@ -1327,7 +1327,7 @@ device_test!(delta_mode_matches_direct_expand, |d: &dyn TestDevice, big: bool| {
         let direct: Vec<u16> = download(d, r.io.y_dev, r.io.rows * r.io.ldy).unwrap();
         r.io.restore(d);
         let g = &r.rig.plan.groups[0];
-        let ncols: u32 = g.shapes.iter().map(|s| s.n).sum();
+        let ncols = g.out_cols();
         // Poisoned delta: every value the add reads must have been written by the expand.
         let delta = upload(d, &vec![f32::NAN; r.io.rows * ncols as usize]).unwrap();
         r.rig.poison_workspace();

@@ -193,7 +193,7 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
             descs: alloc(descs * std::mem::size_of::<GemmDesc>())?,
         };
         let ws = Workspace { partial: alloc(4 * ws_size.partial_f32)? };
-        let delta_ld = plan.groups.iter().map(|g| g.shapes.iter().map(|s| s.n).sum::<u32>()).max().unwrap_or(0);
+        let delta_ld = plan.groups.iter().map(|g| g.out_cols()).max().unwrap_or(0);
         let delta = alloc(4 * delta_ld as usize * cap.max_tokens.min(DELTA_MAX_TOKENS) as usize)?;
         let device_bytes = buffers.iter().map(|b| b.len()).sum();
         // SAFETY: `shapes` was just allocated with room for every module shape; the copy is ordered on
@@ -499,7 +499,7 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
         ldy: u32,
     ) -> Result<(), GraphError> {
         let g = self.plan.groups.get(group).ok_or_else(|| GraphError::BadStep(format!("no group {group}")))?;
-        let ncols: u32 = g.shapes.iter().map(|s| s.n).sum();
+        let ncols = g.out_cols();
         // One thread per 4 columns of a row, at most 4 blocks per SM.
         let blocks = (bucket * ncols.div_ceil(4)).div_ceil(128).clamp(1, 4 * self.sm_count);
         launch_add_delta(l, &self.step_bufs, bucket, self.delta, self.delta_ld, ncols, y, ldy, blocks)?;
