@@ -1,0 +1,3 @@
+//! `lora-server`: the OpenAI-compatible server (being built).
+
+fn main() {}
