@@ -3,3 +3,10 @@
 //! recompute, adapters loaded by name from PEFT folders while requests run.
 
 pub mod api;
+pub mod engine;
+pub mod error;
+pub mod scheduler;
+
+pub use api::*;
+pub use engine::{AdapterLoader, ChannelSink, Engine, EngineHandle, PeftLoader};
+pub use error::EngineError;

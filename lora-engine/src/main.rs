@@ -1,0 +1,3 @@
+//! The `lora-engine` command line: `gen`, `generate`, `bench`.
+
+fn main() {}
