@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Greedy-decoding oracle for SmolLM2-135M-Instruct + the pirate LoRA adapter (PEFT).
 
-Run:  python3 scripts/adapter_reference.py       (CPU, well under a minute; needs adapters/pirate/)
+Run:  python3 scripts/adapter_reference.py       (CPU, ~6 min on a loaded 2-core box; needs adapters/pirate/)
 Out:  lora-model/tests/data/smollm2_adapter_reference.json
 
 Base weights: the GGUF dequantized by transformers, every parameter rounded to bfloat16 and back

