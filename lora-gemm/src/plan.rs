@@ -109,6 +109,20 @@ impl ModuleGroup {
     }
 }
 
+/// How a group's expand runs in a model step (a planner decision: it fixes the graph's shape).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpandMode {
+    /// One expand after the base GEMM, adding into y at the token rows: one read-modify-write of y, fewer
+    /// bytes when y is large.
+    Direct,
+    /// The expand writes an f32 delta on the parallel branch (beside the base GEMM); only the small
+    /// `lora_add_delta` runs after the join.
+    Delta,
+}
+
+/// Buckets up to this many tokens split the expand ([`ExpandMode::Delta`]); larger ones run it directly.
+pub const DELTA_MAX_TOKENS: u32 = 64;
+
 /// Grid, block and dynamic shared memory of one launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaunchShape {
@@ -179,6 +193,10 @@ pub struct GroupPlan {
     pub shrink: LaunchShape,
     /// The expand launch.
     pub expand: LaunchShape,
+    /// Direct expand, or delta expand beside the base GEMM plus the delta add after it.
+    pub expand_mode: ExpandMode,
+    /// The delta add's launch (one thread per 4 output columns of a row, at most 4 blocks per SM).
+    pub add_delta: LaunchShape,
     /// Workspace sizes.
     pub workspace: WorkspaceSize,
 }
@@ -217,6 +235,10 @@ pub struct ModelPlan {
     pub descs: usize,
     /// One workspace that serves every group.
     pub workspace: WorkspaceSize,
+    /// Row stride of the delta buffer of [`ExpandMode::Delta`]: the widest group's output columns.
+    pub delta_ld: u32,
+    /// Rows of the delta buffer: the token capacity when the groups split the expand, else 0.
+    pub delta_rows: u32,
 }
 
 fn invalid<T>(msg: String) -> Result<T, GemmError> {
@@ -306,10 +328,7 @@ fn pick_k_chunk(k: u32) -> u32 {
 /// The split factor and chunk the shrink kernel picks on the device for a step with `tiles` tiles (its
 /// exact formula, for tests and reports): at most the planned `splits`, about one work item per block.
 pub fn device_splits(plan: &GroupPlan, tiles: u32) -> (u32, u32) {
-    let items = (tiles * plan.n_mod).max(1);
-    let splits = plan.shrink.grid.0.div_ceil(items).clamp(1, plan.splits.max(1));
-    let k_chunk = plan.k.div_ceil(splits).div_ceil(SHRINK_K_STEP) * SHRINK_K_STEP;
-    (plan.k.div_ceil(k_chunk), k_chunk)
+    lora_kernels::abi::shrink_splits(plan.shrink.grid.0, tiles * plan.n_mod, plan.splits, plan.k)
 }
 
 /// Plan one module group, choosing the split-K factor from `sm_count` (see the module docs).
@@ -359,6 +378,7 @@ pub fn plan_group_with_k_chunk(
         ));
     }
     let expand_blocks = max_n.div_ceil(EXPAND_BN);
+    let out_cols: u32 = shapes.iter().map(|s| s.n).sum();
     let shrink_kernel = Kernel::shrink_for_rank(cap.max_rank)
         .ok_or_else(|| GemmError::Invalid(format!("no shrink kernel for rank {}", cap.max_rank)))?;
     Ok(GroupPlan {
@@ -384,6 +404,12 @@ pub fn plan_group_with_k_chunk(
             shared_bytes: shrink_shared_bytes(cap.max_rank),
         },
         expand: LaunchShape { grid: (sm_count * EXPAND_BLOCKS_PER_SM, 1, 1), block: GEMM_THREADS, shared_bytes: 0 },
+        expand_mode: if cap.max_tokens <= DELTA_MAX_TOKENS { ExpandMode::Delta } else { ExpandMode::Direct },
+        add_delta: LaunchShape {
+            grid: ((cap.max_tokens * out_cols.div_ceil(4)).div_ceil(GEMM_THREADS).clamp(1, 4 * sm_count), 1, 1),
+            block: GEMM_THREADS,
+            shared_bytes: 0,
+        },
         workspace: WorkspaceSize { partial_f32: partial as usize },
     })
 }
@@ -421,7 +447,19 @@ pub fn plan_model(
     let mut prep = prep;
     prep.layout = StepLayout::new(cap.max_reqs, cap.num_slots, num_layers * shapes.len() as u32);
     prep.step_words = prep.layout.words();
-    Ok(ModelPlan { prep, groups: plans, group_module_base: base, shapes, num_layers, descs, workspace: ws })
+    let delta_ld = plans.iter().map(|p| p.shapes.iter().map(|s| s.n).sum::<u32>()).max().unwrap_or(0);
+    let delta_rows = if plans.iter().any(|p| p.expand_mode == ExpandMode::Delta) { cap.max_tokens } else { 0 };
+    Ok(ModelPlan {
+        prep,
+        groups: plans,
+        group_module_base: base,
+        shapes,
+        num_layers,
+        descs,
+        workspace: ws,
+        delta_ld,
+        delta_rows,
+    })
 }
 
 fn llama_groups(hidden: u32, kv: u32, inter: u32) -> Vec<ModuleGroup> {

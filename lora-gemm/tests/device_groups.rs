@@ -21,10 +21,13 @@
 //! update section, and an emulator-only test that the kernels stay inside the dynamic shared memory the
 //! planner gives them.
 
-use std::sync::Mutex;
-
-use lora_gemm::device::{download, upload, EmuDevice, Rng, TestDevice};
-use lora_gemm::launch::{launch_group, launch_prep, Arg, Launcher, PrepArgs, StepBuffers, Workspace};
+use bytemuck::Pod;
+use lora_device::testing::{Rng, TestBed};
+use lora_device::{device_test, Backend, DevSlice};
+use lora_gemm::launch::{
+    group_descs, launch_add_delta, launch_expand, launch_prep, launch_shrink, ExpandOut, PrepInputs, StepBuffers,
+    Workspace,
+};
 use lora_gemm::plan::{
     plan_group_with_k_chunk, plan_model, plan_prep, Capacity, ModelPlan, ModuleGroup, ModuleSpec, WorkspaceSize,
 };
@@ -36,11 +39,8 @@ use lora_kernels::abi::{
     shrink_shared_bytes, GemmDesc, ModuleShape, SlotWeights, StepLayout, Tile, SLOT_WEIGHTS_WORDS,
 };
 use lora_kernels::dsl::bf16_to_f32;
-use lora_kernels::Kernel;
 use proptest::prelude::*;
 use proptest::test_runner::{FileFailurePersistence, TestRunner};
-
-use lora_gemm::device_test;
 
 /// The SM count the planner is given (an H100 SXM's; the split choice only changes speed, not results).
 const SMS: u32 = 132;
@@ -48,8 +48,8 @@ const SMS: u32 = 132;
 /// blocks one after another, and any grid size must give the same result — which the two arms check).
 const EMU_SMS: u32 = 4;
 
-fn device_sms(d: &dyn TestDevice) -> u32 {
-    if d.name().contains("emulator") {
+fn device_sms<B: Backend>(d: &TestBed<B>) -> u32 {
+    if d.is_emulator() {
         EMU_SMS
     } else {
         SMS
@@ -59,8 +59,13 @@ fn device_sms(d: &dyn TestDevice) -> u32 {
 const POISON: u8 = 0xA5;
 const POISON_WORD: u32 = 0xA5A5_A5A5;
 
-fn poison(d: &dyn TestDevice, addr: u64, bytes: usize, byte: u8) {
-    d.write_bytes(addr, &vec![byte; bytes]).unwrap();
+fn poison<B: Backend, T: Pod>(d: &TestBed<B>, s: DevSlice<T>, byte: u8) {
+    d.fill_bytes(s, byte).unwrap();
+}
+
+/// The first `len` elements of a view, downloaded.
+fn dl<B: Backend, T: Pod>(d: &TestBed<B>, s: DevSlice<T>, len: usize) -> Vec<T> {
+    d.download(s.at(0, len).unwrap()).unwrap()
 }
 
 fn poison_tile() -> Tile {
@@ -104,7 +109,7 @@ struct Entry {
 
 /// Random weights of one module (`k → n`) as `spec` says, uploaded to `d`. `flavour` alternates the sign of
 /// alpha and plain vs rsLoRA scaling. Deltas come out of order 1 whatever `k` and the rank.
-fn make_entry(d: &dyn TestDevice, rng: &mut Rng, spec: W, k: u32, n: u32, flavour: usize) -> Entry {
+fn make_entry<B: Backend>(d: &TestBed<B>, rng: &mut Rng, spec: W, k: u32, n: u32, flavour: usize) -> Entry {
     let rank = match spec {
         W::Absent => return Entry::default(),
         W::Rank0 => 0,
@@ -114,7 +119,7 @@ fn make_entry(d: &dyn TestDevice, rng: &mut Rng, spec: W, k: u32, n: u32, flavou
     let r_alloc = rank.max(1) as usize;
     let (a_bits, a) = rng.bf16_vec(r_alloc * k as usize, 1.0 / (k as f32).sqrt());
     let (b_bits, b) = rng.bf16_vec(n as usize * r_alloc, 1.0);
-    let (pa, pb) = (upload(d, &a_bits).unwrap(), upload(d, &b_bits).unwrap());
+    let (pa, pb) = (d.upload(&a_bits).unwrap(), d.upload(&b_bits).unwrap());
     // |scale| ≈ 2..5 / sqrt(rank).
     let alpha = (2.0 + 3.0 * rng.uniform().abs()) * if flavour.is_multiple_of(2) { 1.0 } else { -1.0 };
     let scale = if rank == 0 {
@@ -125,9 +130,9 @@ fn make_entry(d: &dyn TestDevice, rng: &mut Rng, spec: W, k: u32, n: u32, flavou
         scale_for(alpha * (rank as f32).sqrt(), rank as usize, false).unwrap()
     };
     let (pa, pb) = match spec {
-        W::NullA(_) => (0, pb),
-        W::NullB(_) => (pa, 0),
-        _ => (pa, pb),
+        W::NullA(_) => (0, pb.addr()),
+        W::NullB(_) => (pa.addr(), 0),
+        _ => (pa.addr(), pb.addr()),
     };
     let r = matches!(spec, W::Rank(_)).then(|| AdapterModule { rank: rank as usize, scale, a, b });
     Entry { w: SlotWeights { a: pa, b: pb, rank, scale }, r }
@@ -151,26 +156,26 @@ struct GroupIo {
     k: usize,
     ldx: usize,
     x: Vec<f32>,
-    x_dev: u64,
+    x_dev: DevSlice<u16>,
     ldy: usize,
     y0: Vec<u16>,
-    y_dev: u64,
+    y_dev: DevSlice<u16>,
 }
 
 impl GroupIo {
-    fn new(d: &dyn TestDevice, rng: &mut Rng, rows: u32, k: u32, ldx: u32, ldy: u32) -> Self {
+    fn new<B: Backend>(d: &TestBed<B>, rng: &mut Rng, rows: u32, k: u32, ldx: u32, ldy: u32) -> Self {
         assert!(ldx >= k);
         let rows = rows as usize;
         let (x_bits, x) = rng.bf16_vec(rows * ldx as usize, 1.0);
         let (y0, _) = rng.bf16_vec(rows * ldy as usize, 0.5);
-        let x_dev = upload(d, &x_bits).unwrap();
-        let y_dev = upload(d, &y0).unwrap();
+        let x_dev = d.upload(&x_bits).unwrap();
+        let y_dev = d.upload(&y0).unwrap();
         GroupIo { rows, k: k as usize, ldx: ldx as usize, x, x_dev, ldy: ldy as usize, y0, y_dev }
     }
 
     /// Put `y` back as it was before any launch.
-    fn restore(&self, d: &dyn TestDevice) {
-        d.write_bytes(self.y_dev, bytemuck::cast_slice(&self.y0)).unwrap();
+    fn restore<B: Backend>(&self, d: &TestBed<B>) {
+        d.write(self.y_dev, &self.y0).unwrap();
     }
 }
 
@@ -189,12 +194,12 @@ struct Stats {
     rel_delta: f64,
 }
 
-struct Rig<'d> {
-    d: &'d dyn TestDevice,
+struct Rig<'d, B: Backend> {
+    d: &'d TestBed<B>,
     name: String,
     cap: Capacity,
     plan: ModelPlan,
-    args: PrepArgs,
+    args: PrepInputs,
     bufs: StepBuffers,
     ws: Workspace,
     packer: StepPacker,
@@ -204,16 +209,9 @@ struct Rig<'d> {
     tok_slot: Vec<Option<u32>>,
 }
 
-impl<'d> Rig<'d> {
+impl<'d, B: Backend> Rig<'d, B> {
     /// Plan `groups` × `layers` at `cap`, allocate every buffer; the pointer table starts zeroed.
-    fn new(
-        d: &'d dyn TestDevice,
-        name: &str,
-        cap: Capacity,
-        groups: &[ModuleGroup],
-        layers: u32,
-        chunk: Chunk,
-    ) -> Self {
+    fn new(d: &'d TestBed<B>, name: &str, cap: Capacity, groups: &[ModuleGroup], layers: u32, chunk: Chunk) -> Self {
         // `Chunk::Planner` plans for the device's SM count (see `device_sms`).
         let sms = device_sms(d);
         let mut plan = plan_model(&cap, groups, layers, sms).unwrap();
@@ -226,29 +224,21 @@ impl<'d> Rig<'d> {
         assert_eq!(plan.prep.layout.entries_per_slot, layers * plan.shapes.len() as u32);
         let ns = cap.num_slots as usize;
         let layout = plan.prep.layout;
-        let weights = upload(d, &vec![SlotWeights::default(); plan.descs]).unwrap();
-        let shapes = upload(d, &plan.shapes).unwrap();
+        let weights = d.upload(&vec![SlotWeights::default(); plan.descs]).unwrap();
+        let shapes = d.upload(&plan.shapes).unwrap();
         let bufs = StepBuffers {
-            step: upload(d, &vec![u32::MAX; layout.words()]).unwrap(),
-            slot_count: upload(d, &vec![0u32; ns]).unwrap(),
-            slot_off: upload(d, &vec![0u32; ns + 1]).unwrap(),
-            perm: upload(d, &vec![0u32; cap.max_tokens as usize]).unwrap(),
-            tok_slot: upload(d, &vec![0u32; cap.max_tokens as usize]).unwrap(),
-            tiles: upload(d, &vec![Tile::default(); plan.prep.max_tiles as usize]).unwrap(),
-            num_tiles: upload(d, &[0u32]).unwrap(),
-            descs: upload(d, &vec![GemmDesc::default(); plan.descs]).unwrap(),
+            step: d.upload(&vec![u32::MAX; layout.words()]).unwrap(),
+            slot_count: d.upload(&vec![0u32; ns]).unwrap(),
+            slot_off: d.upload(&vec![0u32; ns + 1]).unwrap(),
+            perm: d.upload(&vec![0u32; cap.max_tokens as usize]).unwrap(),
+            tok_slot: d.upload(&vec![0u32; cap.max_tokens as usize]).unwrap(),
+            tiles: d.upload(&vec![Tile::default(); plan.prep.max_tiles as usize]).unwrap(),
+            num_tiles: d.upload(&[0u32]).unwrap(),
+            descs: d.upload(&vec![GemmDesc::default(); plan.descs]).unwrap(),
         };
         let w = plan.workspace;
-        let ws = Workspace { partial: upload(d, &vec![0f32; w.partial_f32]).unwrap() };
-        let args = PrepArgs {
-            max_reqs: cap.max_reqs,
-            max_tokens: cap.max_tokens,
-            num_slots: cap.num_slots,
-            weights,
-            shapes,
-            num_layers: layers,
-            num_modules: plan.shapes.len() as u32,
-        };
+        let ws = Workspace { partial: d.upload(&vec![0f32; w.partial_f32]).unwrap() };
+        let args = PrepInputs { weights, shapes, num_layers: layers, num_modules: plan.shapes.len() as u32 };
         Rig {
             d,
             name: format!("{} / {name}", d.name()),
@@ -280,7 +270,7 @@ impl<'d> Rig<'d> {
     fn set_table(&mut self, table: Vec<Entry>) {
         assert_eq!(table.len(), self.plan.descs);
         let w: Vec<SlotWeights> = table.iter().map(|e| e.w).collect();
-        self.d.write_bytes(self.args.weights, bytemuck::cast_slice(&w)).unwrap();
+        self.d.write(self.args.weights, &w).unwrap();
         self.table = table;
     }
 
@@ -294,36 +284,40 @@ impl<'d> Rig<'d> {
 
     fn poison_workspace(&self) {
         let w = self.plan.workspace;
-        poison(self.d, self.ws.partial, 4 * w.partial_f32, 0xFF);
+        poison(self.d, self.ws.partial.at(0, w.partial_f32).unwrap(), 0xFF);
     }
 
-    fn descs_at(&self, layer: u32, group: usize) -> u64 {
-        let first = layer as usize * self.num_modules() + self.plan.group_module_base[group] as usize;
-        self.bufs.descs + (first * self.cap.num_slots as usize * std::mem::size_of::<GemmDesc>()) as u64
+    fn descs_at(&self, layer: u32, group: usize) -> DevSlice<GemmDesc> {
+        let g = self.plan.groups[group].geometry();
+        let base = self.plan.group_module_base[group];
+        group_descs(&self.bufs, &g, layer, base, self.num_modules() as u32).unwrap()
     }
 
-    fn launch_one(&self, l: &dyn Launcher, launch: &Launch) -> Result<(), GemmError> {
+    /// The group's shrink and direct expand, one after the other on the device's stream.
+    fn launch_one(&self, launch: &Launch) -> Result<(), GemmError> {
         let g = &self.plan.groups[launch.group];
         let io = launch.io;
         assert_eq!((io.k, io.ldy, io.rows), (g.k as usize, g.ldy as usize, self.cap.max_tokens as usize));
-        launch_group(
-            l,
-            &g.geometry(),
-            &self.bufs,
-            &self.ws,
-            self.descs_at(launch.layer, launch.group),
-            io.x_dev,
-            io.ldx as u32,
-            io.y_dev,
-            io.ldy as u32,
-        )
+        let (geo, descs) = (g.geometry(), self.descs_at(launch.layer, launch.group));
+        let (d, s) = (self.d.dev(), self.d.stream());
+        let out = ExpandOut::Y { y: io.y_dev, ldy: io.ldy as u32 };
+        // SAFETY: the prep of this step ran on these buffers; the table holds live weights of this device.
+        unsafe {
+            launch_shrink(d, s, &geo, &self.bufs, &self.ws, descs, io.x_dev, io.ldx as u32)?;
+            launch_expand(d, s, &geo, &self.bufs, &self.ws, descs, out)
+        }
+    }
+
+    fn launch_prep(&self) -> Result<(), GemmError> {
+        // SAFETY: `step` holds a packed step of the plan's layout; all buffers are this device's.
+        unsafe { launch_prep(self.d.dev(), self.d.stream(), &self.plan.prep, &self.args, &self.bufs) }
     }
 
     /// Launch group launches again on the prep outputs of the last step (workspaces poisoned first).
     fn relaunch(&self, launches: &[Launch]) {
         for launch in launches {
             self.poison_workspace();
-            self.d.with_launcher(&mut |l| self.launch_one(l, launch)).unwrap();
+            self.launch_one(launch).unwrap();
         }
         self.d.sync().unwrap();
     }
@@ -349,29 +343,23 @@ impl<'d> Rig<'d> {
         let tokens: Vec<u32> = reqs.iter().map(|r| r.1).collect();
         let packed = self.packer.pack(&req_slot, &tokens, &refs).unwrap();
         assert_eq!(packed.used_words, self.plan.prep.layout.entries_at() + changed.len() * eps * SLOT_WEIGHTS_WORDS);
-        poison(d, self.bufs.step, 4 * self.plan.prep.layout.words(), 0xFF);
-        d.write_bytes(self.bufs.step, bytemuck::cast_slice(self.packer.words())).unwrap();
-        let mt = self.plan.prep.max_tiles as usize;
-        poison(d, self.bufs.slot_count, 4 * ns, POISON);
-        poison(d, self.bufs.slot_off, 4 * (ns + 1), POISON);
-        poison(d, self.bufs.perm, 4 * self.cap.max_tokens as usize, POISON);
-        poison(d, self.bufs.tiles, std::mem::size_of::<Tile>() * mt, POISON);
-        poison(d, self.bufs.num_tiles, 4, POISON);
-        poison(d, self.bufs.descs, std::mem::size_of::<GemmDesc>() * self.plan.descs, POISON);
+        poison(d, self.bufs.step, 0xFF);
+        d.write(self.bufs.step, self.packer.words()).unwrap();
+        poison(d, self.bufs.slot_count, POISON);
+        poison(d, self.bufs.slot_off, POISON);
+        poison(d, self.bufs.perm, POISON);
+        poison(d, self.bufs.tiles, POISON);
+        poison(d, self.bufs.num_tiles, POISON);
+        poison(d, self.bufs.descs, POISON);
         self.tok_slot = token_slots(&req_slot, &offs, self.cap.num_slots).unwrap();
 
         self.poison_workspace();
-        d.with_launcher(&mut |l| {
-            launch_prep(l, &self.args, &self.bufs)?;
-            match launches.first() {
-                Some(first) => self.launch_one(l, first),
-                None => Ok(()),
+        self.launch_prep().unwrap();
+        for (i, launch) in launches.iter().enumerate() {
+            if i > 0 {
+                self.poison_workspace();
             }
-        })
-        .unwrap();
-        for launch in launches.iter().skip(1) {
-            self.poison_workspace();
-            d.with_launcher(&mut |l| self.launch_one(l, launch)).unwrap();
+            self.launch_one(launch).unwrap();
         }
         d.sync().unwrap();
 
@@ -384,13 +372,13 @@ impl<'d> Rig<'d> {
         let (d, name) = (self.d, &self.name);
         let ns = self.cap.num_slots;
         let want = reorder(req_slot, offs, ns).unwrap();
-        let slot_count: Vec<u32> = download(d, self.bufs.slot_count, ns as usize).unwrap();
-        let slot_off: Vec<u32> = download(d, self.bufs.slot_off, ns as usize + 1).unwrap();
-        let perm: Vec<u32> = download(d, self.bufs.perm, self.cap.max_tokens as usize).unwrap();
-        let tiles: Vec<Tile> = download(d, self.bufs.tiles, self.plan.prep.max_tiles as usize).unwrap();
-        let num_tiles: Vec<u32> = download(d, self.bufs.num_tiles, 1).unwrap();
-        let descs: Vec<GemmDesc> = download(d, self.bufs.descs, self.plan.descs).unwrap();
-        let table: Vec<SlotWeights> = download(d, self.args.weights, self.plan.descs).unwrap();
+        let slot_count: Vec<u32> = dl(d, self.bufs.slot_count, ns as usize);
+        let slot_off: Vec<u32> = dl(d, self.bufs.slot_off, ns as usize + 1);
+        let perm: Vec<u32> = dl(d, self.bufs.perm, self.cap.max_tokens as usize);
+        let tiles: Vec<Tile> = dl(d, self.bufs.tiles, self.plan.prep.max_tiles as usize);
+        let num_tiles: Vec<u32> = dl(d, self.bufs.num_tiles, 1);
+        let descs: Vec<GemmDesc> = dl(d, self.bufs.descs, self.plan.descs);
+        let table: Vec<SlotWeights> = dl(d, self.args.weights, self.plan.descs);
         let mirror: Vec<SlotWeights> = self.table.iter().map(|e| e.w).collect();
         assert_eq!(table, mirror, "{name}: pointer table after the prep's update");
         assert_eq!(slot_count, want.slot_count, "{name}: slot_count");
@@ -424,7 +412,7 @@ impl<'d> Rig<'d> {
         let base = self.plan.group_module_base[gi] as usize;
         let ldy = io.ldy;
         let tokens = self.tok_slot.len();
-        let y: Vec<u16> = download(d, io.y_dev, io.rows * ldy).unwrap();
+        let y: Vec<u16> = dl(d, io.y_dev, io.rows * ldy);
 
         let mut y_ref: Vec<f64> = io.y0[..tokens * ldy].iter().map(|&b| bf16_to_f32(b) as f64).collect();
         // Per element: the module it belongs to, when its token's slot carries that module.
@@ -585,14 +573,14 @@ impl Case {
 }
 
 /// A case after its first step: everything needed to run it again.
-struct CaseRun<'d> {
-    rig: Rig<'d>,
+struct CaseRun<'d, B: Backend> {
+    rig: Rig<'d, B>,
     io: GroupIo,
     stats: Stats,
 }
 
 /// Build a case on `d`, run one step (prep, shrink, expand) and check it.
-fn run_case<'d>(d: &'d dyn TestDevice, name: &str, c: &Case) -> CaseRun<'d> {
+fn run_case<'d, B: Backend>(d: &'d TestBed<B>, name: &str, c: &Case) -> CaseRun<'d, B> {
     let cap = Capacity { max_tokens: c.max_tokens, num_slots: c.slots, max_rank: c.max_rank, max_reqs: c.max_reqs };
     let modules: Vec<ModuleSpec> =
         c.widths.iter().enumerate().map(|(i, &n)| ModuleSpec::new(&format!("m{i}"), c.k, n)).collect();
@@ -700,7 +688,7 @@ fn big_mixed(
 
 const ALL_RANKS: [u32; 6] = [1, 3, 8, 16, 64, 128];
 
-device_test!(one_token, |d: &dyn TestDevice, big: bool| {
+device_test!(one_token, |d, big| {
     let mut c = Case::new(2, 64, &[45], &[(1, 1)]);
     c.weights = vec![vec![W::Rank(4), W::Rank(8)]];
     run_case(d, "one_token", &c);
@@ -722,7 +710,7 @@ device_test!(one_token, |d: &dyn TestDevice, big: bool| {
     }
 });
 
-device_test!(one_adapter_over_several_tiles_with_splits, |d: &dyn TestDevice, big: bool| {
+device_test!(one_adapter_over_several_tiles_with_splits, |d, big| {
     // 40 tokens of slot 2 (3 tiles: 16 + 16 + 8), the other slots empty; k 200 in 4 splits of 64 (the last
     // one 8 wide), out width 123.
     let mut c = Case::new(4, 200, &[123], &[(2, 7), (2, 20), (2, 13)]);
@@ -744,7 +732,7 @@ device_test!(one_adapter_over_several_tiles_with_splits, |d: &dyn TestDevice, bi
     }
 });
 
-device_test!(every_token_its_own_adapter, |d: &dyn TestDevice, big: bool| {
+device_test!(every_token_its_own_adapter, |d, big| {
     // Eight 1-token requests on eight slots in shuffled order; ranks 1, 3, 8, 16; two modules (45, 123)
     // with k 72 in 3 splits (32 + 32 + 8).
     let order = [5u32, 0, 7, 2, 6, 1, 3, 4];
@@ -812,7 +800,7 @@ fn mixed_case() -> Case {
     c
 }
 
-device_test!(mixed_batch_three_modules_one_split, |d: &dyn TestDevice, big: bool| {
+device_test!(mixed_batch_three_modules_one_split, |d, big| {
     let c = mixed_case();
     let r = run_case(d, "mixed_batch_three_modules_one_split", &c);
     let g = &r.rig.plan.groups[0];
@@ -825,7 +813,7 @@ device_test!(mixed_batch_three_modules_one_split, |d: &dyn TestDevice, big: bool
     }
 });
 
-device_test!(mixed_batch_three_modules_two_splits, |d: &dyn TestDevice, big: bool| {
+device_test!(mixed_batch_three_modules_two_splits, |d, big| {
     let mut c = mixed_case();
     c.chunk = Chunk::Fixed(32);
     c.seed = 12;
@@ -841,7 +829,7 @@ device_test!(mixed_batch_three_modules_two_splits, |d: &dyn TestDevice, big: boo
     }
 });
 
-device_test!(planner_splits_with_odd_k, |d: &dyn TestDevice, big: bool| {
+device_test!(planner_splits_with_odd_k, |d, big| {
     // k 1100 (not a multiple of 8): the planner allows 1100 / 512 = 2 splits of round_up(550, 32) = 576 (the
     // second 524 wide), and a step of two tiles on one module gets both; ldx > k.
     let mut c = Case::new(2, 1100, &[45], &[(0, 5), (1, 4)]);
@@ -863,7 +851,7 @@ device_test!(planner_splits_with_odd_k, |d: &dyn TestDevice, big: bool| {
     }
 });
 
-device_test!(rank_64_tiny_k, |d: &dyn TestDevice, _big: bool| {
+device_test!(rank_64_tiny_k, |d, big| {
     let mut c = Case::new(2, 40, &[70], &[(0, 10), (1, 9)]);
     c.max_rank = 64;
     c.weights = vec![vec![W::Rank(64), W::Rank(33)]];
@@ -874,7 +862,7 @@ device_test!(rank_64_tiny_k, |d: &dyn TestDevice, _big: bool| {
     assert_eq!(r.rig.plan.groups[0].splits, 2);
 });
 
-device_test!(rank_128_tiny_k, |d: &dyn TestDevice, _big: bool| {
+device_test!(rank_128_tiny_k, |d, big| {
     // Rank 128 (the maximum) next to rank 100; out width 130 needs two expand blocks.
     let mut c = Case::new(2, 24, &[130], &[(1, 3), (0, 18)]);
     c.max_rank = 128;
@@ -884,7 +872,7 @@ device_test!(rank_128_tiny_k, |d: &dyn TestDevice, _big: bool| {
     assert_eq!(r.rig.plan.groups[0].expand_blocks, 2);
 });
 
-device_test!(ranks_1_to_128_in_one_batch, |d: &dyn TestDevice, big: bool| {
+device_test!(ranks_1_to_128_in_one_batch, |d, big| {
     // Six slots of ranks 1, 3, 8, 16, 64, 128 in one batch, a seventh slot empty, tokens without adapter.
     let reqs = [(5, 3), (0, 2), (9, 1), (4, 6), (1, 1), (3, 5), (2, 4), (5, 1), (0, 3)];
     let mut c = Case::new(7, 40, &[70], &reqs);
@@ -906,10 +894,10 @@ device_test!(ranks_1_to_128_in_one_batch, |d: &dyn TestDevice, big: bool| {
     }
 });
 
-device_test!(decode_to_prefill_token_counts, |d: &dyn TestDevice, big: bool| {
+device_test!(decode_to_prefill_token_counts, |d, big| {
     // The same model at several token counts, each filling its capacity (the planner's split changes
     // with it); slot 3 of 5 gets no token, slot 4 lacks module 1.
-    let run = |d: &dyn TestDevice, k: u32, widths: &[u32], counts: &[u32], tag: &str| {
+    let run = |d: &TestBed<B>, k: u32, widths: &[u32], counts: &[u32], tag: &str| {
         for &tokens in counts {
             let mut rng = Rng(90 + tokens as u64);
             let mut reqs = random_reqs(&mut rng, tokens, &[0, 1, 2, 4], 6, usize::MAX);
@@ -932,18 +920,18 @@ device_test!(decode_to_prefill_token_counts, |d: &dyn TestDevice, big: bool| {
     }
 });
 
-device_test!(relaunch_is_reproducible, |d: &dyn TestDevice, big: bool| {
+device_test!(relaunch_is_reproducible, |d, big| {
     // Run the same step twice with the same workspaces: with y restored and the partials poisoned again, the
     // second launch must give the same bits (nothing depends on what a previous launch left behind).
-    let relaunch = |d: &dyn TestDevice, c: &Case, name: &str| {
+    let relaunch = |d: &TestBed<B>, c: &Case, name: &str| {
         let r = run_case(d, name, c);
         assert!(r.rig.plan.groups[0].splits > 1, "{name}: needs several splits");
-        let first: Vec<u16> = download(d, r.io.y_dev, r.io.rows * r.io.ldy).unwrap();
+        let first: Vec<u16> = dl(d, r.io.y_dev, r.io.rows * r.io.ldy);
         r.io.restore(d);
         let launch = [Launch { layer: 0, group: 0, io: &r.io }];
         r.rig.relaunch(&launch);
         let second = r.rig.check_group(&launch[0]);
-        let again: Vec<u16> = download(d, r.io.y_dev, r.io.rows * r.io.ldy).unwrap();
+        let again: Vec<u16> = dl(d, r.io.y_dev, r.io.rows * r.io.ldy);
         assert_eq!(second.adapted, r.stats.adapted);
         assert_eq!((second.rel, second.rel_delta), (r.stats.rel, r.stats.rel_delta));
         assert!(first == again, "{name}: a relaunch must reproduce the first launch bit for bit");
@@ -963,7 +951,7 @@ device_test!(relaunch_is_reproducible, |d: &dyn TestDevice, big: bool| {
 // ---------------------------------------------------------------------------------------------------
 // The persistent pointer table across steps, two layers, two groups.
 
-device_test!(table_updates_across_steps, |d: &dyn TestDevice, _big: bool| {
+device_test!(table_updates_across_steps, |d, big| {
     use W::*;
     let cap = Capacity { max_tokens: 24, num_slots: 4, max_rank: 16, max_reqs: 8 };
     let groups = [
@@ -998,7 +986,7 @@ device_test!(table_updates_across_steps, |d: &dyn TestDevice, _big: bool| {
         })
         .collect();
     let unload = vec![Entry::default(); 8];
-    let run = |rig: &mut Rig, rng: &mut Rng, reqs: &[(u32, u32)], changed: &[(u32, Vec<Entry>)]| {
+    let run = |rig: &mut Rig<B>, rng: &mut Rng, reqs: &[(u32, u32)], changed: &[(u32, Vec<Entry>)]| {
         let ios: Vec<GroupIo> = (0..4)
             .map(|i| {
                 let g = &rig.plan.groups[i % 2];
@@ -1013,7 +1001,7 @@ device_test!(table_updates_across_steps, |d: &dyn TestDevice, _big: bool| {
 
     // Step 1: the table is all zeros; slots 0, 2, 1 arrive through the update, slot 3 stays empty (its
     // requests get nothing).
-    let table: Vec<SlotWeights> = download(d, rig.args.weights, rig.plan.descs).unwrap();
+    let table: Vec<SlotWeights> = dl(d, rig.args.weights, rig.plan.descs);
     assert!(table.iter().all(|w| *w == SlotWeights::default()));
     let reqs = [(1, 3), (9, 2), (0, 5), (3, 2), (2, 4), (0, 1), (u32::MAX, 1)];
     let changed = [(0, adapters[0].clone()), (2, adapters[2].clone()), (1, adapters[1].clone())];
@@ -1031,7 +1019,7 @@ device_test!(table_updates_across_steps, |d: &dyn TestDevice, _big: bool| {
     let changed = [(2, unload.clone()), (1, adapters[3].clone())];
     run(&mut rig, &mut rng, &reqs, &changed);
     assert!(rig.entry(0, 0, 2).is_none() && rig.entry(1, 3, 1).is_some());
-    let table: Vec<SlotWeights> = download(d, rig.args.weights, rig.plan.descs).unwrap();
+    let table: Vec<SlotWeights> = dl(d, rig.args.weights, rig.plan.descs);
     for e in 0..8 {
         assert_eq!(table[e * 4 + 2], SlotWeights::default(), "unloaded slot 2, entry {e}");
         assert_eq!(table[e * 4 + 1], adapters[3][e].w, "slot 1, entry {e}");
@@ -1127,13 +1115,14 @@ fn prep_case(big: bool) -> impl Strategy<Value = PrepCase> {
 
 /// Run one prep case through `d` (outputs poisoned, step buffer poisoned past the used prefix) and
 /// compare everything with `reorder.rs` and the expected table.
-fn check_prep_case(d: &dyn TestDevice, c: &PrepCase) {
+fn check_prep_case<B: Backend>(d: &TestBed<B>, c: &PrepCase) {
     let name = d.name();
     let (ns, modules) = (c.ns, c.shapes.len() as u32);
     let entries = c.layers * modules;
     let cap = Capacity { max_tokens: c.max_tokens, num_slots: ns, max_rank: 128, max_reqs: c.max_reqs };
-    let pp = plan_prep(&cap).unwrap();
+    let mut pp = plan_prep(&cap).unwrap();
     let layout = StepLayout::new(c.max_reqs, ns, entries);
+    pp.layout = layout;
     let (req_slot, offs) = split_reqs(&c.reqs);
     let tokens: Vec<u32> = c.reqs.iter().map(|r| r.1).collect();
     let mut packer = StepPacker::new(layout, c.max_tokens);
@@ -1150,56 +1139,54 @@ fn check_prep_case(d: &dyn TestDevice, c: &PrepCase) {
     let total = c.table.len();
     let mt = pp.max_tiles as usize;
     let bufs = StepBuffers {
-        step: upload(d, &step_words).unwrap(),
-        slot_count: upload(d, &vec![POISON_WORD; ns as usize]).unwrap(),
-        slot_off: upload(d, &vec![POISON_WORD; ns as usize + 1]).unwrap(),
-        perm: upload(d, &vec![POISON_WORD; c.max_tokens as usize]).unwrap(),
-        tok_slot: upload(d, &vec![POISON_WORD; c.max_tokens as usize]).unwrap(),
-        tiles: upload(d, &vec![poison_tile(); mt]).unwrap(),
-        num_tiles: upload(d, &[POISON_WORD]).unwrap(),
-        descs: upload(d, &vec![GemmDesc { m: POISON_WORD, rank: POISON_WORD, ..GemmDesc::default() }; total]).unwrap(),
+        step: d.upload(&step_words).unwrap(),
+        slot_count: d.upload(&vec![POISON_WORD; ns as usize]).unwrap(),
+        slot_off: d.upload(&vec![POISON_WORD; ns as usize + 1]).unwrap(),
+        perm: d.upload(&vec![POISON_WORD; c.max_tokens as usize]).unwrap(),
+        tok_slot: d.upload(&vec![POISON_WORD; c.max_tokens as usize]).unwrap(),
+        tiles: d.upload(&vec![poison_tile(); mt]).unwrap(),
+        num_tiles: d.upload(&[POISON_WORD]).unwrap(),
+        descs: d.upload(&vec![GemmDesc { m: POISON_WORD, rank: POISON_WORD, ..GemmDesc::default() }; total]).unwrap(),
     };
-    let args = PrepArgs {
-        max_reqs: c.max_reqs,
-        max_tokens: c.max_tokens,
-        num_slots: ns,
-        weights: upload(d, &c.table).unwrap(),
-        shapes: upload(d, &c.shapes).unwrap(),
+    let args = PrepInputs {
+        weights: d.upload(&c.table).unwrap(),
+        shapes: d.upload(&c.shapes).unwrap(),
         num_layers: c.layers,
         num_modules: modules,
     };
-    d.with_launcher(&mut |l| launch_prep(l, &args, &bufs)).unwrap();
+    // SAFETY: `step` holds a packed step of `layout`; the prep never dereferences the table's pointers.
+    unsafe { launch_prep(d.dev(), d.stream(), &pp, &args, &bufs) }.unwrap();
     d.sync().unwrap();
 
     let want = reorder(&req_slot, &offs, ns).unwrap();
-    let got_table: Vec<SlotWeights> = download(d, args.weights, total).unwrap();
+    let got_table: Vec<SlotWeights> = dl(d, args.weights, total);
     assert!(got_table == table, "{name}: table after the update");
-    let slot_count: Vec<u32> = download(d, bufs.slot_count, ns as usize).unwrap();
-    let slot_off: Vec<u32> = download(d, bufs.slot_off, ns as usize + 1).unwrap();
+    let slot_count: Vec<u32> = dl(d, bufs.slot_count, ns as usize);
+    let slot_off: Vec<u32> = dl(d, bufs.slot_off, ns as usize + 1);
     assert_eq!(slot_count, want.slot_count, "{name}: slot_count");
     assert_eq!(slot_off, want.slot_off, "{name}: slot_off");
-    let num_tiles: Vec<u32> = download(d, bufs.num_tiles, 1).unwrap();
+    let num_tiles: Vec<u32> = dl(d, bufs.num_tiles, 1);
     assert_eq!(num_tiles[0], want.num_tiles, "{name}: num_tiles");
-    let perm: Vec<u32> = download(d, bufs.perm, c.max_tokens as usize).unwrap();
+    let perm: Vec<u32> = dl(d, bufs.perm, c.max_tokens as usize);
     let lora = want.perm.len();
     assert_eq!(&perm[..lora], &want.perm[..], "{name}: perm");
     assert!(perm[lora..].iter().all(|&p| p == POISON_WORD), "{name}: perm written past the adapted tokens");
     // Every row's slot: the oracle's for the step's tokens, NO_SLOT for the rest of the capacity.
-    let tok_slot: Vec<u32> = download(d, bufs.tok_slot, c.max_tokens as usize).unwrap();
+    let tok_slot: Vec<u32> = dl(d, bufs.tok_slot, c.max_tokens as usize);
     let mut want_tok: Vec<u32> =
         token_slots(&req_slot, &offs, ns).unwrap().iter().map(|s| s.unwrap_or(lora_kernels::abi::NO_SLOT)).collect();
     want_tok.resize(c.max_tokens as usize, lora_kernels::abi::NO_SLOT);
     assert_eq!(tok_slot, want_tok, "{name}: tok_slot");
-    let tiles: Vec<Tile> = download(d, bufs.tiles, mt).unwrap();
+    let tiles: Vec<Tile> = dl(d, bufs.tiles, mt);
     let nt = want.num_tiles as usize;
     assert_eq!(&tiles[..nt], &want.tiles[..], "{name}: tiles");
     assert!(tiles[nt..].iter().all(|t| *t == poison_tile()), "{name}: tiles written past num_tiles");
-    let descs: Vec<GemmDesc> = download(d, bufs.descs, total).unwrap();
+    let descs: Vec<GemmDesc> = dl(d, bufs.descs, total);
     let want_descs = descriptors(&table, &c.shapes, c.layers, modules, ns, &want.slot_count, &want.slot_off).unwrap();
     assert!(descs == want_descs, "{name}: descriptors");
 }
 
-fn prep_property(d: &dyn TestDevice, cases: u32, big: bool) {
+fn prep_property<B: Backend>(d: &TestBed<B>, cases: u32, big: bool) {
     let config = ProptestConfig {
         cases,
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
@@ -1217,7 +1204,7 @@ fn prep_property(d: &dyn TestDevice, cases: u32, big: bool) {
     }
 }
 
-device_test!(prep_matches_reorder, |d: &dyn TestDevice, big: bool| {
+device_test!(prep_matches_reorder, |d, big| {
     if big {
         prep_property(d, 256, false);
         prep_property(d, 64, true);
@@ -1229,142 +1216,71 @@ device_test!(prep_matches_reorder, |d: &dyn TestDevice, big: bool| {
 // ---------------------------------------------------------------------------------------------------
 // Emulator only: dynamic shared memory used vs what the plan gives. Every emulated launch has a guard zone
 // after the shared memory it was given (`lora_kernels::dsl::emu::GUARD_BYTES`) and fails the launch when a
-// block writes into it; this device records those failures instead of panicking, and can tell the shrink it
-// has less shared memory than planned (to prove the guard catches an overrun).
-
-/// An emulator that records launches failing the shared-memory guard. `shrink_planned` overrides the size
-/// the shrink is launched with.
-#[derive(Default)]
-struct GuardedEmu {
-    inner: EmuDevice,
-    hits: Mutex<Vec<String>>,
-    shrink_planned: Option<u32>,
-}
-
-impl TestDevice for GuardedEmu {
-    fn name(&self) -> String {
-        "guarded emulator".into()
-    }
-    fn upload_bytes(&self, data: &[u8]) -> Result<u64, GemmError> {
-        self.inner.upload_bytes(data)
-    }
-    fn download_bytes(&self, addr: u64, len: usize) -> Result<Vec<u8>, GemmError> {
-        self.inner.download_bytes(addr, len)
-    }
-    fn write_bytes(&self, addr: u64, data: &[u8]) -> Result<(), GemmError> {
-        self.inner.write_bytes(addr, data)
-    }
-    fn with_launcher(&self, f: &mut dyn FnMut(&dyn Launcher) -> Result<(), GemmError>) -> Result<(), GemmError> {
-        f(&GuardedLauncher(self))
-    }
-    fn sync(&self) -> Result<(), GemmError> {
-        Ok(())
-    }
-}
-
-struct GuardedLauncher<'a>(&'a GuardedEmu);
-
-impl Launcher for GuardedLauncher<'_> {
-    fn launch(
-        &self,
-        kernel: Kernel,
-        grid: (u32, u32, u32),
-        block: u32,
-        shared: u32,
-        a: &[Arg],
-    ) -> Result<(), GemmError> {
-        let shared = match self.0.shrink_planned {
-            Some(s) if kernel.is_shrink() => s,
-            _ => shared,
-        };
-        match lora_gemm::emu::EmuLauncher.launch(kernel, grid, block, shared, a) {
-            Err(GemmError::Kernel(e)) if e.to_string().contains("shared memory byte") => {
-                self.0.hits.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{}: {e}", kernel.name()));
-                Ok(())
-            }
-            other => other,
-        }
-    }
-}
+// block writes into it, so every emulated case above already proves its kernels stay inside the plan's
+// shared memory; here the largest rank classes and the prep property run once more, and a shrink given
+// less shared memory than planned shows that the guard catches an overrun.
 
 #[test]
 fn kernels_stay_inside_planned_shared_memory() {
+    let d = TestBed::new(lora_device::Emulator::new());
     for max_rank in [16u32, 64, 128] {
-        let d = GuardedEmu::default();
         let mut c = Case::new(2, 64, &[32], &[(0, 3), (1, 2)]);
         c.max_rank = max_rank;
         c.weights = vec![vec![W::Rank(max_rank), W::Rank(max_rank.min(8))]];
         c.via_step = max_rank == 64;
-        let r = run_case(&d, &format!("shared memory, max rank {max_rank}"), &c);
-        let hits = d.hits.lock().unwrap().clone();
-        assert!(
-            hits.is_empty(),
-            "max rank {max_rank}: kernels wrote past the planned dynamic shared memory \
-             (shrink_shared_bytes({max_rank}) = {}): {hits:?}",
-            r.rig.plan.groups[0].shrink.shared_bytes
-        );
+        run_case(&d, &format!("shared memory, max rank {max_rank}"), &c);
     }
-    // The prep on random batches (up to 8 slots, 24 requests).
-    let d = GuardedEmu::default();
     prep_property(&d, 8, false);
-    let hits = d.hits.lock().unwrap().clone();
-    assert!(hits.is_empty(), "the prep wrote past its planned dynamic shared memory: {hits:?}");
-    // The guard itself: a shrink told it has the shared memory of rank 16 while running rank 64 is caught.
-    let d = GuardedEmu { shrink_planned: Some(shrink_shared_bytes(16)), ..GuardedEmu::default() };
+    // The guard itself: a rank-64 shrink told it has the shared memory of rank 16.
     let mut c = Case::new(1, 64, &[32], &[(0, 3)]);
     c.max_rank = 64;
     c.weights = vec![vec![W::Rank(64)]];
-    run_case(&d, "shared memory guard, control", &c);
-    let hits = d.hits.lock().unwrap().clone();
-    assert!(hits.iter().any(|h| h.starts_with("lora_shrink")), "the guard missed an overrun: {hits:?}");
+    let r = run_case(&d, "shared memory guard, control", &c);
+    let mut geo = r.rig.plan.groups[0].geometry();
+    geo.shrink.shared_bytes = shrink_shared_bytes(16);
+    // SAFETY: the prep of the case's step ran on these buffers; only the shared memory is short.
+    let err = unsafe {
+        launch_shrink(
+            d.dev(),
+            d.stream(),
+            &geo,
+            &r.rig.bufs,
+            &r.rig.ws,
+            r.rig.descs_at(0, 0),
+            r.io.x_dev,
+            r.io.ldx as u32,
+        )
+    };
+    match err {
+        Err(e) => assert!(e.to_string().contains("shared memory byte"), "the guard failed differently: {e}"),
+        Ok(()) => panic!("the guard missed a shared-memory overrun"),
+    }
 }
 
-device_test!(delta_mode_matches_direct_expand, |d: &dyn TestDevice, big: bool| {
+device_test!(delta_mode_matches_direct_expand, |d, big| {
     // The split expand (delta mode + lora_add_delta) must give y bit for bit as the direct expand: same
     // f32 sums, same rounding; modules an adapter lacks (absent, rank 0, null pointers) stay untouched.
-    let check = |d: &dyn TestDevice, c: &Case, name: &str| {
+    let check = |d: &TestBed<B>, c: &Case, name: &str| {
         let r = run_case(d, name, c);
-        let direct: Vec<u16> = download(d, r.io.y_dev, r.io.rows * r.io.ldy).unwrap();
+        let direct: Vec<u16> = dl(d, r.io.y_dev, r.io.rows * r.io.ldy);
         r.io.restore(d);
         let g = &r.rig.plan.groups[0];
         let ncols = g.out_cols();
         // Poisoned delta: every value the add reads must have been written by the expand.
-        let delta = upload(d, &vec![f32::NAN; r.io.rows * ncols as usize]).unwrap();
+        let delta = d.upload(&vec![f32::NAN; r.io.rows * ncols as usize]).unwrap();
         r.rig.poison_workspace();
-        d.with_launcher(&mut |l| {
-            lora_gemm::launch::launch_shrink(
-                l,
-                &g.geometry(),
-                &r.rig.bufs,
-                &r.rig.ws,
-                r.rig.descs_at(0, 0),
-                r.io.x_dev,
-                r.io.ldx as u32,
-            )?;
-            lora_gemm::launch::launch_expand_delta(
-                l,
-                &g.geometry(),
-                &r.rig.bufs,
-                &r.rig.ws,
-                r.rig.descs_at(0, 0),
-                delta,
-                ncols,
-            )?;
-            lora_gemm::launch::launch_add_delta(
-                l,
-                &r.rig.bufs,
-                r.rig.cap.max_tokens,
-                delta,
-                ncols,
-                ncols,
-                r.io.y_dev,
-                r.io.ldy as u32,
-                8,
-            )
-        })
-        .unwrap();
+        let (geo, descs) = (g.geometry(), r.rig.descs_at(0, 0));
+        let (dev, st, rig) = (d.dev(), d.stream(), &r.rig);
+        // SAFETY: the case's prep ran on these buffers; the shrink, the delta expand and the add run in order
+        // on one stream.
+        unsafe {
+            launch_shrink(dev, st, &geo, &rig.bufs, &rig.ws, descs, r.io.x_dev, r.io.ldx as u32).unwrap();
+            let out = ExpandOut::Delta { delta, ld_delta: ncols };
+            launch_expand(dev, st, &geo, &rig.bufs, &rig.ws, descs, out).unwrap();
+            launch_add_delta(dev, st, &geo, &rig.bufs, delta, ncols, r.io.y_dev, r.io.ldy as u32).unwrap();
+        }
         d.sync().unwrap();
-        let split: Vec<u16> = download(d, r.io.y_dev, r.io.rows * r.io.ldy).unwrap();
+        let split: Vec<u16> = dl(d, r.io.y_dev, r.io.rows * r.io.ldy);
         let diff = direct.iter().zip(&split).filter(|(a, b)| a != b).count();
         assert_eq!(diff, 0, "{name}: {diff} elements of y differ between the direct and the split expand");
     };
