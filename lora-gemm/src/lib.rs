@@ -6,12 +6,12 @@
 //!   descriptors) — the prep kernel's oracle.
 //! - [`reference`]: the CPU reference of the whole LoRA computation (f32 inputs, f64 accumulation), the
 //!   oracle of every kernel test.
-//! - [`cuda`]: thin launching on a CUDA device through cudarc (dynamic loading: builds without CUDA).
+//! - [`launch`]: the launch sequence of a step (prep, shrink, expand, delta add) over any
+//!   [`lora_device::Backend`], with the plan's geometry and the kernels' typed argument structs.
+//! - [`step`]: the packed per-step input (requests, token offsets, pointer-table updates).
+//!
+//! Buffers, streams, launches, dense GEMMs and graphs live one layer down, in `lora-device`.
 
-pub mod blas;
-pub mod cuda;
-pub mod device;
-pub mod emu;
 pub mod error;
 pub mod launch;
 pub mod plan;
