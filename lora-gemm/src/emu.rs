@@ -18,14 +18,14 @@ use crate::GemmError;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EmuLauncher;
 
-fn ptr<T>(a: Arg) -> Result<*mut T, GemmError> {
+pub(crate) fn ptr<T>(a: Arg) -> Result<*mut T, GemmError> {
     match a {
         Arg::Ptr(p) => Ok(p as usize as *mut T),
         Arg::U32(_) => Err(GemmError::Invalid("expected an address argument, got a u32".into())),
     }
 }
 
-fn u(a: Arg) -> Result<u32, GemmError> {
+pub(crate) fn u(a: Arg) -> Result<u32, GemmError> {
     match a {
         Arg::U32(v) => Ok(v),
         Arg::Ptr(_) => Err(GemmError::Invalid("expected a u32 argument, got an address".into())),
@@ -42,6 +42,9 @@ impl Launcher for EmuLauncher {
         a: &[Arg],
     ) -> Result<(), GemmError> {
         let cfg = LaunchConfig { grid, block_threads: block, shared_bytes: shared };
+        if kernel.is_model() {
+            return crate::model::emulate(kernel, &cfg, a);
+        }
         let want = match kernel {
             Kernel::SmokeMma => 6,
             Kernel::ProbeWarpOps => 3,
@@ -50,6 +53,7 @@ impl Launcher for EmuLauncher {
             Kernel::Expand => 18,
             Kernel::AddDelta => 7,
             Kernel::GatherRows | Kernel::ScatterAddRows => 6,
+            _ => unreachable!("model kernels are dispatched by crate::model::emulate"),
         };
         if a.len() != want {
             return Err(GemmError::Invalid(format!("{} takes {want} arguments, got {}", kernel.name(), a.len())));
@@ -155,6 +159,7 @@ impl Launcher for EmuLauncher {
                 // SAFETY: see above.
                 unsafe { launch(&cfg, || f(src, ld_src, idx, dst, ld_dst, cols)) }?
             }
+            _ => unreachable!("model kernels are dispatched by crate::model::emulate"),
         }
         Ok(())
     }

@@ -6,6 +6,8 @@
 //!   descriptors) — the prep kernel's oracle.
 //! - [`reference`]: the CPU reference of the whole LoRA computation (f32 inputs, f64 accumulation), the
 //!   oracle of every kernel test.
+//! - [`model`]: launches of the model kernels (norm, RoPE + KV write, decode attention and its merge,
+//!   SiLU·mul, embedding, argmax) and the pure decode-attention split planner.
 //! - [`cuda`]: thin launching on a CUDA device through cudarc (dynamic loading: builds without CUDA).
 
 pub mod blas;
@@ -14,6 +16,7 @@ pub mod device;
 pub mod emu;
 pub mod error;
 pub mod launch;
+pub mod model;
 pub mod plan;
 pub mod reference;
 pub mod reorder;

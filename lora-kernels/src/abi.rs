@@ -208,3 +208,83 @@ pub const fn shrink_splits(blocks: u32, items: u32, max_splits: u32, k: u32) -> 
 pub const fn rank_pad(r: u32) -> u32 {
     r.div_ceil(16) * 16
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Model kernels (`kernels::model`): layouts and launch constants shared with the host.
+// ---------------------------------------------------------------------------------------------------
+
+/// Threads per block of `rmsnorm_residual` (one block per row).
+pub const NORM_THREADS: u32 = 256;
+/// Threads per block of `rope_kv_write` (one block per token).
+pub const ROPE_THREADS: u32 = 128;
+/// Threads per block of `decode_attention` (4 warps).
+pub const DECODE_THREADS: u32 = 128;
+/// Warps per block of `decode_attention`.
+pub const DECODE_WARPS: u32 = DECODE_THREADS / 32;
+/// Most query heads per KV head (GQA group) `decode_attention` supports (its per-lane registers).
+pub const DECODE_MAX_GROUP: u32 = 8;
+/// Tokens each lane group of `decode_attention` loads per iteration before using any of them.
+pub const DECODE_UNROLL: u32 = 4;
+/// Most context splits of one `decode_attention` launch (the merge reads all of them per output).
+pub const DECODE_MAX_SPLITS: u32 = 64;
+/// Threads per block of `attention_merge`, `silu_mul` and `embedding_gather`.
+pub const SMALL_THREADS: u32 = 128;
+/// Threads per block of `argmax_f32` / `argmax_bf16` (one block per row).
+pub const ARGMAX_THREADS: u32 = 512;
+/// `slot` value of a token whose K/V is not written to the cache (padding rows).
+pub const NO_KV_SLOT: u32 = u32::MAX;
+
+/// Layout of one layer's paged KV cache (K and V are two separate arrays of this layout), bf16:
+///
+/// ```text
+/// cache[page][kv_head][page_slot][head_dim]      (row-major, head_dim fastest)
+/// ```
+///
+/// A sequence's token at position `pos` lives in page `page_table[pos / page_size]`, slot
+/// `pos % page_size`; its flat slot index (what `rope_kv_write` takes per token) is
+/// `page * page_size + pos % page_size`. One (page, kv head) is `page_size` contiguous rows of
+/// `head_dim` elements, so a KV head's rows of one page are one contiguous run of
+/// `page_size · head_dim · 2` bytes; `head_dim` must be a multiple of 8 (16-byte rows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Pages in the cache (of this layer).
+    pub num_pages: u32,
+    /// KV heads.
+    pub kv_heads: u32,
+    /// Tokens per page.
+    pub page_size: u32,
+    /// Elements per head row.
+    pub head_dim: u32,
+}
+
+impl KvLayout {
+    /// Elements of one layer's K (or V) array.
+    pub const fn elems(&self) -> usize {
+        self.num_pages as usize * self.kv_heads as usize * self.page_size as usize * self.head_dim as usize
+    }
+    /// Element offset of row (`page`, `kv_head`, `page_slot`).
+    pub const fn row(&self, page: u32, kv_head: u32, page_slot: u32) -> usize {
+        ((page as usize * self.kv_heads as usize + kv_head as usize) * self.page_size as usize + page_slot as usize)
+            * self.head_dim as usize
+    }
+    /// Element offset of the row of flat slot `slot = page * page_size + page_slot`.
+    pub const fn slot_row(&self, slot: u32, kv_head: u32) -> usize {
+        self.row(slot / self.page_size, kv_head, slot % self.page_size)
+    }
+    /// The flat slot of position `pos` of a sequence with page table `pages`.
+    pub fn slot_of(&self, pages: &[u32], pos: u32) -> u32 {
+        pages[(pos / self.page_size) as usize] * self.page_size + pos % self.page_size
+    }
+}
+
+/// Page-table words one `decode_attention` block stages in shared memory: the pages a split of at most
+/// `max_chunk` tokens can touch (`max_chunk = ceil(max_context / splits)`).
+pub const fn decode_pt_cap(max_chunk: u32, page_size: u32) -> u32 {
+    max_chunk.div_ceil(page_size) + 1
+}
+
+/// Dynamic shared memory of `decode_attention`: the staged page table (`pt_cap` words, rounded to 16
+/// bytes) and the cross-warp merge buffer (`DECODE_WARPS × group × (head_dim + 2)` f32).
+pub const fn decode_shared_bytes(pt_cap: u32, group: u32, head_dim: u32) -> u32 {
+    (4 * pt_cap).div_ceil(16) * 16 + 4 * DECODE_WARPS * group * (head_dim + 2)
+}

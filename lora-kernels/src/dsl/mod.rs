@@ -16,6 +16,9 @@
 //! primitives must be reached by all 32 lanes of the warp together (full mask); block barriers by every
 //! live thread of the block.
 
+mod math;
+pub use math::*;
+
 #[cfg(target_arch = "nvptx64")]
 mod nvptx;
 #[cfg(target_arch = "nvptx64")]
