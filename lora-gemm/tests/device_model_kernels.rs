@@ -1,0 +1,490 @@
+//! The model kernels (`lora_kernels::kernels::model`) against plain f64 CPU oracles written here, one body
+//! per backend: the emulator at tiny shapes with the edge cases (context 1, page size 1, partial pages,
+//! empty splits, GQA 9/3, 32/8 and 1/1, head_dim 64 and 128, odd widths, strides), the GPU (`--features
+//! gpu`, the bundle) at real shapes with random non-zero data and poisoned outputs.
+
+use lora_gemm::device::{download, upload, Rng, TestDevice};
+use lora_gemm::device_test;
+use lora_gemm::model::{
+    launch_argmax, launch_decode_attention, launch_embedding, launch_rmsnorm, launch_rope_kv_write, launch_silu_mul,
+    DecodeBuffers, DecodePlan, DecodeShape, RopeArgs,
+};
+use lora_kernels::abi::{decode_pt_cap, decode_shared_bytes, KvLayout, NO_KV_SLOT};
+use lora_kernels::dsl::{bf16_to_f32, f32_to_bf16};
+
+/// bf16 NaN: what outputs are poisoned with before a launch.
+const POISON: u16 = 0xFFFF;
+
+fn bf(v: f32) -> u16 {
+    f32_to_bf16(v)
+}
+fn fl(b: u16) -> f64 {
+    bf16_to_f32(b) as f64
+}
+
+/// Relative L2 error of `got` against `want`, panicking on non-finite outputs.
+fn rel_l2(what: &str, got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite(), "{what}: element {i} not written or not finite: {g} (want {w})");
+        num += (g - w) * (g - w);
+        den += w * w;
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn sm_count(d: &dyn TestDevice) -> u32 {
+    if d.name() == "emulator" {
+        4
+    } else {
+        132
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// rmsnorm_residual
+// ---------------------------------------------------------------------------------------------------
+
+fn rmsnorm_case(d: &dyn TestDevice, rows: usize, hidden: usize, ld: usize, fused: bool, seed: u64) {
+    let mut rng = Rng(seed);
+    let eps = 1e-5f32;
+    let (x, _) = rng.bf16_vec(rows * ld, 2.0);
+    let (r, _) = rng.bf16_vec(rows * ld, 2.0);
+    let (w, _) = rng.bf16_vec(hidden, 1.5);
+    let px = upload(d, &x).unwrap();
+    let pr = if fused { upload(d, &r).unwrap() } else { 0 };
+    let pw = upload(d, &w).unwrap();
+    let po = upload(d, &vec![POISON; rows * ld]).unwrap();
+    d.with_launcher(&mut |l| {
+        launch_rmsnorm(l, rows as u32, hidden as u32, eps, px, ld as u32, pr, ld as u32, pw, po, ld as u32)
+    })
+    .unwrap();
+    d.sync().unwrap();
+    let out: Vec<u16> = download(d, po, rows * ld).unwrap();
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for i in 0..rows {
+        // h = bf16(x + r) (the f32 sum of two bf16, rounded once), then the norm in f64.
+        let h: Vec<u16> =
+            (0..hidden).map(|j| if fused { bf(bf16_to_f32(x[i * ld + j]) + bf16_to_f32(r[i * ld + j])) } else { x[i * ld + j] }).collect();
+        let ms = h.iter().map(|&v| fl(v) * fl(v)).sum::<f64>() / hidden as f64;
+        let inv = 1.0 / (ms + eps as f64).sqrt();
+        for j in 0..hidden {
+            want.push(fl(h[j]) * inv * fl(w[j]));
+            got.push(fl(out[i * ld + j]));
+        }
+        for j in hidden..ld {
+            assert_eq!(out[i * ld + j], POISON, "{}: rmsnorm wrote past the row (col {j})", d.name());
+        }
+    }
+    if fused {
+        let res: Vec<u16> = download(d, pr, rows * ld).unwrap();
+        for i in 0..rows {
+            for j in 0..hidden {
+                let h = bf(bf16_to_f32(x[i * ld + j]) + bf16_to_f32(r[i * ld + j]));
+                assert_eq!(res[i * ld + j], h, "{}: residual[{i}][{j}]", d.name());
+            }
+            for j in hidden..ld {
+                assert_eq!(res[i * ld + j], r[i * ld + j], "{}: residual padding [{i}][{j}] changed", d.name());
+            }
+        }
+    }
+    let e = rel_l2("rmsnorm", &got, &want);
+    eprintln!("{}: rmsnorm rows {rows} hidden {hidden} fused {fused}: rel L2 error {e:.2e}", d.name());
+    assert!(e < 5e-3, "{}: rmsnorm rel error {e}", d.name());
+}
+
+device_test!(rmsnorm_residual_matches_f64, |d: &dyn TestDevice, big: bool| {
+    rmsnorm_case(d, 3, 40, 48, true, 1);
+    rmsnorm_case(d, 2, 37, 37, true, 2); // odd width, unaligned rows: element path
+    rmsnorm_case(d, 1, 8, 8, false, 3);
+    rmsnorm_case(d, 2, 2100, 2104, false, 4); // several chunks per thread
+    if big {
+        rmsnorm_case(d, 64, 4096, 4096, true, 5);
+        rmsnorm_case(d, 7, 576, 576, false, 6);
+        rmsnorm_case(d, 16, 8192, 8200, true, 7);
+    }
+});
+
+// ---------------------------------------------------------------------------------------------------
+// rope_kv_write
+// ---------------------------------------------------------------------------------------------------
+
+struct RopeCase {
+    tokens: usize,
+    n_q: usize,
+    n_kv: usize,
+    hd: usize,
+    page_size: u32,
+    num_pages: u32,
+    max_pos: u32,
+}
+
+fn rope_case(d: &dyn TestDevice, c: &RopeCase, seed: u64) {
+    let mut rng = Rng(seed);
+    let (t, nq, nkv, hd) = (c.tokens, c.n_q, c.n_kv, c.hd);
+    let ld = (nq + 2 * nkv) * hd + 8; // one fused qkv row, padded
+    let (qkv, _) = rng.bf16_vec(t * ld, 2.0);
+    let half = hd / 2;
+    let inv_freq: Vec<f32> = (0..half).map(|i| 500000f32.powf(-(2.0 * i as f32) / hd as f32)).collect();
+    let layout = KvLayout { num_pages: c.num_pages, kv_heads: nkv as u32, page_size: c.page_size, head_dim: hd as u32 };
+    // Distinct random slots (a shuffled slot list), the last token a padding row.
+    let mut all: Vec<u32> = (0..c.num_pages * c.page_size).collect();
+    for i in (1..all.len()).rev() {
+        all.swap(i, rng.below(i as u32 + 1) as usize);
+    }
+    let mut slots: Vec<u32> = all[..t].to_vec();
+    slots[t - 1] = NO_KV_SLOT;
+    let positions: Vec<u32> = (0..t).map(|_| rng.below(c.max_pos + 1)).collect();
+    let pq = upload(d, &qkv).unwrap();
+    let (pp, pf, ps) = (upload(d, &positions).unwrap(), upload(d, &inv_freq).unwrap(), upload(d, &slots).unwrap());
+    let pk = upload(d, &vec![POISON; layout.elems()]).unwrap();
+    let pv = upload(d, &vec![POISON; layout.elems()]).unwrap();
+    let el = 2u64;
+    let args = RopeArgs {
+        tokens: t as u32,
+        q: pq,
+        ldq: ld as u32,
+        k: pq + el * (nq * hd) as u64,
+        ldk: ld as u32,
+        v: pq + el * ((nq + nkv) * hd) as u64,
+        ldv: ld as u32,
+        positions: pp,
+        inv_freq: pf,
+        slots: ps,
+        n_q: nq as u32,
+        n_kv: nkv as u32,
+        head_dim: hd as u32,
+        page_size: c.page_size,
+        k_cache: pk,
+        v_cache: pv,
+    };
+    d.with_launcher(&mut |l| launch_rope_kv_write(l, &args)).unwrap();
+    d.sync().unwrap();
+    let q_out: Vec<u16> = download(d, pq, t * ld).unwrap();
+    let kc: Vec<u16> = download(d, pk, layout.elems()).unwrap();
+    let vc: Vec<u16> = download(d, pv, layout.elems()).unwrap();
+    let rot = |row: &[u16], pos: u32| -> Vec<f64> {
+        (0..hd)
+            .map(|j| {
+                let i = j % half;
+                let theta = ((pos as f32) * inv_freq[i]) as f64;
+                let (s, co) = theta.sin_cos();
+                if j < half {
+                    fl(row[i]) * co - fl(row[i + half]) * s
+                } else {
+                    fl(row[i + half]) * co + fl(row[i]) * s
+                }
+            })
+            .collect()
+    };
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    let mut written = vec![false; layout.elems()];
+    for tok in 0..t {
+        let row = &qkv[tok * ld..(tok + 1) * ld];
+        for h in 0..nq {
+            let r = rot(&row[h * hd..(h + 1) * hd], positions[tok]);
+            for j in 0..hd {
+                want.push(r[j]);
+                got.push(fl(q_out[tok * ld + h * hd + j]));
+            }
+        }
+        // k and v columns of the input are untouched.
+        assert_eq!(&q_out[tok * ld + nq * hd..(tok + 1) * ld], &row[nq * hd..], "{}: k/v input changed", d.name());
+        if slots[tok] == NO_KV_SLOT {
+            continue;
+        }
+        for h in 0..nkv {
+            let at = layout.slot_row(slots[tok], h as u32);
+            let kr = rot(&row[(nq + h) * hd..(nq + h + 1) * hd], positions[tok]);
+            for j in 0..hd {
+                want.push(kr[j]);
+                got.push(fl(kc[at + j]));
+                written[at + j] = true;
+            }
+            assert_eq!(&vc[at..at + hd], &row[(nq + nkv + h) * hd..(nq + nkv + h + 1) * hd], "{}: v row", d.name());
+        }
+    }
+    for (i, w) in written.iter().enumerate() {
+        if !w {
+            assert!(kc[i] == POISON && vc[i] == POISON, "{}: cache element {i} written but no token owns it", d.name());
+        }
+    }
+    let e = rel_l2("rope", &got, &want);
+    eprintln!("{}: rope_kv_write t {t} heads {nq}/{nkv} hd {hd} page {}: rel L2 error {e:.2e}", d.name(), c.page_size);
+    assert!(e < 4e-3, "{}: rope rel error {e}", d.name());
+}
+
+device_test!(rope_kv_write_matches_f64, |d: &dyn TestDevice, big: bool| {
+    rope_case(d, &RopeCase { tokens: 5, n_q: 9, n_kv: 3, hd: 64, page_size: 1, num_pages: 8, max_pos: 40 }, 11);
+    rope_case(d, &RopeCase { tokens: 4, n_q: 4, n_kv: 2, hd: 128, page_size: 3, num_pages: 3, max_pos: 3000 }, 12);
+    if big {
+        rope_case(d, &RopeCase { tokens: 300, n_q: 32, n_kv: 8, hd: 128, page_size: 16, num_pages: 64, max_pos: 8191 }, 13);
+        rope_case(d, &RopeCase { tokens: 64, n_q: 9, n_kv: 3, hd: 64, page_size: 1, num_pages: 100, max_pos: 131_000 }, 14);
+    }
+});
+
+// ---------------------------------------------------------------------------------------------------
+// decode_attention (+ attention_merge)
+// ---------------------------------------------------------------------------------------------------
+
+struct DecodeCase {
+    n_q: u32,
+    n_kv: u32,
+    hd: u32,
+    page_size: u32,
+    lens: Vec<u32>,
+    /// Forced split count (`None`: the planner's).
+    splits: Option<u32>,
+}
+
+fn decode_case(d: &dyn TestDevice, c: &DecodeCase, seed: u64) {
+    let mut rng = Rng(seed);
+    let batch = c.lens.len() as u32;
+    let (nq, nkv, hd, ps) = (c.n_q as usize, c.n_kv as usize, c.hd as usize, c.page_size);
+    let max_context = *c.lens.iter().max().unwrap();
+    let pages_per_seq: Vec<u32> = c.lens.iter().map(|&l| l.div_ceil(ps)).collect();
+    let num_pages = pages_per_seq.iter().sum::<u32>() + 3;
+    let layout = KvLayout { num_pages, kv_heads: nkv as u32, page_size: ps, head_dim: hd as u32 };
+    // Each sequence gets distinct pages, in shuffled order.
+    let mut ids: Vec<u32> = (0..num_pages).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.below(i as u32 + 1) as usize);
+    }
+    let ld_pt = *pages_per_seq.iter().max().unwrap() as usize + 1;
+    let mut pt = vec![u32::MAX; batch as usize * ld_pt];
+    let mut next = 0;
+    for (b, &np) in pages_per_seq.iter().enumerate() {
+        for p in 0..np as usize {
+            pt[b * ld_pt + p] = ids[next];
+            next += 1;
+        }
+    }
+    let (kc, _) = rng.bf16_vec(layout.elems(), 1.0);
+    let (vc, _) = rng.bf16_vec(layout.elems(), 1.0);
+    let ldq = nq * hd + 8;
+    let (q, _) = rng.bf16_vec(batch as usize * ldq, 2.0);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let shape = DecodeShape { batch, n_q: c.n_q, n_kv: c.n_kv, head_dim: c.hd, page_size: ps, max_context };
+    let plan = match c.splits {
+        None => shape.plan(sm_count(d)).unwrap(),
+        Some(s) => {
+            let pt_cap = decode_pt_cap(max_context.div_ceil(s), ps);
+            DecodePlan { splits: s, pt_cap, shared: decode_shared_bytes(pt_cap, c.n_q / c.n_kv, c.hd) }
+        }
+    };
+    let ldo = nq * hd + 16;
+    let parts = shape.partial_elems(plan.splits);
+    let bufs = DecodeBuffers {
+        q: upload(d, &q).unwrap(),
+        ldq: ldq as u32,
+        k_cache: upload(d, &kc).unwrap(),
+        v_cache: upload(d, &vc).unwrap(),
+        page_table: upload(d, &pt).unwrap(),
+        ld_pt: ld_pt as u32,
+        seq_lens: upload(d, &c.lens).unwrap(),
+        part_o: upload(d, &vec![f32::NAN; parts]).unwrap(),
+        part_ml: upload(d, &vec![f32::NAN; 2 * parts / hd]).unwrap(),
+        out: upload(d, &vec![POISON; batch as usize * ldo]).unwrap(),
+        ldo: ldo as u32,
+    };
+    d.with_launcher(&mut |l| launch_decode_attention(l, &shape, &plan, &bufs, scale)).unwrap();
+    d.sync().unwrap();
+    let out: Vec<u16> = download(d, bufs.out, batch as usize * ldo).unwrap();
+    let group = nq / nkv;
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    let mut max_abs = 0f64;
+    for b in 0..batch as usize {
+        let len = c.lens[b] as usize;
+        for h in 0..nq {
+            let kvh = h / group;
+            let qrow: Vec<f64> = (0..hd).map(|j| fl(q[b * ldq + h * hd + j])).collect();
+            let rows: Vec<usize> =
+                (0..len).map(|t| layout.row(pt[b * ld_pt + t / ps as usize], kvh as u32, t as u32 % ps)).collect();
+            let s: Vec<f64> = rows
+                .iter()
+                .map(|&r| (0..hd).map(|j| qrow[j] * fl(kc[r + j])).sum::<f64>() * scale as f64)
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let p: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+            let z: f64 = p.iter().sum();
+            for j in 0..hd {
+                let o = rows.iter().zip(&p).map(|(&r, pi)| pi * fl(vc[r + j])).sum::<f64>() / z;
+                let g = fl(out[b * ldo + h * hd + j]);
+                max_abs = max_abs.max((g - o).abs());
+                want.push(o);
+                got.push(g);
+            }
+        }
+        for j in nq * hd..ldo {
+            assert_eq!(out[b * ldo + j], POISON, "{}: decode wrote past the row", d.name());
+        }
+    }
+    let e = rel_l2("decode", &got, &want);
+    eprintln!(
+        "{}: decode_attention batch {batch} heads {nq}/{nkv} hd {hd} page {ps} lens {:?} splits {}: rel L2 {e:.2e}, max abs {max_abs:.2e}",
+        d.name(),
+        if c.lens.len() > 6 { c.lens[..6].to_vec() } else { c.lens.clone() },
+        plan.splits
+    );
+    assert!(e < 1e-2 && max_abs < 2e-2, "{}: decode error rel {e} max abs {max_abs}", d.name());
+}
+
+device_test!(decode_attention_matches_f64, |d: &dyn TestDevice, big: bool| {
+    // GQA 9/3, head 64, page size 1, context 1 and a long-ish one, split and unsplit.
+    let c = DecodeCase { n_q: 9, n_kv: 3, hd: 64, page_size: 1, lens: vec![1, 5, 70], splits: Some(1) };
+    decode_case(d, &c, 21);
+    decode_case(d, &DecodeCase { splits: Some(3), ..c }, 22);
+    // GQA 32/8, head 128, page size 16, partial pages, 2 splits.
+    decode_case(d, &DecodeCase { n_q: 32, n_kv: 8, hd: 128, page_size: 16, lens: vec![17, 40], splits: Some(2) }, 23);
+    // No GQA, page size 3, more splits than tokens per split (empty splits), context 1 under splits.
+    decode_case(d, &DecodeCase { n_q: 2, n_kv: 2, hd: 64, page_size: 3, lens: vec![10, 1], splits: Some(8) }, 24);
+    // Group 8 (the largest), planner's split.
+    decode_case(d, &DecodeCase { n_q: 8, n_kv: 1, hd: 128, page_size: 4, lens: vec![9], splits: None }, 25);
+    if big {
+        let llama = |lens: Vec<u32>| DecodeCase { n_q: 32, n_kv: 8, hd: 128, page_size: 16, lens, splits: None };
+        decode_case(d, &llama(vec![1, 100, 1900, 8192]), 31);
+        decode_case(d, &DecodeCase { splits: Some(1), ..llama(vec![1, 100, 1900, 8192]) }, 32);
+        decode_case(d, &llama(vec![8192]), 33);
+        decode_case(d, &llama((0..64).map(|i| 1 + 37 * i).collect()), 34);
+        let smol = |lens: Vec<u32>| DecodeCase { n_q: 9, n_kv: 3, hd: 64, page_size: 1, lens, splits: None };
+        decode_case(d, &smol(vec![1, 2, 3000, 517]), 35);
+        decode_case(d, &DecodeCase { n_q: 64, n_kv: 8, hd: 128, page_size: 7, lens: vec![4099, 33], splits: None }, 36);
+    }
+});
+
+// ---------------------------------------------------------------------------------------------------
+// silu_mul, embedding_gather, argmax
+// ---------------------------------------------------------------------------------------------------
+
+fn silu_case(d: &dyn TestDevice, rows: usize, inter: usize, seed: u64) {
+    let mut rng = Rng(seed);
+    let (ld_in, ldo) = (2 * inter + 4, inter + 8);
+    let (gu, _) = rng.bf16_vec(rows * ld_in, 6.0);
+    let pg = upload(d, &gu).unwrap();
+    let po = upload(d, &vec![POISON; rows * ldo]).unwrap();
+    d.with_launcher(&mut |l| launch_silu_mul(l, rows as u32, inter as u32, pg, ld_in as u32, po, ldo as u32)).unwrap();
+    d.sync().unwrap();
+    let out: Vec<u16> = download(d, po, rows * ldo).unwrap();
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for t in 0..rows {
+        for j in 0..inter {
+            let (g, u) = (fl(gu[t * ld_in + j]), fl(gu[t * ld_in + inter + j]));
+            want.push(g / (1.0 + (-g).exp()) * u);
+            got.push(fl(out[t * ldo + j]));
+        }
+        for j in inter..ldo {
+            assert_eq!(out[t * ldo + j], POISON, "{}: silu_mul wrote past the row", d.name());
+        }
+    }
+    let e = rel_l2("silu_mul", &got, &want);
+    eprintln!("{}: silu_mul rows {rows} inter {inter}: rel L2 error {e:.2e}", d.name());
+    assert!(e < 5e-3, "{}: silu_mul rel error {e}", d.name());
+}
+
+device_test!(silu_mul_matches_f64, |d: &dyn TestDevice, big: bool| {
+    silu_case(d, 3, 20, 41);
+    silu_case(d, 2, 1030, 42);
+    if big {
+        silu_case(d, 64, 14336, 43);
+        silu_case(d, 5, 1536, 44);
+    }
+});
+
+fn embedding_case(d: &dyn TestDevice, vocab: usize, hidden: usize, rows: usize, seed: u64) {
+    let mut rng = Rng(seed);
+    let ld_table = hidden + 8;
+    let (table, _) = rng.bf16_vec(vocab * ld_table, 1.0);
+    let mut ids: Vec<u32> = (0..rows).map(|_| rng.below(vocab as u32)).collect();
+    ids[0] = vocab as u32 - 1;
+    ids[rows - 1] = vocab as u32 + 5; // out of range: a zero row
+    let (pt, pi) = (upload(d, &table).unwrap(), upload(d, &ids).unwrap());
+    let po = upload(d, &vec![POISON; rows * hidden]).unwrap();
+    d.with_launcher(&mut |l| {
+        launch_embedding(l, rows as u32, hidden as u32, pt, ld_table as u32, vocab as u32, pi, po, hidden as u32)
+    })
+    .unwrap();
+    d.sync().unwrap();
+    let out: Vec<u16> = download(d, po, rows * hidden).unwrap();
+    for (t, &id) in ids.iter().enumerate() {
+        let want: Vec<u16> = if (id as usize) < vocab {
+            table[id as usize * ld_table..id as usize * ld_table + hidden].to_vec()
+        } else {
+            vec![0; hidden]
+        };
+        assert_eq!(&out[t * hidden..(t + 1) * hidden], &want[..], "{}: embedding row {t} (id {id})", d.name());
+    }
+    eprintln!("{}: embedding_gather vocab {vocab} hidden {hidden} rows {rows}: exact", d.name());
+}
+
+device_test!(embedding_gather_exact, |d: &dyn TestDevice, big: bool| {
+    embedding_case(d, 50, 36, 6, 51);
+    embedding_case(d, 20, 1100, 3, 52);
+    if big {
+        embedding_case(d, 49152, 576, 300, 53);
+        embedding_case(d, 4096, 4096, 64, 54);
+    }
+});
+
+fn argmax_case(d: &dyn TestDevice, bf16: bool, rows: usize, vocab: usize, seed: u64) {
+    let mut rng = Rng(seed);
+    let ld = vocab + 3;
+    let mut vals: Vec<f32> = (0..rows * ld).map(|_| rng.uniform() * 20.0).collect();
+    if bf16 {
+        for v in vals.iter_mut() {
+            *v = bf16_to_f32(bf(*v));
+        }
+    }
+    for r in 0..rows {
+        let row = &mut vals[r * ld..(r + 1) * ld];
+        match r % 4 {
+            // A tie at the maximum: the lower index wins.
+            0 => {
+                let (a, b) = (rng.below(vocab as u32) as usize, rng.below(vocab as u32) as usize);
+                row[a] = 100.0;
+                row[b] = 100.0;
+            }
+            // NaN entries are ignored.
+            1 => {
+                row[0] = f32::NAN;
+                row[vocab / 2] = f32::NAN;
+            }
+            // All equal: index 0.
+            2 => row[..vocab].fill(-3.5),
+            // The maximum in the padding past vocab must not count.
+            _ => row[vocab] = 1000.0,
+        }
+    }
+    let want: Vec<u32> = (0..rows)
+        .map(|r| {
+            let mut best = (f32::NEG_INFINITY, u32::MAX);
+            for j in 0..vocab {
+                let v = vals[r * ld + j];
+                if v > best.0 || (best.1 == u32::MAX && v == f32::NEG_INFINITY) {
+                    best = (v, j as u32);
+                }
+            }
+            best.1
+        })
+        .collect();
+    let pl = if bf16 {
+        upload(d, &vals.iter().map(|&v| bf(v)).collect::<Vec<u16>>()).unwrap()
+    } else {
+        upload(d, &vals).unwrap()
+    };
+    let po = upload(d, &vec![0xDEAD_BEEFu32; rows]).unwrap();
+    d.with_launcher(&mut |l| launch_argmax(l, bf16, rows as u32, vocab as u32, pl, ld as u32, po)).unwrap();
+    d.sync().unwrap();
+    let got: Vec<u32> = download(d, po, rows).unwrap();
+    assert_eq!(got, want, "{}: argmax (bf16 {bf16}, vocab {vocab})", d.name());
+    eprintln!("{}: argmax bf16={bf16} rows {rows} vocab {vocab}: exact", d.name());
+}
+
+device_test!(argmax_exact_lowest_on_ties, |d: &dyn TestDevice, big: bool| {
+    argmax_case(d, false, 4, 1000, 61);
+    argmax_case(d, true, 4, 700, 62);
+    if big {
+        argmax_case(d, false, 64, 128_256, 63);
+        argmax_case(d, true, 17, 49_152, 64);
+    }
+});
