@@ -1,0 +1,187 @@
+//! GPU benchmark of the attention kernels (`cargo xtask gpu-bundle`, then `run.sh bench` on the GPU
+//! machine; the PyTorch peer is `lora-kernels/bench/sdpa_peer.py`, run by `run.sh sdpa`).
+//!
+//! Decode attention: Llama-3.1-8B heads (32 query / 8 KV heads of 128), page size 16, batch 1/16/64 ×
+//! context 512/1900/8192, every sequence at the full context, pages in shuffled order. Reported per case:
+//! the split count the planner chose, the bytes the launch must read (K and V of every sequence and KV
+//! head once: `batch × context × 8 × 128 × 2 × 2`; q, the page table and the output are under 0.1% and
+//! not counted), the median time and GB/s of that, and the fraction of the measured device-to-device copy
+//! bandwidth (1 GiB, read + write counted).
+//!
+//! Timing: CUDA events around each launch (decode + merge when split), 3 warm-up launches, then the median
+//! of 25 individually timed launches, each preceded by an L2 flush (an argmax over 512 MB of f32 — a
+//! read-only kernel, so the L2 is left holding clean lines of another buffer, not the KV cache).
+//! Arguments are ignored (run.sh passes the same ones to every benchmark).
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
+use lora_gemm::cuda::{sm_count, CudaLauncher};
+use lora_gemm::device::{upload, CudaDevice, Rng, TestDevice};
+use lora_gemm::launch::Launcher;
+use lora_gemm::model::{launch_argmax, launch_decode_attention, DecodeBuffers, DecodeShape};
+
+const N_Q: u32 = 32;
+const N_KV: u32 = 8;
+const HD: u32 = 128;
+const PAGE: u32 = 16;
+const BATCHES: [u32; 3] = [1, 16, 64];
+const CONTEXTS: [u32; 3] = [512, 1900, 8192];
+const WARMUP: usize = 3;
+const REPS: usize = 25;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn addr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
+    let (p, _sync) = s.device_ptr(stream);
+    p
+}
+
+struct Timer<'a> {
+    dev: &'a CudaDevice,
+    flush_src: u64,
+    flush_out: u64,
+}
+
+impl Timer<'_> {
+    fn event(&self) -> Result<CudaEvent> {
+        Ok(self.dev.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?)
+    }
+
+    /// Read 512 MB (128 rows × 1 Mi f32) with the argmax kernel: evicts the L2, leaves clean lines.
+    fn flush(&self, l: &dyn Launcher) -> Result<()> {
+        launch_argmax(l, false, 128, 1 << 20, self.flush_src, 1 << 20, self.flush_out)?;
+        Ok(())
+    }
+
+    /// Median µs of `f` over REPS individually timed runs, each after an L2 flush (after WARMUP runs).
+    fn time(&self, f: &dyn Fn(&dyn Launcher) -> Result<()>) -> Result<f64> {
+        let l = CudaLauncher { module: &self.dev.module, stream: &self.dev.stream };
+        for _ in 0..WARMUP {
+            f(&l)?;
+        }
+        let evs: Vec<(CudaEvent, CudaEvent)> = (0..REPS).map(|_| Ok((self.event()?, self.event()?))).collect::<Result<_>>()?;
+        for (e0, e1) in &evs {
+            self.flush(&l)?;
+            e0.record(&self.dev.stream)?;
+            f(&l)?;
+            e1.record(&self.dev.stream)?;
+        }
+        self.dev.stream.synchronize()?;
+        let v = evs.iter().map(|(e0, e1)| Ok(e0.elapsed_ms(e1)? as f64 * 1e3)).collect::<Result<Vec<f64>>>()?;
+        Ok(median(v))
+    }
+}
+
+fn copy_bandwidth(dev: &CudaDevice) -> Result<f64> {
+    const BYTES: usize = 1 << 30;
+    let src = dev.stream.alloc_zeros::<u8>(BYTES)?;
+    let mut dst = dev.stream.alloc_zeros::<u8>(BYTES)?;
+    for _ in 0..2 {
+        dev.stream.memcpy_dtod(&src, &mut dst)?;
+    }
+    let mut v = Vec::new();
+    for _ in 0..10 {
+        let e0 = dev.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let e1 = dev.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        e0.record(&dev.stream)?;
+        dev.stream.memcpy_dtod(&src, &mut dst)?;
+        e1.record(&dev.stream)?;
+        v.push(2.0 * BYTES as f64 / (e0.elapsed_ms(&e1)? as f64 * 1e-3) / 1e9);
+    }
+    Ok(median(v))
+}
+
+fn main() -> Result<()> {
+    let dev = match CudaDevice::open() {
+        Ok(d) => d,
+        Err(e) => {
+            println!("SKIP bench_attention: {e}");
+            return Ok(());
+        }
+    };
+    let sms = sm_count(&dev.ctx)?;
+    let (cc_major, cc_minor) = dev.ctx.compute_capability()?;
+    println!("device: {} (sm_{cc_major}{cc_minor}, {sms} SMs)", dev.name());
+    let copy_bw = copy_bandwidth(&dev)?;
+    println!("copy bandwidth: {copy_bw:.0} GB/s (1 GiB device-to-device, read + write counted, median of 10)");
+
+    // One cache big enough for the largest case; every case uses a prefix of it (pages shuffled).
+    let max_pages = BATCHES.iter().max().unwrap() * CONTEXTS.iter().max().unwrap().div_ceil(PAGE);
+    let cache_elems = (max_pages * N_KV * PAGE * HD) as usize;
+    let stream = &dev.stream;
+    let mut k_cache = stream.alloc_zeros::<u16>(cache_elems).context("K cache")?;
+    let mut v_cache = stream.alloc_zeros::<u16>(cache_elems).context("V cache")?;
+    {
+        // Fill with random bf16: one 32 MiB random block copied over the whole cache.
+        let mut rng = Rng(1);
+        let block = 16usize << 20;
+        let (bits, _) = rng.bf16_vec(block, 1.0);
+        let src = stream.clone_htod(&bits)?;
+        for c in [&mut k_cache, &mut v_cache] {
+            let mut at = 0;
+            while at < cache_elems {
+                let n = block.min(cache_elems - at);
+                let mut dst = c.slice_mut(at..at + n);
+                stream.memcpy_dtod(&src.slice(0..n), &mut dst)?;
+                at += n;
+            }
+        }
+    }
+    let flush_src = stream.alloc_zeros::<f32>(128 << 20)?;
+    let flush_out = stream.alloc_zeros::<u32>(128)?;
+    let timer = Timer { dev: &dev, flush_src: addr(&flush_src, stream), flush_out: addr(&flush_out, stream) };
+    let (kc, vc) = (addr(&k_cache, stream), addr(&v_cache, stream));
+
+    println!(
+        "\ndecode attention: {N_Q} q / {N_KV} kv heads of {HD}, page {PAGE}, bf16; median of {REPS} launches, L2 flushed before each"
+    );
+    println!(
+        "{:>5} {:>7} {:>6} {:>10} {:>9} {:>8} {:>7}",
+        "batch", "context", "splits", "KV MB", "µs", "GB/s", "of copy"
+    );
+    let mut rng = Rng(7);
+    for &batch in &BATCHES {
+        for &len in &CONTEXTS {
+            let pages = len.div_ceil(PAGE);
+            let mut ids: Vec<u32> = (0..batch * pages).collect();
+            for i in (1..ids.len()).rev() {
+                ids.swap(i, rng.below(i as u32 + 1) as usize);
+            }
+            let shape = DecodeShape { batch, n_q: N_Q, n_kv: N_KV, head_dim: HD, page_size: PAGE, max_context: len };
+            let plan = shape.plan(sms)?;
+            let (q, _) = rng.bf16_vec((batch * N_Q * HD) as usize, 1.0);
+            let parts = shape.partial_elems(plan.splits).max(1);
+            let bufs = DecodeBuffers {
+                q: upload(&dev, &q)?,
+                ldq: N_Q * HD,
+                k_cache: kc,
+                v_cache: vc,
+                page_table: upload(&dev, &ids)?,
+                ld_pt: pages,
+                seq_lens: upload(&dev, &vec![len; batch as usize])?,
+                part_o: upload(&dev, &vec![0f32; parts])?,
+                part_ml: upload(&dev, &vec![0f32; 2 * parts / HD as usize + 2])?,
+                out: upload(&dev, &vec![0u16; (batch * N_Q * HD) as usize])?,
+                ldo: N_Q * HD,
+            };
+            let scale = 1.0 / (HD as f32).sqrt();
+            let us = timer.time(&|l| Ok(launch_decode_attention(l, &shape, &plan, &bufs, scale)?))?;
+            let bytes = batch as f64 * len as f64 * (N_KV * HD * 2 * 2) as f64;
+            let gbs = bytes / (us * 1e-6) / 1e9;
+            println!(
+                "{batch:>5} {len:>7} {:>6} {:>10.1} {us:>9.1} {gbs:>8.0} {:>6.0}%",
+                plan.splits,
+                bytes / 1e6,
+                100.0 * gbs / copy_bw
+            );
+        }
+    }
+    println!("\nprefill attention: not in this build (no prefill_attention kernel yet); see sdpa_peer.py for PyTorch's figures");
+    Ok(())
+}
