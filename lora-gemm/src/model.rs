@@ -11,6 +11,9 @@ use lora_kernels::abi::{
 use lora_kernels::dsl::emu::{launch, LaunchConfig};
 use lora_kernels::kernels::model::decode::{attention_merge, decode_attention};
 use lora_kernels::kernels::model::norm::{rmsnorm_residual, NORM_SHARED_BYTES};
+use lora_kernels::kernels::model::prefill::{
+    prefill_attention_d128, prefill_attention_d64, prefill_shared_bytes, PREFILL_BM, PREFILL_THREADS,
+};
 use lora_kernels::kernels::model::rope::rope_kv_write;
 use lora_kernels::kernels::model::small::{argmax_bf16, argmax_f32, embedding_gather, silu_mul, ARGMAX_SHARED_BYTES};
 use lora_kernels::Kernel;
@@ -349,6 +352,86 @@ pub fn launch_argmax(
     l.launch(k, (rows, 1, 1), ARGMAX_THREADS, ARGMAX_SHARED_BYTES, &args)
 }
 
+/// Shapes of one prefill-attention launch (one layer, many sequences).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillShape {
+    /// Sequences (each with a chunk of query rows).
+    pub num_seqs: u32,
+    /// Longest query chunk of any sequence (capacity: sets the grid).
+    pub max_qlen: u32,
+    /// Query heads.
+    pub n_q: u32,
+    /// KV heads (`n_q % n_kv == 0`).
+    pub n_kv: u32,
+    /// Head dimension (64 or 128).
+    pub head_dim: u32,
+    /// Tokens per KV page.
+    pub page_size: u32,
+}
+
+/// Device addresses of one prefill-attention launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillBuffers {
+    /// Query rows (all sequences, stride `ldq`).
+    pub q: u64,
+    /// Row stride of q.
+    pub ldq: u32,
+    /// `[num_seqs + 1]` first query row of each sequence.
+    pub q_start: u64,
+    /// The layer's K cache.
+    pub k_cache: u64,
+    /// The layer's V cache.
+    pub v_cache: u64,
+    /// `[num_seqs][ld_pt]` page ids.
+    pub page_table: u64,
+    /// Row stride of the page table.
+    pub ld_pt: u32,
+    /// `[num_seqs]` context lengths including the chunk.
+    pub kv_lens: u64,
+    /// Output rows (stride `ldo`).
+    pub out: u64,
+    /// Row stride of out.
+    pub ldo: u32,
+}
+
+/// Launch causal prefill attention (`prefill_attention_d64` / `_d128`).
+pub fn launch_prefill_attention(
+    l: &dyn Launcher,
+    s: &PrefillShape,
+    b: &PrefillBuffers,
+    scale: f32,
+) -> Result<(), GemmError> {
+    let kernel = match s.head_dim {
+        64 => Kernel::PrefillAttentionD64,
+        128 => Kernel::PrefillAttentionD128,
+        d => return Err(GemmError::Invalid(format!("prefill attention: head_dim {d} (need 64 or 128)"))),
+    };
+    if s.n_kv == 0 || s.n_q % s.n_kv != 0 || s.page_size == 0 || b.ldo % 2 != 0 || b.ldq % 2 != 0 {
+        return Err(GemmError::Invalid(format!("prefill attention: bad shape {s:?} / strides")));
+    }
+    if s.num_seqs == 0 || s.max_qlen == 0 {
+        return Ok(());
+    }
+    let args = [
+        Arg::Ptr(b.q),
+        Arg::U32(b.ldq),
+        Arg::Ptr(b.q_start),
+        Arg::Ptr(b.k_cache),
+        Arg::Ptr(b.v_cache),
+        Arg::Ptr(b.page_table),
+        Arg::U32(b.ld_pt),
+        Arg::Ptr(b.kv_lens),
+        Arg::U32(s.n_q),
+        Arg::U32(s.n_kv),
+        Arg::U32(s.page_size),
+        Arg::U32(scale.to_bits()),
+        Arg::Ptr(b.out),
+        Arg::U32(b.ldo),
+    ];
+    let grid = (s.max_qlen.div_ceil(PREFILL_BM), s.n_q, s.num_seqs);
+    l.launch(kernel, grid, PREFILL_THREADS, prefill_shared_bytes(s.head_dim), &args)
+}
+
 /// The emulator's dispatch of the model kernels (called by [`crate::emu::EmuLauncher`]).
 pub(crate) fn emulate(kernel: Kernel, cfg: &LaunchConfig, a: &[Arg]) -> Result<(), GemmError> {
     let want = match kernel {
@@ -359,6 +442,7 @@ pub(crate) fn emulate(kernel: Kernel, cfg: &LaunchConfig, a: &[Arg]) -> Result<(
         Kernel::SiluMul => 5,
         Kernel::EmbeddingGather => 7,
         Kernel::ArgmaxF32 | Kernel::ArgmaxBf16 => 4,
+        Kernel::PrefillAttentionD64 | Kernel::PrefillAttentionD128 => 14,
         _ => return Err(GemmError::Invalid(format!("{} is not a model kernel", kernel.name()))),
     };
     if a.len() != want {
@@ -423,6 +507,22 @@ pub(crate) fn emulate(kernel: Kernel, cfg: &LaunchConfig, a: &[Arg]) -> Result<(
             let (lg, ld, vocab, o) = (ptr::<f32>(a[0])?, u(a[1])?, u(a[2])?, ptr::<u32>(a[3])?);
             // SAFETY: see above.
             unsafe { launch(cfg, || argmax_f32(lg, ld, vocab, o)) }?
+        }
+        Kernel::PrefillAttentionD64 | Kernel::PrefillAttentionD128 => {
+            let (q, ldq, qs, kc, vc, pt, ld_pt, kvl) = (
+                ptr::<u16>(a[0])?,
+                u(a[1])?,
+                ptr::<u32>(a[2])?,
+                ptr::<u16>(a[3])?,
+                ptr::<u16>(a[4])?,
+                ptr::<u32>(a[5])?,
+                u(a[6])?,
+                ptr::<u32>(a[7])?,
+            );
+            let (nq, nkv, ps, scale, o, ldo) = (u(a[8])?, u(a[9])?, u(a[10])?, u(a[11])?, ptr::<u16>(a[12])?, u(a[13])?);
+            let f = if kernel == Kernel::PrefillAttentionD64 { prefill_attention_d64 } else { prefill_attention_d128 };
+            // SAFETY: see above.
+            unsafe { launch(cfg, || f(q, ldq, qs, kc, vc, pt, ld_pt, kvl, nq, nkv, ps, scale, o, ldo)) }?
         }
         _ => {
             let (lg, ld, vocab, o) = (ptr::<u16>(a[0])?, u(a[1])?, u(a[2])?, ptr::<u32>(a[3])?);

@@ -6,8 +6,9 @@
 use lora_gemm::device::{download, upload, Rng, TestDevice};
 use lora_gemm::device_test;
 use lora_gemm::model::{
-    launch_argmax, launch_decode_attention, launch_embedding, launch_rmsnorm, launch_rope_kv_write, launch_silu_mul,
-    DecodeBuffers, DecodePlan, DecodeShape, RopeArgs,
+    launch_argmax, launch_decode_attention, launch_embedding, launch_prefill_attention, launch_rmsnorm,
+    launch_rope_kv_write, launch_silu_mul, DecodeBuffers, DecodePlan, DecodeShape, PrefillBuffers, PrefillShape,
+    RopeArgs,
 };
 use lora_kernels::abi::{decode_pt_cap, decode_shared_bytes, KvLayout, NO_KV_SLOT};
 use lora_kernels::dsl::{bf16_to_f32, f32_to_bf16};
@@ -486,5 +487,140 @@ device_test!(argmax_exact_lowest_on_ties, |d: &dyn TestDevice, big: bool| {
     if big {
         argmax_case(d, false, 64, 128_256, 63);
         argmax_case(d, true, 17, 49_152, 64);
+    }
+});
+
+// ---------------------------------------------------------------------------------------------------
+// prefill_attention (causal, paged, variable lengths, GQA, tensor cores)
+// ---------------------------------------------------------------------------------------------------
+
+struct PrefillCase {
+    n_q: u32,
+    n_kv: u32,
+    hd: u32,
+    page_size: u32,
+    /// (query rows, cached prefix) per sequence: kv_len = rows + prefix.
+    seqs: Vec<(u32, u32)>,
+    /// Check every `check_every`-th query row (and the last) against the oracle (1: all).
+    check_every: usize,
+}
+
+fn prefill_case(d: &dyn TestDevice, c: &PrefillCase, seed: u64) {
+    let mut rng = Rng(seed);
+    let (nq, nkv, hd, ps) = (c.n_q as usize, c.n_kv as usize, c.hd as usize, c.page_size);
+    let kv_lens: Vec<u32> = c.seqs.iter().map(|&(r, p)| r + p).collect();
+    let mut q_start = vec![0u32];
+    for &(r, _) in &c.seqs {
+        q_start.push(q_start.last().unwrap() + r);
+    }
+    let rows = *q_start.last().unwrap() as usize;
+    let pages: Vec<u32> = kv_lens.iter().map(|&l| l.div_ceil(ps)).collect();
+    let num_pages = pages.iter().sum::<u32>() + 2;
+    let layout = KvLayout { num_pages, kv_heads: nkv as u32, page_size: ps, head_dim: hd as u32 };
+    let mut ids: Vec<u32> = (0..num_pages).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.below(i as u32 + 1) as usize);
+    }
+    let ld_pt = *pages.iter().max().unwrap() as usize + 1;
+    let mut pt = vec![u32::MAX; c.seqs.len() * ld_pt];
+    let mut next = 0;
+    for (s, &np) in pages.iter().enumerate() {
+        for p in 0..np as usize {
+            pt[s * ld_pt + p] = ids[next];
+            next += 1;
+        }
+    }
+    let (kc, _) = rng.bf16_vec(layout.elems(), 1.0);
+    let (vc, _) = rng.bf16_vec(layout.elems(), 1.0);
+    let (ldq, ldo) = (nq * hd + 8, nq * hd + 4);
+    let (q, _) = rng.bf16_vec(rows * ldq, 2.0);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let shape = PrefillShape {
+        num_seqs: c.seqs.len() as u32,
+        max_qlen: c.seqs.iter().map(|s| s.0).max().unwrap(),
+        n_q: c.n_q,
+        n_kv: c.n_kv,
+        head_dim: c.hd,
+        page_size: ps,
+    };
+    let bufs = PrefillBuffers {
+        q: upload(d, &q).unwrap(),
+        ldq: ldq as u32,
+        q_start: upload(d, &q_start).unwrap(),
+        k_cache: upload(d, &kc).unwrap(),
+        v_cache: upload(d, &vc).unwrap(),
+        page_table: upload(d, &pt).unwrap(),
+        ld_pt: ld_pt as u32,
+        kv_lens: upload(d, &kv_lens).unwrap(),
+        out: upload(d, &vec![POISON; rows * ldo]).unwrap(),
+        ldo: ldo as u32,
+    };
+    d.with_launcher(&mut |l| launch_prefill_attention(l, &shape, &bufs, scale)).unwrap();
+    d.sync().unwrap();
+    let out: Vec<u16> = download(d, bufs.out, rows * ldo).unwrap();
+    let group = nq / nkv;
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    let mut max_abs = 0f64;
+    for (s, &(qlen, _)) in c.seqs.iter().enumerate() {
+        let kv_len = kv_lens[s] as usize;
+        for i in 0..qlen as usize {
+            let row = q_start[s] as usize + i;
+            for j in nq * hd..ldo {
+                assert_eq!(out[row * ldo + j], POISON, "{}: prefill wrote past the row", d.name());
+            }
+            if i % c.check_every != 0 && i + 1 != qlen as usize {
+                continue;
+            }
+            let pos = kv_len - qlen as usize + i;
+            for h in 0..nq {
+                let kvh = h / group;
+                let keys: Vec<usize> =
+                    (0..=pos).map(|t| layout.row(pt[s * ld_pt + t / ps as usize], kvh as u32, t as u32 % ps)).collect();
+                let qr: Vec<f64> = (0..hd).map(|e| fl(q[row * ldq + h * hd + e])).collect();
+                let sc: Vec<f64> =
+                    keys.iter().map(|&r| (0..hd).map(|e| qr[e] * fl(kc[r + e])).sum::<f64>() * scale as f64).collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let p: Vec<f64> = sc.iter().map(|v| (v - m).exp()).collect();
+                let z: f64 = p.iter().sum();
+                for e in 0..hd {
+                    let o = keys.iter().zip(&p).map(|(&r, pi)| pi * fl(vc[r + e])).sum::<f64>() / z;
+                    let g = fl(out[row * ldo + h * hd + e]);
+                    max_abs = max_abs.max((g - o).abs());
+                    want.push(o);
+                    got.push(g);
+                }
+            }
+        }
+    }
+    let e = rel_l2("prefill", &got, &want);
+    eprintln!(
+        "{}: prefill_attention heads {nq}/{nkv} hd {hd} page {ps} seqs (rows, prefix) {:?}: rel L2 {e:.2e}, max abs {max_abs:.2e}",
+        d.name(),
+        c.seqs
+    );
+    assert!(e < 1.5e-2 && max_abs < 3e-2, "{}: prefill error rel {e} max abs {max_abs}", d.name());
+}
+
+device_test!(prefill_attention_matches_f64, |d: &dyn TestDevice, big: bool| {
+    // Several sequences in one launch: a single token, a chunk crossing a 64-row tile after a cached
+    // prefix, a short one; GQA 2:1; page size 16 with partial pages.
+    let c = PrefillCase { n_q: 4, n_kv: 2, hd: 64, page_size: 16, seqs: vec![(1, 0), (70, 9), (5, 60)], check_every: 1 };
+    prefill_case(d, &c, 71);
+    // Page size 1, GQA 9/3.
+    prefill_case(d, &PrefillCase { n_q: 9, n_kv: 3, hd: 64, page_size: 1, seqs: vec![(9, 0), (3, 2)], check_every: 1 }, 72);
+    // head_dim 128, page size 3, no GQA, tokens past one key tile.
+    prefill_case(d, &PrefillCase { n_q: 1, n_kv: 1, hd: 128, page_size: 3, seqs: vec![(20, 50)], check_every: 1 }, 73);
+    if big {
+        let llama = PrefillCase {
+            n_q: 32,
+            n_kv: 8,
+            hd: 128,
+            page_size: 16,
+            seqs: vec![(512, 0), (1000, 100), (1, 0), (2048, 300)],
+            check_every: 97,
+        };
+        prefill_case(d, &llama, 81);
+        let smol = PrefillCase { n_q: 9, n_kv: 3, hd: 64, page_size: 1, seqs: vec![(777, 0), (64, 64)], check_every: 13 };
+        prefill_case(d, &smol, 82);
     }
 });

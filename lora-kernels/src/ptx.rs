@@ -45,11 +45,15 @@ pub enum Kernel {
     ArgmaxF32,
     /// [`crate::kernels::model::small::argmax_bf16`].
     ArgmaxBf16,
+    /// [`crate::kernels::model::prefill::prefill_attention_d64`].
+    PrefillAttentionD64,
+    /// [`crate::kernels::model::prefill::prefill_attention_d128`].
+    PrefillAttentionD128,
 }
 
 impl Kernel {
     /// All kernels, in PTX order of definition.
-    pub const ALL: [Kernel; 19] = [
+    pub const ALL: [Kernel; 21] = [
         Kernel::SmokeMma,
         Kernel::ProbeWarpOps,
         Kernel::Prep,
@@ -69,6 +73,8 @@ impl Kernel {
         Kernel::EmbeddingGather,
         Kernel::ArgmaxF32,
         Kernel::ArgmaxBf16,
+        Kernel::PrefillAttentionD64,
+        Kernel::PrefillAttentionD128,
     ];
 
     /// The PTX entry name (the Rust function name, unmangled).
@@ -93,6 +99,8 @@ impl Kernel {
             Kernel::EmbeddingGather => "embedding_gather",
             Kernel::ArgmaxF32 => "argmax_f32",
             Kernel::ArgmaxBf16 => "argmax_bf16",
+            Kernel::PrefillAttentionD64 => "prefill_attention_d64",
+            Kernel::PrefillAttentionD128 => "prefill_attention_d128",
         }
     }
 }
@@ -121,6 +129,8 @@ impl Kernel {
                 | Kernel::EmbeddingGather
                 | Kernel::ArgmaxF32
                 | Kernel::ArgmaxBf16
+                | Kernel::PrefillAttentionD64
+                | Kernel::PrefillAttentionD128
         )
     }
 
