@@ -8,6 +8,10 @@
 //! not counted), the median time and GB/s of that, and the fraction of the measured device-to-device copy
 //! bandwidth (1 GiB, read + write counted).
 //!
+//! Prefill attention: 1/4/16 sequences × 512/2048/8192 new tokens (at most 65536 tokens per launch),
+//! causal, same heads and page size; TFLOP/s of `4 · seqs · 32 · L² · 128 / 2` (QKᵀ and PV, causal half),
+//! the count PyTorch's figures in `sdpa_peer.py` use.
+//!
 //! Timing: CUDA events around each launch (decode + merge when split), 3 warm-up launches, then the median
 //! of 25 individually timed launches, each preceded by an L2 flush (an argmax over 512 MB of f32 — a
 //! read-only kernel, so the L2 is left holding clean lines of another buffer, not the KV cache).
@@ -21,7 +25,10 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
 use lora_gemm::cuda::{sm_count, CudaLauncher};
 use lora_gemm::device::{upload, CudaDevice, Rng, TestDevice};
 use lora_gemm::launch::Launcher;
-use lora_gemm::model::{launch_argmax, launch_decode_attention, DecodeBuffers, DecodeShape};
+use lora_gemm::model::{
+    launch_argmax, launch_decode_attention, launch_prefill_attention, DecodeBuffers, DecodeShape, PrefillBuffers,
+    PrefillShape,
+};
 
 const N_Q: u32 = 32;
 const N_KV: u32 = 8;
@@ -182,6 +189,45 @@ fn main() -> Result<()> {
             );
         }
     }
-    println!("\nprefill attention: not in this build (no prefill_attention kernel yet); see sdpa_peer.py for PyTorch's figures");
+
+    // Prefill: n sequences of L new tokens each (no cached prefix), causal, same heads, page 16. The cache
+    // above holds 64 × 8192 tokens; a case uses n × L ≤ 65536 of them.
+    println!(
+        "\nprefill attention (causal): {N_Q} q / {N_KV} kv heads of {HD}, page {PAGE}, bf16; median of {REPS}, L2 flushed before each"
+    );
+    println!("{:>5} {:>7} {:>8} {:>10} {:>8}", "seqs", "tokens", "TFLOP", "µs", "TFLOP/s");
+    for &n in &[1u32, 4, 16] {
+        for &len in &[512u32, 2048, 8192] {
+            if n * len > 65536 {
+                continue;
+            }
+            let pages = len.div_ceil(PAGE);
+            let mut ids: Vec<u32> = (0..n * pages).collect();
+            for i in (1..ids.len()).rev() {
+                ids.swap(i, rng.below(i as u32 + 1) as usize);
+            }
+            let rows = (n * len) as usize;
+            let (q, _) = rng.bf16_vec(rows * (N_Q * HD) as usize, 1.0);
+            let q_start: Vec<u32> = (0..=n).map(|s| s * len).collect();
+            let shape = PrefillShape { num_seqs: n, max_qlen: len, n_q: N_Q, n_kv: N_KV, head_dim: HD, page_size: PAGE };
+            let bufs = PrefillBuffers {
+                q: upload(&dev, &q)?,
+                ldq: N_Q * HD,
+                q_start: upload(&dev, &q_start)?,
+                k_cache: kc,
+                v_cache: vc,
+                page_table: upload(&dev, &ids)?,
+                ld_pt: pages,
+                kv_lens: upload(&dev, &vec![len; n as usize])?,
+                out: upload(&dev, &vec![0u16; rows * (N_Q * HD) as usize])?,
+                ldo: N_Q * HD,
+            };
+            let scale = 1.0 / (HD as f32).sqrt();
+            let us = timer.time(&|l| Ok(launch_prefill_attention(l, &shape, &bufs, scale)?))?;
+            // QKᵀ and PV, 2 flops per multiply-add, causal half: 4 · n · heads · L² · hd / 2.
+            let flop = 4.0 * n as f64 * N_Q as f64 * (len as f64).powi(2) * HD as f64 / 2.0;
+            println!("{n:>5} {len:>7} {:>8.3} {us:>10.1} {:>8.1}", flop / 1e12, flop / (us * 1e-6) / 1e12);
+        }
+    }
     Ok(())
 }
