@@ -9,7 +9,7 @@ use lora_kernels::abi::{
     NORM_THREADS, ROPE_THREADS, SMALL_THREADS,
 };
 use lora_kernels::dsl::emu::{launch, LaunchConfig};
-use lora_kernels::kernels::model::decode::{attention_merge, decode_attention};
+use lora_kernels::kernels::model::decode::{attention_merge, decode_attention, decode_attention_g4};
 use lora_kernels::kernels::model::norm::{rmsnorm_residual, NORM_SHARED_BYTES};
 use lora_kernels::kernels::model::prefill::{
     prefill_attention_d128, prefill_attention_d64, prefill_shared_bytes, PREFILL_BM, PREFILL_THREADS,
@@ -22,17 +22,25 @@ use crate::emu::{ptr, u};
 use crate::launch::{Arg, Launcher};
 use crate::GemmError;
 
-/// `decode_attention` blocks resident per SM (246 registers × 128 threads: 2 fit in the 64K-register file;
-/// see `lora-kernels/ptx/ptxas.snap`). The planner counts waves of `DECODE_RESIDENT_PER_SM × SMs` blocks.
-pub const DECODE_RESIDENT_PER_SM: u32 = 2;
+/// Decode-attention blocks resident per SM for a GQA group size, from the kernels' registers × 128 threads
+/// in the 64K-register file (`lora-kernels/ptx/ptxas.snap`): `decode_attention_g4` (groups ≤ 4, 156
+/// registers) 3, `decode_attention` (groups ≤ 8, 246 registers) 2. The planner counts waves of
+/// `resident × SMs` blocks.
+pub const fn decode_resident_per_sm(group: u32) -> u32 {
+    if group <= 4 {
+        3
+    } else {
+        2
+    }
+}
 /// Fewest tokens worth a split of their own (below this the per-split setup and the merge cost more than the
 /// extra parallelism gives).
 pub const DECODE_MIN_CHUNK: u32 = 128;
 
 /// Modelled time of decode attention with `splits` splits: waves of resident blocks × tokens per block
 /// (memory-bound: a block's time is proportional to the K/V rows it reads).
-pub fn decode_cost(batch: u32, kv_heads: u32, max_context: u32, sm_count: u32, splits: u32) -> u64 {
-    let slots = (DECODE_RESIDENT_PER_SM * sm_count.max(1)) as u64;
+pub fn decode_cost(batch: u32, kv_heads: u32, group: u32, max_context: u32, sm_count: u32, splits: u32) -> u64 {
+    let slots = (decode_resident_per_sm(group) * sm_count.max(1)) as u64;
     let blocks = (batch.max(1) * kv_heads.max(1)) as u64 * splits as u64;
     blocks.div_ceil(slots) * max_context.max(1).div_ceil(splits) as u64
 }
@@ -44,9 +52,9 @@ pub fn decode_cost(batch: u32, kv_heads: u32, max_context: u32, sm_count: u32, s
 /// pass) when `batch × kv_heads` blocks already fill whole waves — the design rule "split when batch × KV
 /// heads is below the SM count" with the wave tail counted — and many splits for batch 1 at long context.
 /// Pure: the same inputs give the same plan (what a graph capture bakes in).
-pub fn decode_splits(batch: u32, kv_heads: u32, max_context: u32, sm_count: u32) -> u32 {
+pub fn decode_splits(batch: u32, kv_heads: u32, group: u32, max_context: u32, sm_count: u32) -> u32 {
     let max = max_context.div_ceil(DECODE_MIN_CHUNK).clamp(1, DECODE_MAX_SPLITS);
-    let cost = |s| decode_cost(batch, kv_heads, max_context, sm_count, s);
+    let cost = |s| decode_cost(batch, kv_heads, group, max_context, sm_count, s);
     let best = (1..=max).map(cost).min().unwrap_or(0);
     (1..=max).find(|&s| cost(s) * 100 <= best * 105).unwrap_or(1)
 }
@@ -98,7 +106,7 @@ impl DecodeShape {
     /// The plan: split count from [`decode_splits`], page-table staging and shared memory.
     pub fn plan(&self, sm_count: u32) -> Result<DecodePlan, GemmError> {
         self.check()?;
-        let splits = decode_splits(self.batch, self.n_kv, self.max_context, sm_count);
+        let splits = decode_splits(self.batch, self.n_kv, self.n_q / self.n_kv, self.max_context, sm_count);
         let pt_cap = decode_pt_cap(self.max_context.max(1).div_ceil(splits), self.page_size);
         let shared = decode_shared_bytes(pt_cap, self.n_q / self.n_kv, self.head_dim);
         if shared > 227 * 1024 {
@@ -173,7 +181,8 @@ pub fn launch_decode_attention(
         Arg::Ptr(b.out),
         Arg::U32(b.ldo),
     ];
-    l.launch(Kernel::DecodeAttention, (p.splits, s.n_kv, s.batch), DECODE_THREADS, p.shared, &args)?;
+    let kernel = if s.n_q / s.n_kv <= 4 { Kernel::DecodeAttentionG4 } else { Kernel::DecodeAttention };
+    l.launch(kernel, (p.splits, s.n_kv, s.batch), DECODE_THREADS, p.shared, &args)?;
     if p.splits > 1 {
         let merge = [
             Arg::Ptr(b.part_o),
@@ -437,7 +446,7 @@ pub(crate) fn emulate(kernel: Kernel, cfg: &LaunchConfig, a: &[Arg]) -> Result<(
     let want = match kernel {
         Kernel::RmsNormResidual => 9,
         Kernel::RopeKvWrite => 15,
-        Kernel::DecodeAttention => 18,
+        Kernel::DecodeAttention | Kernel::DecodeAttentionG4 => 18,
         Kernel::AttentionMerge => 7,
         Kernel::SiluMul => 5,
         Kernel::EmbeddingGather => 7,
@@ -466,7 +475,7 @@ pub(crate) fn emulate(kernel: Kernel, cfg: &LaunchConfig, a: &[Arg]) -> Result<(
             // SAFETY: see above.
             unsafe { launch(cfg, || rope_kv_write(q, ldq, k, ldk, v, ldv, pos, inv, slots, nq, nkv, hd, ps, kc, vc)) }?
         }
-        Kernel::DecodeAttention => {
+        Kernel::DecodeAttention | Kernel::DecodeAttentionG4 => {
             let (q, ldq, kc, vc, pt, ld_pt, lens) = (
                 ptr::<u16>(a[0])?,
                 u(a[1])?,
@@ -479,11 +488,10 @@ pub(crate) fn emulate(kernel: Kernel, cfg: &LaunchConfig, a: &[Arg]) -> Result<(
             let (nq, nkv, hd, ps, scale, splits, pt_cap) =
                 (u(a[7])?, u(a[8])?, u(a[9])?, u(a[10])?, u(a[11])?, u(a[12])?, u(a[13])?);
             let (po, pml, o, ldo) = (ptr::<f32>(a[14])?, ptr::<f32>(a[15])?, ptr::<u16>(a[16])?, u(a[17])?);
+            let f = if kernel == Kernel::DecodeAttention { decode_attention } else { decode_attention_g4 };
             // SAFETY: see above.
             unsafe {
-                launch(cfg, || {
-                    decode_attention(q, ldq, kc, vc, pt, ld_pt, lens, nq, nkv, hd, ps, scale, splits, pt_cap, po, pml, o, ldo)
-                })
+                launch(cfg, || f(q, ldq, kc, vc, pt, ld_pt, lens, nq, nkv, hd, ps, scale, splits, pt_cap, po, pml, o, ldo))
             }?
         }
         Kernel::AttentionMerge => {
@@ -539,31 +547,36 @@ mod tests {
 
     #[test]
     fn splits_fill_the_gpu_only_when_needed() {
-        // Enough (sequence, KV head) blocks for whole waves: no split, no merge pass.
-        assert_eq!(decode_splits(64, 8, 8192, 132), 1);
-        assert_eq!(decode_splits(64, 8, 512, 132), 1);
-        assert_eq!(decode_splits(128, 8, 1900, 132), 1);
-        assert_eq!(decode_splits(33, 8, 1900, 132), 1);
-        // Batch 1 at long context: split until the grid fills the resident slots.
-        let s = decode_splits(1, 8, 8192, 132);
-        assert!(s * 8 * 10 >= 9 * DECODE_RESIDENT_PER_SM * 132 && s <= DECODE_MAX_SPLITS, "{s}");
+        // Group 8 (2 resident blocks per SM): enough (sequence, KV head) blocks for whole waves → no split.
+        assert_eq!(decode_splits(64, 8, 8, 8192, 132), 1);
+        assert_eq!(decode_splits(64, 8, 8, 512, 132), 1);
+        assert_eq!(decode_splits(33, 8, 8, 1900, 132), 1);
+        // Llama-3-8B heads (group 4, 3 resident): batch 128 fills whole waves; batch 64 (512 blocks, 1.3
+        // waves) is split to cut the tail.
+        assert_eq!(decode_splits(99, 8, 4, 8192, 132), 1);
+        assert!(decode_splits(64, 8, 4, 8192, 132) > 1);
+        // Batch 1 at long context: split until the grid nearly fills the resident slots.
+        let s = decode_splits(1, 8, 4, 8192, 132);
+        assert!(s * 8 * 10 >= 9 * decode_resident_per_sm(4) * 132 && s <= DECODE_MAX_SPLITS, "{s}");
         // Batch 16 (128 blocks, under one wave): split.
-        assert!(decode_splits(16, 8, 1900, 132) >= 2);
+        assert!(decode_splits(16, 8, 4, 1900, 132) >= 2);
         // Never chunks shorter than DECODE_MIN_CHUNK: context 1 and short contexts are not split.
-        assert_eq!(decode_splits(1, 8, 1, 132), 1);
-        assert_eq!(decode_splits(1, 8, DECODE_MIN_CHUNK, 132), 1);
-        assert_eq!(decode_splits(1, 8, 3 * DECODE_MIN_CHUNK, 132), 3);
+        assert_eq!(decode_splits(1, 8, 4, 1, 132), 1);
+        assert_eq!(decode_splits(1, 8, 4, DECODE_MIN_CHUNK, 132), 1);
+        assert_eq!(decode_splits(1, 8, 4, 3 * DECODE_MIN_CHUNK, 132), 3);
         // Properties over a sweep: in range, and never worse than no split by the model.
-        for b in [1, 2, 3, 5, 8, 13, 16, 31, 34, 50, 64, 100, 257] {
-            for l in [1, 2, 100, 129, 512, 1900, 8192, 100_000] {
-                let s = decode_splits(b, 8, l, 132);
-                assert!((1..=DECODE_MAX_SPLITS).contains(&s), "batch {b} len {l}: {s}");
-                assert!(s == 1 || l.div_ceil(s) >= DECODE_MIN_CHUNK / 2, "batch {b} len {l}: {s}");
-                assert!(decode_cost(b, 8, l, 132, s) <= decode_cost(b, 8, l, 132, 1), "batch {b} len {l}");
+        for g in [1, 3, 4, 8] {
+            for b in [1, 2, 3, 5, 8, 13, 16, 31, 34, 50, 64, 100, 257] {
+                for l in [1, 2, 100, 129, 512, 1900, 8192, 100_000] {
+                    let s = decode_splits(b, 8, g, l, 132);
+                    assert!((1..=DECODE_MAX_SPLITS).contains(&s), "batch {b} len {l}: {s}");
+                    assert!(s == 1 || l.div_ceil(s) >= DECODE_MIN_CHUNK / 2, "batch {b} len {l}: {s}");
+                    assert!(decode_cost(b, 8, g, l, 132, s) <= decode_cost(b, 8, g, l, 132, 1), "batch {b} len {l}");
+                }
             }
         }
         // Degenerate inputs stay valid.
-        assert_eq!(decode_splits(0, 0, 0, 0), 1);
+        assert_eq!(decode_splits(0, 0, 0, 0, 0), 1);
     }
 
     #[test]

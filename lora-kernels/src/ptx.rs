@@ -35,6 +35,8 @@ pub enum Kernel {
     RopeKvWrite,
     /// [`crate::kernels::model::decode::decode_attention`].
     DecodeAttention,
+    /// [`crate::kernels::model::decode::decode_attention_g4`] (GQA groups of at most 4).
+    DecodeAttentionG4,
     /// [`crate::kernels::model::decode::attention_merge`].
     AttentionMerge,
     /// [`crate::kernels::model::small::silu_mul`].
@@ -53,7 +55,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// All kernels, in PTX order of definition.
-    pub const ALL: [Kernel; 21] = [
+    pub const ALL: [Kernel; 22] = [
         Kernel::SmokeMma,
         Kernel::ProbeWarpOps,
         Kernel::Prep,
@@ -68,6 +70,7 @@ impl Kernel {
         Kernel::RmsNormResidual,
         Kernel::RopeKvWrite,
         Kernel::DecodeAttention,
+        Kernel::DecodeAttentionG4,
         Kernel::AttentionMerge,
         Kernel::SiluMul,
         Kernel::EmbeddingGather,
@@ -94,6 +97,7 @@ impl Kernel {
             Kernel::RmsNormResidual => "rmsnorm_residual",
             Kernel::RopeKvWrite => "rope_kv_write",
             Kernel::DecodeAttention => "decode_attention",
+            Kernel::DecodeAttentionG4 => "decode_attention_g4",
             Kernel::AttentionMerge => "attention_merge",
             Kernel::SiluMul => "silu_mul",
             Kernel::EmbeddingGather => "embedding_gather",
@@ -124,6 +128,7 @@ impl Kernel {
             Kernel::RmsNormResidual
                 | Kernel::RopeKvWrite
                 | Kernel::DecodeAttention
+                | Kernel::DecodeAttentionG4
                 | Kernel::AttentionMerge
                 | Kernel::SiluMul
                 | Kernel::EmbeddingGather
