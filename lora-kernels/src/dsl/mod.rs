@@ -17,7 +17,9 @@
 //! live thread of the block.
 
 mod math;
+mod pipeline;
 pub use math::*;
+pub use pipeline::*;
 
 #[cfg(target_arch = "nvptx64")]
 mod nvptx;

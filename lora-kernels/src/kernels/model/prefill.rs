@@ -9,17 +9,17 @@
 //! `qh / (n_q / n_kv)`.
 //!
 //! **Grid** `(ceil(max qlen / 64), n_q, num_seqs)`, [`PREFILL_THREADS`] threads (4 warps); block (x, qh, s)
-//! takes the 64 query rows `64x ..` of sequence s (a block past the sequence's rows exits at once), warp w
-//! the 16 rows `64x + 16w ..`. Each warp keeps its Q rows as `mma` A fragments in registers (loaded once),
+//! takes the 64 query rows from `64·(grid_x − 1 − x)` of sequence s (the longest causal rows start first; a
+//! block past the sequence's rows exits at once), warp w the 16 rows 16w further. Each warp keeps its Q rows as `mma` A fragments in registers (loaded once),
 //! and for every key tile (64 keys; 32 at head_dim 128) up to the causal limit of the block's last row: the block copies the K and V
 //! tiles into shared memory (`cp.async`, 16 bytes per thread and chunk, page looked up per key; keys past
-//! the limit are zero-filled), each warp computes `S = Q Kᵀ` (16 × tile, `ldmatrix.x4` of K rows), masks it
+//! the limit are zero-filled; two stages: tile i + 1 is in flight while tile i is computed), each warp computes `S = Q Kᵀ` (16 × tile, `ldmatrix.x4` of K rows), masks it
 //! (causal and length), folds it into the running row max / sum (log2 domain, rows spread over the 4
 //! lanes of a quad: two xor shuffles), rescales `O`, converts P to bf16 A fragments directly from the
 //! accumulator registers and adds `P V` (`ldmatrix.x4.trans` of V rows). The epilogue divides by the row
 //! sums and writes bf16 pairs (rows past `qlen` are not written).
 //!
-//! Dynamic shared memory: [`prefill_shared_bytes`]`(head_dim)` (K and V tiles of [`prefill_bn`] rows, row stride
+//! Dynamic shared memory: [`prefill_shared_bytes`]`(head_dim)` (two stages of K and V tiles of [`prefill_bn`] rows, row stride
 //! `head_dim + 8` elements so the 8 rows of an `ldmatrix` hit distinct banks).
 //!
 //! Safety contract: `q` rows (stride `ldq`) hold head `qh` at `qh · head_dim`; `q_start` holds
@@ -44,9 +44,9 @@ pub const fn prefill_bn(head_dim: u32) -> u32 {
     }
 }
 
-/// Dynamic shared memory of the prefill kernel for `head_dim`.
+/// Dynamic shared memory of the prefill kernel for `head_dim`: two stages of K and V tiles.
 pub const fn prefill_shared_bytes(head_dim: u32) -> u32 {
-    2 * prefill_bn(head_dim) * (head_dim + 8) * 2
+    2 * 2 * prefill_bn(head_dim) * (head_dim + 8) * 2
 }
 
 const NEG_INF: f32 = f32::NEG_INFINITY;
@@ -77,7 +77,8 @@ unsafe fn prefill<const HD: usize, const BN: usize>(
     unsafe {
         let nk = HD / 16; // k steps of S = Q Kᵀ
         let nd = HD / 8; // n tiles of O
-        let (tile, qh, s) = (block_idx_x(), block_idx_y(), block_idx_z());
+        // The longest causal rows first: block x takes tile grid_x − 1 − x.
+        let (tile, qh, s) = (grid_dim_x() - 1 - block_idx_x(), block_idx_y(), block_idx_z());
         let row0 = *q_start.add(s as usize);
         let qlen = *q_start.add(s as usize + 1) - row0;
         if tile * PREFILL_BM >= qlen {
@@ -89,7 +90,6 @@ unsafe fn prefill<const HD: usize, const BN: usize>(
         let (g, t) = (lane / 4, lane % 4);
         let stride = HD + 8;
         let sk = dyn_smem::<u16>();
-        let sv = sk.add(BN * stride);
         let qscale = f32::from_bits(scale_bits) * LOG2_E;
 
         // Q fragments of this warp's 16 rows: a[kk] = rows g / g+8, dims 16kk + 2t (+8).
@@ -117,16 +117,16 @@ unsafe fn prefill<const HD: usize, const BN: usize>(
         let qpos = [kv_len - qlen + wr + g, kv_len - qlen + wr + g + 8];
         let row_ok = [wr + g < qlen, wr + g + 8 < qlen];
         let chunks = HD as u32 / 8; // 16-byte chunks per row
-        let mut kv0 = 0;
-        while kv0 < kv_end {
-            // K and V tiles → shared memory.
+        // K and V tile starting at key `k0` → shared buffer `buf` (cp.async; zeros past the causal limit).
+        let load_tile = |k0: u32, buf: usize| {
+            let (bk, bv) = (sk.add(buf * 2 * BN * stride), sk.add(buf * 2 * BN * stride + BN * stride));
             let mut c = thread_idx_x();
             while c < BN as u32 * chunks {
                 let (r, ch) = (c / chunks, (c % chunks) as usize * 8);
                 c += PREFILL_THREADS;
-                let key = kv0 + r;
-                let dk = sk.add(r as usize * stride + ch);
-                let dv = sv.add(r as usize * stride + ch);
+                let key = k0 + r;
+                let dk = bk.add(r as usize * stride + ch);
+                let dv = bv.add(r as usize * stride + ch);
                 if key < kv_end {
                     let page = *page_table.add(s as usize * ld_pt as usize + (key / page_size) as usize) as usize;
                     let off = ((page * n_kv as usize + kvh as usize) * page_size as usize + (key % page_size) as usize)
@@ -139,8 +139,22 @@ unsafe fn prefill<const HD: usize, const BN: usize>(
                     st_v4(dv as *mut u32, [0; 4]);
                 }
             }
-            cp_async_wait_all();
+            cp_async_commit();
+        };
+        // Double buffering: tile i+1 is in flight while tile i is computed.
+        load_tile(0, 0);
+        let mut kv0 = 0;
+        let mut buf = 0usize;
+        while kv0 < kv_end {
+            if kv0 + (BN as u32) < kv_end {
+                load_tile(kv0 + BN as u32, buf ^ 1);
+                cp_async_wait_group::<1>();
+            } else {
+                cp_async_wait_group::<0>();
+            }
             sync_threads();
+            let sk = sk.add(buf * 2 * BN * stride);
+            let sv = sk.add(BN * stride);
 
             // S = Q Kᵀ: BN / 8 n tiles of 8 keys.
             let mut sc = [[0f32; 4]; 8];
@@ -213,6 +227,7 @@ unsafe fn prefill<const HD: usize, const BN: usize>(
             });
             sync_threads();
             kv0 += BN as u32;
+            buf ^= 1;
         }
 
         // Row sums over the quad, normalize, write bf16 pairs.
