@@ -72,7 +72,8 @@ impl Timer<'_> {
         for _ in 0..WARMUP {
             f(&l)?;
         }
-        let evs: Vec<(CudaEvent, CudaEvent)> = (0..REPS).map(|_| Ok((self.event()?, self.event()?))).collect::<Result<_>>()?;
+        let evs: Vec<(CudaEvent, CudaEvent)> =
+            (0..REPS).map(|_| Ok((self.event()?, self.event()?))).collect::<Result<_>>()?;
         for (e0, e1) in &evs {
             self.flush(&l)?;
             e0.record(&self.dev.stream)?;
@@ -209,7 +210,8 @@ fn main() -> Result<()> {
             let rows = (n * len) as usize;
             let (q, _) = rng.bf16_vec(rows * (N_Q * HD) as usize, 1.0);
             let q_start: Vec<u32> = (0..=n).map(|s| s * len).collect();
-            let shape = PrefillShape { num_seqs: n, max_qlen: len, n_q: N_Q, n_kv: N_KV, head_dim: HD, page_size: PAGE };
+            let shape =
+                PrefillShape { num_seqs: n, max_qlen: len, n_q: N_Q, n_kv: N_KV, head_dim: HD, page_size: PAGE };
             let bufs = PrefillBuffers {
                 q: upload(&dev, &q)?,
                 ldq: N_Q * HD,

@@ -66,8 +66,9 @@ fn rmsnorm_case(d: &dyn TestDevice, rows: usize, hidden: usize, ld: usize, fused
     let (mut got, mut want) = (Vec::new(), Vec::new());
     for i in 0..rows {
         // h = bf16(x + r) (the f32 sum of two bf16, rounded once), then the norm in f64.
-        let h: Vec<u16> =
-            (0..hidden).map(|j| if fused { bf(bf16_to_f32(x[i * ld + j]) + bf16_to_f32(r[i * ld + j])) } else { x[i * ld + j] }).collect();
+        let h: Vec<u16> = (0..hidden)
+            .map(|j| if fused { bf(bf16_to_f32(x[i * ld + j]) + bf16_to_f32(r[i * ld + j])) } else { x[i * ld + j] })
+            .collect();
         let ms = h.iter().map(|&v| fl(v) * fl(v)).sum::<f64>() / hidden as f64;
         let inv = 1.0 / (ms + eps as f64).sqrt();
         for j in 0..hidden {
@@ -220,8 +221,16 @@ device_test!(rope_kv_write_matches_f64, |d: &dyn TestDevice, big: bool| {
     rope_case(d, &RopeCase { tokens: 5, n_q: 9, n_kv: 3, hd: 64, page_size: 1, num_pages: 8, max_pos: 40 }, 11);
     rope_case(d, &RopeCase { tokens: 4, n_q: 4, n_kv: 2, hd: 128, page_size: 3, num_pages: 3, max_pos: 3000 }, 12);
     if big {
-        rope_case(d, &RopeCase { tokens: 300, n_q: 32, n_kv: 8, hd: 128, page_size: 16, num_pages: 64, max_pos: 8191 }, 13);
-        rope_case(d, &RopeCase { tokens: 64, n_q: 9, n_kv: 3, hd: 64, page_size: 1, num_pages: 100, max_pos: 131_000 }, 14);
+        rope_case(
+            d,
+            &RopeCase { tokens: 300, n_q: 32, n_kv: 8, hd: 128, page_size: 16, num_pages: 64, max_pos: 8191 },
+            13,
+        );
+        rope_case(
+            d,
+            &RopeCase { tokens: 64, n_q: 9, n_kv: 3, hd: 64, page_size: 1, num_pages: 100, max_pos: 131_000 },
+            14,
+        );
     }
 });
 
@@ -302,10 +311,8 @@ fn decode_case(d: &dyn TestDevice, c: &DecodeCase, seed: u64) {
             let qrow: Vec<f64> = (0..hd).map(|j| fl(q[b * ldq + h * hd + j])).collect();
             let rows: Vec<usize> =
                 (0..len).map(|t| layout.row(pt[b * ld_pt + t / ps as usize], kvh as u32, t as u32 % ps)).collect();
-            let s: Vec<f64> = rows
-                .iter()
-                .map(|&r| (0..hd).map(|j| qrow[j] * fl(kc[r + j])).sum::<f64>() * scale as f64)
-                .collect();
+            let s: Vec<f64> =
+                rows.iter().map(|&r| (0..hd).map(|j| qrow[j] * fl(kc[r + j])).sum::<f64>() * scale as f64).collect();
             let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let p: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
             let z: f64 = p.iter().sum();
@@ -604,10 +611,15 @@ fn prefill_case(d: &dyn TestDevice, c: &PrefillCase, seed: u64) {
 device_test!(prefill_attention_matches_f64, |d: &dyn TestDevice, big: bool| {
     // Several sequences in one launch: a single token, a chunk crossing a 64-row tile after a cached
     // prefix, a short one; GQA 2:1; page size 16 with partial pages.
-    let c = PrefillCase { n_q: 4, n_kv: 2, hd: 64, page_size: 16, seqs: vec![(1, 0), (70, 9), (5, 60)], check_every: 1 };
+    let c =
+        PrefillCase { n_q: 4, n_kv: 2, hd: 64, page_size: 16, seqs: vec![(1, 0), (70, 9), (5, 60)], check_every: 1 };
     prefill_case(d, &c, 71);
     // Page size 1, GQA 9/3.
-    prefill_case(d, &PrefillCase { n_q: 9, n_kv: 3, hd: 64, page_size: 1, seqs: vec![(9, 0), (3, 2)], check_every: 1 }, 72);
+    prefill_case(
+        d,
+        &PrefillCase { n_q: 9, n_kv: 3, hd: 64, page_size: 1, seqs: vec![(9, 0), (3, 2)], check_every: 1 },
+        72,
+    );
     // head_dim 128, page size 3, no GQA, tokens past one key tile.
     prefill_case(d, &PrefillCase { n_q: 1, n_kv: 1, hd: 128, page_size: 3, seqs: vec![(20, 50)], check_every: 1 }, 73);
     if big {
@@ -620,7 +632,8 @@ device_test!(prefill_attention_matches_f64, |d: &dyn TestDevice, big: bool| {
             check_every: 97,
         };
         prefill_case(d, &llama, 81);
-        let smol = PrefillCase { n_q: 9, n_kv: 3, hd: 64, page_size: 1, seqs: vec![(777, 0), (64, 64)], check_every: 13 };
+        let smol =
+            PrefillCase { n_q: 9, n_kv: 3, hd: 64, page_size: 1, seqs: vec![(777, 0), (64, 64)], check_every: 13 };
         prefill_case(d, &smol, 82);
     }
 });

@@ -43,7 +43,7 @@ pub const LOG2_E: f32 = core::f32::consts::LOG2_E;
 /// |y| ≤ π/4 (error below 1e-15). The same arithmetic on host and device, so both round alike.
 #[inline(always)]
 pub fn sincos_f64(a: f64) -> (f64, f64) {
-    const PIO2_HI: f64 = 1.570_796_326_794_896_558e0; // π/2 rounded to f64
+    const PIO2_HI: f64 = core::f64::consts::FRAC_PI_2; // π/2 rounded to f64
     const PIO2_LO: f64 = 6.123_233_995_736_766e-17; // π/2 − PIO2_HI
     const TWO_OVER_PI: f64 = core::f64::consts::FRAC_2_PI;
     let a = if a < 0.0 { 0.0 } else { a };
@@ -54,10 +54,18 @@ pub fn sincos_f64(a: f64) -> (f64, f64) {
     let y2 = y * y;
     // sin y = y (1 - y²/6 (1 - y²/20 (1 - y²/42 (...)))), cos likewise: Horner in the Taylor terms.
     let mut s = 1.0 - y2 * (1.0 / 210.0) * (1.0 - y2 * (1.0 / 272.0));
-    s = 1.0 - y2 * (1.0 / 20.0) * (1.0 - y2 * (1.0 / 42.0) * (1.0 - y2 * (1.0 / 72.0) * (1.0 - y2 * (1.0 / 110.0) * (1.0 - y2 * (1.0 / 156.0) * s))));
+    s = 1.0
+        - y2 * (1.0 / 20.0)
+            * (1.0
+                - y2 * (1.0 / 42.0)
+                    * (1.0 - y2 * (1.0 / 72.0) * (1.0 - y2 * (1.0 / 110.0) * (1.0 - y2 * (1.0 / 156.0) * s))));
     let sin_y = y * (1.0 - y2 * (1.0 / 6.0) * s);
     let mut c = 1.0 - y2 * (1.0 / 182.0) * (1.0 - y2 * (1.0 / 240.0));
-    c = 1.0 - y2 * (1.0 / 12.0) * (1.0 - y2 * (1.0 / 30.0) * (1.0 - y2 * (1.0 / 56.0) * (1.0 - y2 * (1.0 / 90.0) * (1.0 - y2 * (1.0 / 132.0) * c))));
+    c = 1.0
+        - y2 * (1.0 / 12.0)
+            * (1.0
+                - y2 * (1.0 / 30.0)
+                    * (1.0 - y2 * (1.0 / 56.0) * (1.0 - y2 * (1.0 / 90.0) * (1.0 - y2 * (1.0 / 132.0) * c))));
     let cos_y = 1.0 - y2 * (1.0 / 2.0) * c;
     match q & 3 {
         0 => (sin_y, cos_y),

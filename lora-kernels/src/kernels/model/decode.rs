@@ -59,25 +59,25 @@ const U: usize = DECODE_UNROLL as usize;
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn decode<const MG: usize>(
-        q: *const u16,
-        ldq: u32,
-        k_cache: *const u16,
-        v_cache: *const u16,
-        page_table: *const u32,
-        ld_pt: u32,
-        seq_lens: *const u32,
-        n_q: u32,
-        n_kv: u32,
-        head_dim: u32,
-        page_size: u32,
-        scale_bits: u32,
-        num_splits: u32,
-        pt_cap: u32,
-        part_o: *mut f32,
-        part_ml: *mut f32,
-        out: *mut u16,
-        ldo: u32,
-    ) {
+    q: *const u16,
+    ldq: u32,
+    k_cache: *const u16,
+    v_cache: *const u16,
+    page_table: *const u32,
+    ld_pt: u32,
+    seq_lens: *const u32,
+    n_q: u32,
+    n_kv: u32,
+    head_dim: u32,
+    page_size: u32,
+    scale_bits: u32,
+    num_splits: u32,
+    pt_cap: u32,
+    part_o: *mut f32,
+    part_ml: *mut f32,
+    out: *mut u16,
+    ldo: u32,
+) {
     // SAFETY: the launch contract in the module docs keeps every address below in bounds.
     unsafe {
         let (split, kvh, b) = (block_idx_x(), block_idx_y(), block_idx_z());

@@ -77,7 +77,7 @@ unsafe fn prefill<const HD: usize, const BN: usize>(
     unsafe {
         let nk = HD / 16; // k steps of S = Q Kᵀ
         let nd = HD / 8; // n tiles of O
-        // The longest causal rows first: block x takes tile grid_x − 1 − x.
+                         // The longest causal rows first: block x takes tile grid_x − 1 − x.
         let (tile, qh, s) = (grid_dim_x() - 1 - block_idx_x(), block_idx_y(), block_idx_z());
         let row0 = *q_start.add(s as usize);
         let qlen = *q_start.add(s as usize + 1) - row0;
@@ -117,7 +117,7 @@ unsafe fn prefill<const HD: usize, const BN: usize>(
         let qpos = [kv_len - qlen + wr + g, kv_len - qlen + wr + g + 8];
         let row_ok = [wr + g < qlen, wr + g + 8 < qlen];
         let chunks = HD as u32 / 8; // 16-byte chunks per row
-        // K and V tile starting at key `k0` → shared buffer `buf` (cp.async; zeros past the causal limit).
+                                    // K and V tile starting at key `k0` → shared buffer `buf` (cp.async; zeros past the causal limit).
         let load_tile = |k0: u32, buf: usize| {
             let (bk, bv) = (sk.add(buf * 2 * BN * stride), sk.add(buf * 2 * BN * stride + BN * stride));
             let mut c = thread_idx_x();
