@@ -347,6 +347,8 @@ device_test!(decode_attention_matches_f64, |d: &dyn TestDevice, big: bool| {
     decode_case(d, &DecodeCase { n_q: 32, n_kv: 8, hd: 128, page_size: 16, lens: vec![17, 40], splits: Some(2) }, 23);
     // No GQA, page size 3, more splits than tokens per split (empty splits), context 1 under splits.
     decode_case(d, &DecodeCase { n_q: 2, n_kv: 2, hd: 64, page_size: 3, lens: vec![10, 1], splits: Some(8) }, 24);
+    // Context exactly one page / a whole number of pages, page size 16, GQA 4:1.
+    decode_case(d, &DecodeCase { n_q: 4, n_kv: 1, hd: 128, page_size: 16, lens: vec![16, 64], splits: Some(3) }, 26);
     // Group 8 (the largest), planner's split.
     decode_case(d, &DecodeCase { n_q: 8, n_kv: 1, hd: 128, page_size: 4, lens: vec![9], splits: None }, 25);
     if big {
@@ -622,6 +624,12 @@ device_test!(prefill_attention_matches_f64, |d: &dyn TestDevice, big: bool| {
     );
     // head_dim 128, page size 3, no GQA, tokens past one key tile.
     prefill_case(d, &PrefillCase { n_q: 1, n_kv: 1, hd: 128, page_size: 3, seqs: vec![(20, 50)], check_every: 1 }, 73);
+    // head_dim 128 with GQA 4:1 (the Llama ratio), a chunk ending exactly on a page and tile boundary.
+    prefill_case(
+        d,
+        &PrefillCase { n_q: 4, n_kv: 1, hd: 128, page_size: 16, seqs: vec![(32, 32), (3, 0)], check_every: 1 },
+        74,
+    );
     if big {
         let llama = PrefillCase {
             n_q: 32,

@@ -171,19 +171,33 @@ unsafe fn prefill<const HD: usize, const BN: usize>(
                     });
                 }
             });
-            // Mask, scale into the log2 domain, row max over the quad.
+            // Mask, scale into the log2 domain, row max over the quad. A tile whose keys all precede the
+            // warp's first row (every tile but the diagonal ones) needs no mask: rows past qlen hold zero
+            // queries there and are never written.
             let mut mx = [NEG_INF; 2];
-            crate::unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7] {
-                if n < BN / 8 {
-                    crate::unroll!(i in [0, 1, 2, 3] {
-                        let key = kv0 + 8 * n as u32 + 2 * t + (i as u32 % 2);
-                        let r = i / 2;
-                        let v = if row_ok[r] && key <= qpos[r] && key < kv_len { sc[n][i] * qscale } else { NEG_INF };
-                        sc[n][i] = v;
-                        mx[r] = mx[r].max(v);
-                    });
-                }
-            });
+            if kv0 + BN as u32 <= kv_len - qlen + wr + 1 {
+                crate::unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7] {
+                    if n < BN / 8 {
+                        crate::unroll!(i in [0, 1, 2, 3] {
+                            sc[n][i] *= qscale;
+                            mx[i / 2] = mx[i / 2].max(sc[n][i]);
+                        });
+                    }
+                });
+            } else {
+                crate::unroll!(n in [0, 1, 2, 3, 4, 5, 6, 7] {
+                    if n < BN / 8 {
+                        crate::unroll!(i in [0, 1, 2, 3] {
+                            let key = kv0 + 8 * n as u32 + 2 * t + (i as u32 % 2);
+                            let r = i / 2;
+                            let ok = row_ok[r] && key <= qpos[r] && key < kv_len;
+                            let v = if ok { sc[n][i] * qscale } else { NEG_INF };
+                            sc[n][i] = v;
+                            mx[r] = mx[r].max(v);
+                        });
+                    }
+                });
+            }
             let mut corr = [1f32; 2];
             let mut mu = [0f32; 2];
             crate::unroll!(r in [0, 1] {
