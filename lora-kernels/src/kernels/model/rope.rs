@@ -61,12 +61,17 @@ kernel! {
             let half = head_dim / 2;
             let pairs = (n_q + n_kv) * half;
             let mut w = thread_idx_x();
+            // With 128 threads and half | 128 a thread keeps one pair index for all its heads: sin/cos
+            // are computed once per thread, not once per head.
+            let (mut last, mut s, mut c) = (usize::MAX, 0f32, 1f32);
             while w < pairs {
                 let (h, i) = (w / half, (w % half) as usize);
                 w += block_dim_x();
-                let theta = (pos as f32) * *inv_freq.add(i);
-                let (s, c) = sincos_f64(theta as f64);
-                let (s, c) = (s as f32, c as f32);
+                if i != last {
+                    let theta = (pos as f32) * *inv_freq.add(i);
+                    let (sd, cd) = sincos_f64(theta as f64);
+                    (s, c, last) = (sd as f32, cd as f32, i);
+                }
                 let src: *const u16 = if h < n_q {
                     q.add(t * ldq as usize + h as usize * hd)
                 } else {
