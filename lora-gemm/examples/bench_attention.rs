@@ -6,7 +6,8 @@
 //! the split count the planner chose, the bytes the launch must read (K and V of every sequence and KV
 //! head once: `batch × context × 8 × 128 × 2 × 2`; q, the page table and the output are under 0.1% and
 //! not counted), the median time and GB/s of that, and the fraction of the measured device-to-device copy
-//! bandwidth (1 GiB, read + write counted).
+//! bandwidth (1 GiB, read + write counted); then, for tuning the planner, the best split count of a
+//! sweep over 1–64 splits and its time.
 //!
 //! Prefill attention: 1/4/16 sequences × 512/2048/8192 new tokens (at most 65536 tokens per launch),
 //! causal, same heads and page size; TFLOP/s of `4 · seqs · 32 · L² · 128 / 2` (QKᵀ and PV, causal half),
@@ -26,9 +27,10 @@ use lora_gemm::cuda::{sm_count, CudaLauncher};
 use lora_gemm::device::{upload, CudaDevice, Rng, TestDevice};
 use lora_gemm::launch::Launcher;
 use lora_gemm::model::{
-    launch_argmax, launch_decode_attention, launch_prefill_attention, DecodeBuffers, DecodeShape, PrefillBuffers,
-    PrefillShape,
+    launch_argmax, launch_decode_attention, launch_prefill_attention, DecodeBuffers, DecodePlan, DecodeShape,
+    PrefillBuffers, PrefillShape,
 };
+use lora_kernels::abi::{decode_pt_cap, decode_shared_bytes, DECODE_MAX_SPLITS};
 
 const N_Q: u32 = 32;
 const N_KV: u32 = 8;
@@ -164,7 +166,8 @@ fn main() -> Result<()> {
             let shape = DecodeShape { batch, n_q: N_Q, n_kv: N_KV, head_dim: HD, page_size: PAGE, max_context: len };
             let plan = shape.plan(sms)?;
             let (q, _) = rng.bf16_vec((batch * N_Q * HD) as usize, 1.0);
-            let parts = shape.partial_elems(plan.splits).max(1);
+            // Partials sized for the largest split of the sweep below.
+            let parts = shape.partial_elems(DECODE_MAX_SPLITS).max(1);
             let bufs = DecodeBuffers {
                 q: upload(&dev, &q)?,
                 ldq: N_Q * HD,
@@ -179,14 +182,32 @@ fn main() -> Result<()> {
                 ldo: N_Q * HD,
             };
             let scale = 1.0 / (HD as f32).sqrt();
-            let us = timer.time(&|l| Ok(launch_decode_attention(l, &shape, &plan, &bufs, scale)?))?;
             let bytes = batch as f64 * len as f64 * (N_KV * HD * 2 * 2) as f64;
-            let gbs = bytes / (us * 1e-6) / 1e9;
+            let time_plan = |p: &DecodePlan| timer.time(&|l| Ok(launch_decode_attention(l, &shape, p, &bufs, scale)?));
+            let us = time_plan(&plan)?;
+            // Sweep the split count (what the planner's wave model should have picked), for tuning it.
+            let mut best = (plan.splits, us);
+            for sp in [1u32, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64] {
+                if sp == plan.splits || sp > DECODE_MAX_SPLITS || (sp > 1 && len.div_ceil(sp) < 16) {
+                    continue;
+                }
+                let pt_cap = decode_pt_cap(len.div_ceil(sp), PAGE);
+                let p = DecodePlan { splits: sp, pt_cap, shared: decode_shared_bytes(pt_cap, N_Q / N_KV, HD) };
+                let t = time_plan(&p)?;
+                if t < best.1 {
+                    best = (sp, t);
+                }
+            }
+            let gbs = |us: f64| bytes / (us * 1e-6) / 1e9;
             println!(
-                "{batch:>5} {len:>7} {:>6} {:>10.1} {us:>9.1} {gbs:>8.0} {:>6.0}%",
+                "{batch:>5} {len:>7} {:>6} {:>10.1} {us:>9.1} {:>8.0} {:>6.0}%   best split {:>2}: {:>7.1} µs {:>5.0} GB/s",
                 plan.splits,
                 bytes / 1e6,
-                100.0 * gbs / copy_bw
+                gbs(us),
+                100.0 * gbs(us) / copy_bw,
+                best.0,
+                best.1,
+                gbs(best.1)
             );
         }
     }
