@@ -11,7 +11,7 @@
 //! **Grid** `(ceil(max qlen / 64), n_q, num_seqs)`, [`PREFILL_THREADS`] threads (4 warps); block (x, qh, s)
 //! takes the 64 query rows from `64·(grid_x − 1 − x)` of sequence s (the longest causal rows start first; a
 //! block past the sequence's rows exits at once), warp w the 16 rows 16w further. Each warp keeps its Q rows as `mma` A fragments in registers (loaded once),
-//! and for every key tile (64 keys; 32 at head_dim 128) up to the causal limit of the block's last row: the block copies the K and V
+//! and for every 64-key tile up to the causal limit of the block's last row: the block copies the K and V
 //! tiles into shared memory (`cp.async`, 16 bytes per thread and chunk, page looked up per key; keys past
 //! the limit are zero-filled; two stages: tile i + 1 is in flight while tile i is computed), each warp computes `S = Q Kᵀ` (16 × tile, `ldmatrix.x4` of K rows), masks it
 //! (causal and length), folds it into the running row max / sum (log2 domain, rows spread over the 4
@@ -34,14 +34,11 @@ use crate::dsl::*;
 pub const PREFILL_THREADS: u32 = 128;
 /// Query rows per block.
 pub const PREFILL_BM: u32 = 64;
-/// Keys per K/V tile for `head_dim`: 64 for head_dim 64, 32 for 128 (the S and P fragments of a 64-key
-/// tile next to a 16 × 128 output accumulator would not fit in 255 registers).
+/// Keys per K/V tile (both head dims: at head_dim 128 the 64-key tile needs 210 registers, the same two
+/// blocks per SM as a 32-key tile at 170, with half the barriers and rescales per key).
 pub const fn prefill_bn(head_dim: u32) -> u32 {
-    if head_dim > 64 {
-        32
-    } else {
-        64
-    }
+    let _ = head_dim;
+    64
 }
 
 /// Dynamic shared memory of the prefill kernel for `head_dim`: two stages of K and V tiles.
@@ -309,7 +306,7 @@ kernel! {
     ) {
         // SAFETY: forwarded launch contract.
         unsafe {
-            prefill::<128, 32>(q, ldq, q_start, k_cache, v_cache, page_table, ld_pt, kv_lens, n_q, n_kv, page_size, scale_bits, out, ldo)
+            prefill::<128, 64>(q, ldq, q_start, k_cache, v_cache, page_table, ld_pt, kv_lens, n_q, n_kv, page_size, scale_bits, out, ldo)
         }
     }
 }
