@@ -6,7 +6,7 @@
 
 use lora_kernels::abi::{
     decode_pt_cap, decode_shared_bytes, ARGMAX_THREADS, DECODE_MAX_GROUP, DECODE_MAX_SPLITS, DECODE_THREADS,
-    NORM_THREADS, ROPE_THREADS, SMALL_THREADS,
+    NORM_THREADS, ROPE_THREADS, SAMPLE_THREADS, SMALL_THREADS,
 };
 use lora_kernels::dsl::emu::{launch, LaunchConfig};
 use lora_kernels::kernels::model::decode::{attention_merge, decode_attention, decode_attention_g4};
@@ -15,6 +15,7 @@ use lora_kernels::kernels::model::prefill::{
     prefill_attention_d128, prefill_attention_d64, prefill_shared_bytes, PREFILL_BM, PREFILL_THREADS,
 };
 use lora_kernels::kernels::model::rope::rope_kv_write;
+use lora_kernels::kernels::model::sample::{sample_tokens, SAMPLE_SHARED_BYTES};
 use lora_kernels::kernels::model::small::{argmax_bf16, argmax_f32, embedding_gather, silu_mul, ARGMAX_SHARED_BYTES};
 use lora_kernels::Kernel;
 
@@ -361,6 +362,27 @@ pub fn launch_argmax(
     l.launch(k, (rows, 1, 1), ARGMAX_THREADS, ARGMAX_SHARED_BYTES, &args)
 }
 
+/// Sample one token per row of f32 `logits` (`rows × vocab`, stride `ld`) with per-row
+/// `abi::SampleParams` at `params` (greedy, temperature, top-k, top-p, seed) into `out` (`rows` u32).
+pub fn launch_sample(
+    l: &dyn Launcher,
+    rows: u32,
+    vocab: u32,
+    logits: u64,
+    ld: u32,
+    params: u64,
+    out: u64,
+) -> Result<(), GemmError> {
+    if rows == 0 {
+        return Ok(());
+    }
+    if vocab == 0 {
+        return Err(GemmError::Invalid("sample: empty vocabulary".into()));
+    }
+    let args = [Arg::Ptr(logits), Arg::U32(ld), Arg::U32(vocab), Arg::Ptr(params), Arg::Ptr(out)];
+    l.launch(Kernel::SampleTokens, (rows, 1, 1), SAMPLE_THREADS, SAMPLE_SHARED_BYTES, &args)
+}
+
 /// Shapes of one prefill-attention launch (one layer, many sequences).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefillShape {
@@ -456,6 +478,7 @@ pub(crate) fn emulate(kernel: Kernel, cfg: &LaunchConfig, a: &[Arg]) -> Result<(
         Kernel::SiluMul => 5,
         Kernel::EmbeddingGather => 7,
         Kernel::ArgmaxF32 | Kernel::ArgmaxBf16 => 4,
+        Kernel::SampleTokens => 5,
         Kernel::PrefillAttentionD64 | Kernel::PrefillAttentionD128 => 14,
         _ => return Err(GemmError::Invalid(format!("{} is not a model kernel", kernel.name()))),
     };
@@ -522,6 +545,12 @@ pub(crate) fn emulate(kernel: Kernel, cfg: &LaunchConfig, a: &[Arg]) -> Result<(
             let (lg, ld, vocab, o) = (ptr::<f32>(a[0])?, u(a[1])?, u(a[2])?, ptr::<u32>(a[3])?);
             // SAFETY: see above.
             unsafe { launch(cfg, || argmax_f32(lg, ld, vocab, o)) }?
+        }
+        Kernel::SampleTokens => {
+            let (lg, ld, vocab) = (ptr::<f32>(a[0])?, u(a[1])?, u(a[2])?);
+            let (prm, o) = (ptr::<lora_kernels::abi::SampleParams>(a[3])?, ptr::<u32>(a[4])?);
+            // SAFETY: see above.
+            unsafe { launch(cfg, || sample_tokens(lg, ld, vocab, prm, o)) }?
         }
         Kernel::PrefillAttentionD64 | Kernel::PrefillAttentionD128 => {
             let (q, ldq, qs, kc, vc, pt, ld_pt, kvl) = (

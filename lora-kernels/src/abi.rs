@@ -288,3 +288,61 @@ pub const fn decode_pt_cap(max_chunk: u32, page_size: u32) -> u32 {
 pub const fn decode_shared_bytes(pt_cap: u32, group: u32, head_dim: u32) -> u32 {
     (4 * pt_cap).div_ceil(16) * 16 + 4 * DECODE_WARPS * group * (head_dim + 2)
 }
+
+/// Threads per block of `sample_tokens` (one block per row).
+pub const SAMPLE_THREADS: u32 = 512;
+
+/// Per-row sampling parameters of `sample_tokens` (host-written, one per logits row).
+///
+/// `temperature <= 0` or `top_k == 1`: greedy (argmax, lowest index on ties). Otherwise the token is drawn
+/// from `softmax(logits / temperature)` restricted to the top-k tokens (`top_k == 0` or `≥ vocab`: all;
+/// ties at the k-th value are all kept), then to the smallest top-p prefix of those by probability
+/// (`top_p ≥ 1` or `≤ 0`: all), by the Gumbel-max trick with noise from a counter-based hash of
+/// (`seed`, `counter`, token id): the same parameters always give the same token.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(not(target_arch = "nvptx64"), derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SampleParams {
+    /// Softmax temperature (≤ 0: greedy).
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1) (otherwise off).
+    pub top_p: f32,
+    /// Top-k cut (0: off; 1: greedy).
+    pub top_k: u32,
+    /// Low word of the request's seed.
+    pub seed_lo: u32,
+    /// High word of the request's seed.
+    pub seed_hi: u32,
+    /// Draw counter (e.g. the position of the sampled token), so every step draws fresh noise.
+    pub counter: u32,
+    /// Padding, always 0.
+    pub _pad: [u32; 2],
+}
+
+/// The order-preserving key of an f32 (larger float → larger key; NaN maps above +inf or below −inf by
+/// its sign bit, callers exclude NaN themselves).
+pub const fn f32_order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// The sampler's uniform draw in (0, 1) for token `j`: murmur3's 32-bit finalizer over a mix of the seed,
+/// the counter and the token id (24 random bits, centred in their interval: never 0 or 1).
+pub const fn sample_uniform(seed_lo: u32, seed_hi: u32, counter: u32, j: u32) -> f32 {
+    const fn fmix(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^= h >> 16;
+        h
+    }
+    let a = fmix(seed_lo ^ fmix(seed_hi.wrapping_add(0x9e37_79b9)));
+    let b = fmix(a ^ counter.wrapping_mul(0x27d4_eb2f));
+    let h = fmix(b ^ j.wrapping_mul(0x1656_67b1));
+    ((h >> 8) as f32 + 0.5) * (1.0 / 16_777_216.0)
+}

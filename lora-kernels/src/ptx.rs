@@ -47,6 +47,8 @@ pub enum Kernel {
     ArgmaxF32,
     /// [`crate::kernels::model::small::argmax_bf16`].
     ArgmaxBf16,
+    /// [`crate::kernels::model::sample::sample_tokens`].
+    SampleTokens,
     /// [`crate::kernels::model::prefill::prefill_attention_d64`].
     PrefillAttentionD64,
     /// [`crate::kernels::model::prefill::prefill_attention_d128`].
@@ -55,7 +57,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// All kernels, in PTX order of definition.
-    pub const ALL: [Kernel; 22] = [
+    pub const ALL: [Kernel; 23] = [
         Kernel::SmokeMma,
         Kernel::ProbeWarpOps,
         Kernel::Prep,
@@ -76,6 +78,7 @@ impl Kernel {
         Kernel::EmbeddingGather,
         Kernel::ArgmaxF32,
         Kernel::ArgmaxBf16,
+        Kernel::SampleTokens,
         Kernel::PrefillAttentionD64,
         Kernel::PrefillAttentionD128,
     ];
@@ -103,6 +106,7 @@ impl Kernel {
             Kernel::EmbeddingGather => "embedding_gather",
             Kernel::ArgmaxF32 => "argmax_f32",
             Kernel::ArgmaxBf16 => "argmax_bf16",
+            Kernel::SampleTokens => "sample_tokens",
             Kernel::PrefillAttentionD64 => "prefill_attention_d64",
             Kernel::PrefillAttentionD128 => "prefill_attention_d128",
         }
@@ -134,6 +138,7 @@ impl Kernel {
                 | Kernel::EmbeddingGather
                 | Kernel::ArgmaxF32
                 | Kernel::ArgmaxBf16
+                | Kernel::SampleTokens
                 | Kernel::PrefillAttentionD64
                 | Kernel::PrefillAttentionD128
         )

@@ -89,7 +89,7 @@ fn better(v: f32, i: u32, bv: f32, bi: u32) -> bool {
 /// # Safety
 /// Every thread of the block calls it together; `load(j)` is valid for `j < vocab`.
 #[inline(always)]
-unsafe fn argmax_row(vocab: u32, out: *mut u32, load: impl Fn(usize) -> f32) {
+pub(crate) unsafe fn argmax_row(vocab: u32, out: *mut u32, load: impl Fn(usize) -> f32) {
     // SAFETY: the caller's contract (convergent call; loads in range); shared memory per the module docs.
     unsafe {
         let (mut bv, mut bi) = (f32::NEG_INFINITY, u32::MAX);
