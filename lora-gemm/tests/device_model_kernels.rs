@@ -652,20 +652,20 @@ device_test!(prefill_attention_matches_f64, |d: &dyn TestDevice, big: bool| {
 // sample_tokens (greedy, temperature, top-k, top-p, seed)
 // ---------------------------------------------------------------------------------------------------
 
-/// The sampler's oracle: sort-based top-k and top-p over the f32 row, Gumbel-max in f64.
-fn sample_oracle(row: &[f32], p: &SampleParams) -> u32 {
+/// The sampler's oracle: sort-based top-k and top-p over the f32 row, Gumbel-max in f64. Returns the
+/// acceptable tokens: the draw at the oracle's top-p cut and, when top-p is on and `slack`, the draws with
+/// the cut one token earlier or later (the GPU's `ex2.approx` weights may put a boundary token on the other
+/// side of the mass target when the cumulative mass lands within its rounding of it).
+fn sample_oracle(row: &[f32], p: &SampleParams, slack: bool) -> Vec<u32> {
     let valid: Vec<usize> = (0..row.len()).filter(|&j| !row[j].is_nan()).collect();
-    let greedy = || {
+    if p.temperature <= 0.0 || p.top_k == 1 {
         let mut best = (f32::NEG_INFINITY, u32::MAX);
         for &j in &valid {
             if row[j] > best.0 || (best.1 == u32::MAX && row[j] == f32::NEG_INFINITY) {
                 best = (row[j], j as u32);
             }
         }
-        best.1
-    };
-    if p.temperature <= 0.0 || p.top_k == 1 {
-        return greedy();
+        return vec![best.1];
     }
     let m = valid.iter().map(|&j| row[j]).fold(f32::NEG_INFINITY, f32::max);
     let key = |j: usize| f32_order_key(row[j]);
@@ -675,6 +675,20 @@ fn sample_oracle(row: &[f32], p: &SampleParams) -> u32 {
     if p.top_k > 1 && (p.top_k as usize) < row.len() {
         tau = key(by_key[p.top_k as usize - 1]);
     }
+    let draw = |tau: u32| {
+        let mut best = (f64::NEG_INFINITY, u32::MAX);
+        for &j in &valid {
+            if key(j) < tau {
+                continue;
+            }
+            let u = sample_uniform(p.seed_lo, p.seed_hi, p.counter, j as u32) as f64;
+            let v = (row[j] - m) as f64 / p.temperature as f64 - (-u.ln()).ln();
+            if v > best.0 {
+                best = (v, j as u32);
+            }
+        }
+        best.1
+    };
     if p.top_p > 0.0 && p.top_p < 1.0 {
         let scale = std::f32::consts::LOG2_E / p.temperature;
         let w = |j: usize| (((row[j] - m) * scale).exp2() * 4_294_967_296.0) as u64;
@@ -682,26 +696,26 @@ fn sample_oracle(row: &[f32], p: &SampleParams) -> u32 {
         let total: u64 = kept.iter().map(|&j| w(j)).sum();
         let target = ((total as f64 * p.top_p as f64) as u64).max(1);
         let mut cum = 0u64;
-        for &j in &kept {
+        let mut at = kept.len() - 1;
+        for (i, &j) in kept.iter().enumerate() {
             cum += w(j);
             if cum >= target {
-                tau = tau.max(key(j));
+                at = i;
                 break;
             }
         }
-    }
-    let mut best = (f64::NEG_INFINITY, u32::MAX);
-    for &j in &valid {
-        if key(j) < tau {
-            continue;
+        let mut ok = vec![draw(tau.max(key(kept[at])))];
+        if slack {
+            if at > 0 {
+                ok.push(draw(tau.max(key(kept[at - 1]))));
+            }
+            if at + 1 < kept.len() {
+                ok.push(draw(tau.max(key(kept[at + 1]))));
+            }
         }
-        let u = sample_uniform(p.seed_lo, p.seed_hi, p.counter, j as u32) as f64;
-        let v = (row[j] - m) as f64 / p.temperature as f64 - (-u.ln()).ln();
-        if v > best.0 {
-            best = (v, j as u32);
-        }
+        return ok;
     }
-    best.1
+    vec![draw(tau)]
 }
 
 fn sample_params(rng: &mut Rng, i: usize) -> SampleParams {
@@ -748,8 +762,9 @@ fn sample_case(d: &dyn TestDevice, rows: usize, vocab: usize, seed: u64) {
     let got: Vec<u32> = download(d, po, rows).unwrap();
     for r in 0..rows {
         let row = &logits[r * ld..r * ld + vocab];
-        let want = sample_oracle(row, &params[r]);
-        assert_eq!(got[r], want, "{}: sample row {r} ({:?})", d.name(), params[r]);
+        // The emulator's exp2 is the oracle's: exact there; one boundary token of slack on the GPU.
+        let want = sample_oracle(row, &params[r], d.name() != "emulator");
+        assert!(want.contains(&got[r]), "{}: sample row {r} ({:?}): {} not in {want:?}", d.name(), params[r], got[r]);
         // Independent of the oracle: a top-k draw is among the k largest (ties counted).
         let k = params[r].top_k as usize;
         if params[r].temperature > 0.0 && k > 1 && k < vocab {
@@ -757,7 +772,7 @@ fn sample_case(d: &dyn TestDevice, rows: usize, vocab: usize, seed: u64) {
             assert!(row.iter().filter(|&&v| v > x).count() < k, "{}: row {r} drew outside the top {k}", d.name());
         }
     }
-    eprintln!("{}: sample_tokens rows {rows} vocab {vocab}: every row equals the oracle", d.name());
+    eprintln!("{}: sample_tokens rows {rows} vocab {vocab}: every row matches the oracle", d.name());
 }
 
 /// The empirical distribution of many seeded draws from one small row ≈ softmax(x / T).
