@@ -349,6 +349,9 @@ device_test!(decode_attention_matches_f64, |d: &dyn TestDevice, big: bool| {
     decode_case(d, &DecodeCase { n_q: 32, n_kv: 8, hd: 128, page_size: 16, lens: vec![17, 40], splits: Some(2) }, 23);
     // No GQA, page size 3, more splits than tokens per split (empty splits), context 1 under splits.
     decode_case(d, &DecodeCase { n_q: 2, n_kv: 2, hd: 64, page_size: 3, lens: vec![10, 1], splits: Some(8) }, 24);
+    // head_dim 32 (8 tokens per warp step) and 256 (a whole warp per token row).
+    decode_case(d, &DecodeCase { n_q: 6, n_kv: 2, hd: 32, page_size: 5, lens: vec![23], splits: Some(2) }, 27);
+    decode_case(d, &DecodeCase { n_q: 2, n_kv: 1, hd: 256, page_size: 2, lens: vec![11, 3], splits: Some(1) }, 28);
     // Context exactly one page / a whole number of pages, page size 16, GQA 4:1.
     decode_case(d, &DecodeCase { n_q: 4, n_kv: 1, hd: 128, page_size: 16, lens: vec![16, 64], splits: Some(3) }, 26);
     // Group 8 (the largest), planner's split.
