@@ -18,16 +18,13 @@
 //! read-only kernel, so the L2 is left holding clean lines of another buffer, not the KV cache).
 //! Arguments are ignored (run.sh passes the same ones to every benchmark).
 
-use std::sync::Arc;
-
 use anyhow::{Context, Result};
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
-use lora_gemm::cuda::{sm_count, CudaLauncher};
-use lora_gemm::device::{upload, CudaDevice, Rng, TestDevice};
-use lora_gemm::launch::Launcher;
+use cudarc::driver::CudaEvent;
+use lora_device::testing::{Rng, TestBed};
+use lora_device::{Backend, Cuda, DevSlice};
 use lora_gemm::model::{
-    launch_argmax, launch_decode_attention, launch_prefill_attention, DecodeBuffers, DecodePlan, DecodeShape,
+    launch_argmax_f32, launch_decode_attention, launch_prefill_attention, DecodeBuffers, DecodePlan, DecodeShape,
     PrefillBuffers, PrefillShape,
 };
 use lora_kernels::abi::{decode_pt_cap, decode_shared_bytes, DECODE_MAX_SPLITS};
@@ -46,107 +43,98 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn addr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
-    let (p, _sync) = s.device_ptr(stream);
-    p
-}
-
 struct Timer<'a> {
-    dev: &'a CudaDevice,
-    flush_src: u64,
-    flush_out: u64,
+    dev: &'a TestBed<Cuda>,
+    flush_src: DevSlice<f32>,
+    flush_out: DevSlice<u32>,
 }
 
 impl Timer<'_> {
     fn event(&self) -> Result<CudaEvent> {
-        Ok(self.dev.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?)
+        Ok(self.dev.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?)
     }
 
     /// Read 512 MB (128 rows × 1 Mi f32) with the argmax kernel: evicts the L2, leaves clean lines.
-    fn flush(&self, l: &dyn Launcher) -> Result<()> {
-        launch_argmax(l, false, 128, 1 << 20, self.flush_src, 1 << 20, self.flush_out)?;
+    fn flush(&self) -> Result<()> {
+        let d = self.dev;
+        launch_argmax_f32(d.dev(), d.stream(), 128, 1 << 20, self.flush_src, 1 << 20, self.flush_out)?;
         Ok(())
     }
 
     /// Median µs of `f` over REPS individually timed runs, each after an L2 flush (after WARMUP runs).
-    fn time(&self, f: &dyn Fn(&dyn Launcher) -> Result<()>) -> Result<f64> {
-        let l = CudaLauncher { module: &self.dev.module, stream: &self.dev.stream };
+    fn time(&self, f: &dyn Fn() -> Result<()>) -> Result<f64> {
         for _ in 0..WARMUP {
-            f(&l)?;
+            f()?;
         }
         let evs: Vec<(CudaEvent, CudaEvent)> =
             (0..REPS).map(|_| Ok((self.event()?, self.event()?))).collect::<Result<_>>()?;
         for (e0, e1) in &evs {
-            self.flush(&l)?;
-            e0.record(&self.dev.stream)?;
-            f(&l)?;
-            e1.record(&self.dev.stream)?;
+            self.flush()?;
+            e0.record(self.dev.stream())?;
+            f()?;
+            e1.record(self.dev.stream())?;
         }
-        self.dev.stream.synchronize()?;
+        self.dev.stream().synchronize()?;
         let v = evs.iter().map(|(e0, e1)| Ok(e0.elapsed_ms(e1)? as f64 * 1e3)).collect::<Result<Vec<f64>>>()?;
         Ok(median(v))
     }
 }
 
-fn copy_bandwidth(dev: &CudaDevice) -> Result<f64> {
+fn copy_bandwidth(dev: &Cuda) -> Result<f64> {
     const BYTES: usize = 1 << 30;
-    let src = dev.stream.alloc_zeros::<u8>(BYTES)?;
-    let mut dst = dev.stream.alloc_zeros::<u8>(BYTES)?;
+    let stream = dev.stream();
+    let src = stream.alloc_zeros::<u8>(BYTES)?;
+    let mut dst = stream.alloc_zeros::<u8>(BYTES)?;
     for _ in 0..2 {
-        dev.stream.memcpy_dtod(&src, &mut dst)?;
+        stream.memcpy_dtod(&src, &mut dst)?;
     }
     let mut v = Vec::new();
     for _ in 0..10 {
-        let e0 = dev.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        let e1 = dev.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        e0.record(&dev.stream)?;
-        dev.stream.memcpy_dtod(&src, &mut dst)?;
-        e1.record(&dev.stream)?;
+        let e0 = dev.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let e1 = dev.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        e0.record(stream)?;
+        stream.memcpy_dtod(&src, &mut dst)?;
+        e1.record(stream)?;
         v.push(2.0 * BYTES as f64 / (e0.elapsed_ms(&e1)? as f64 * 1e-3) / 1e9);
     }
     Ok(median(v))
 }
 
 fn main() -> Result<()> {
-    let dev = match CudaDevice::open() {
+    let dev = match Cuda::open(0) {
         Ok(d) => d,
         Err(e) => {
             println!("SKIP bench_attention: {e}");
             return Ok(());
         }
     };
-    let sms = sm_count(&dev.ctx)?;
-    let (cc_major, cc_minor) = dev.ctx.compute_capability()?;
+    let sms = dev.sm_count();
+    let (cc_major, cc_minor) = dev.context().compute_capability()?;
     println!("device: {} (sm_{cc_major}{cc_minor}, {sms} SMs)", dev.name());
     let copy_bw = copy_bandwidth(&dev)?;
     println!("copy bandwidth: {copy_bw:.0} GB/s (1 GiB device-to-device, read + write counted, median of 10)");
+    let dev = TestBed::new(dev);
 
-    // One cache big enough for the largest case; every case uses a prefix of it (pages shuffled).
+    // One cache big enough for the largest case; every case uses a prefix of it (pages shuffled), filled
+    // with one 32 MiB random block repeated.
     let max_pages = BATCHES.iter().max().unwrap() * CONTEXTS.iter().max().unwrap().div_ceil(PAGE);
     let cache_elems = (max_pages * N_KV * PAGE * HD) as usize;
-    let stream = &dev.stream;
-    let mut k_cache = stream.alloc_zeros::<u16>(cache_elems).context("K cache")?;
-    let mut v_cache = stream.alloc_zeros::<u16>(cache_elems).context("V cache")?;
+    let kc = dev.zeros::<u16>(cache_elems).context("K cache")?;
+    let vc = dev.zeros::<u16>(cache_elems).context("V cache")?;
     {
-        // Fill with random bf16: one 32 MiB random block copied over the whole cache.
         let mut rng = Rng(1);
         let block = 16usize << 20;
         let (bits, _) = rng.bf16_vec(block, 1.0);
-        let src = stream.clone_htod(&bits)?;
-        for c in [&mut k_cache, &mut v_cache] {
+        for c in [kc, vc] {
             let mut at = 0;
             while at < cache_elems {
                 let n = block.min(cache_elems - at);
-                let mut dst = c.slice_mut(at..at + n);
-                stream.memcpy_dtod(&src.slice(0..n), &mut dst)?;
+                dev.write(c.at(at, n)?, &bits[..n])?;
                 at += n;
             }
         }
     }
-    let flush_src = stream.alloc_zeros::<f32>(128 << 20)?;
-    let flush_out = stream.alloc_zeros::<u32>(128)?;
-    let timer = Timer { dev: &dev, flush_src: addr(&flush_src, stream), flush_out: addr(&flush_out, stream) };
-    let (kc, vc) = (addr(&k_cache, stream), addr(&v_cache, stream));
+    let timer = Timer { dev: &dev, flush_src: dev.zeros::<f32>(128 << 20)?, flush_out: dev.zeros::<u32>(128)? };
 
     println!(
         "\ndecode attention: {N_Q} q / {N_KV} kv heads of {HD}, page {PAGE}, bf16; median of {REPS} launches, L2 flushed before each"
@@ -169,21 +157,23 @@ fn main() -> Result<()> {
             // Partials sized for the largest split of the sweep below.
             let parts = shape.partial_elems(DECODE_MAX_SPLITS).max(1);
             let bufs = DecodeBuffers {
-                q: upload(&dev, &q)?,
+                q: dev.upload(&q)?,
                 ldq: N_Q * HD,
                 k_cache: kc,
                 v_cache: vc,
-                page_table: upload(&dev, &ids)?,
+                page_table: dev.upload(&ids)?,
                 ld_pt: pages,
-                seq_lens: upload(&dev, &vec![len; batch as usize])?,
-                part_o: upload(&dev, &vec![0f32; parts])?,
-                part_ml: upload(&dev, &vec![0f32; 2 * parts / HD as usize + 2])?,
-                out: upload(&dev, &vec![0u16; (batch * N_Q * HD) as usize])?,
+                seq_lens: dev.upload(&vec![len; batch as usize])?,
+                part_o: dev.zeros::<f32>(parts)?,
+                part_ml: dev.zeros::<f32>(2 * parts / HD as usize + 2)?,
+                out: dev.zeros::<u16>((batch * N_Q * HD) as usize)?,
                 ldo: N_Q * HD,
             };
             let scale = 1.0 / (HD as f32).sqrt();
             let bytes = batch as f64 * len as f64 * (N_KV * HD * 2 * 2) as f64;
-            let time_plan = |p: &DecodePlan| timer.time(&|l| Ok(launch_decode_attention(l, &shape, p, &bufs, scale)?));
+            let time_plan = |p: &DecodePlan| {
+                timer.time(&|| Ok(launch_decode_attention(dev.dev(), dev.stream(), &shape, p, &bufs, scale)?))
+            };
             let us = time_plan(&plan)?;
             // Sweep the split count (what the planner's wave model should have picked), for tuning it.
             let mut best = (plan.splits, us);
@@ -231,22 +221,30 @@ fn main() -> Result<()> {
             let rows = (n * len) as usize;
             let (q, _) = rng.bf16_vec(rows * (N_Q * HD) as usize, 1.0);
             let q_start: Vec<u32> = (0..=n).map(|s| s * len).collect();
-            let shape =
-                PrefillShape { num_seqs: n, max_qlen: len, n_q: N_Q, n_kv: N_KV, head_dim: HD, page_size: PAGE };
+            let shape = PrefillShape {
+                num_seqs: n,
+                max_qlen: len,
+                total_rows: n * len,
+                max_context: len,
+                n_q: N_Q,
+                n_kv: N_KV,
+                head_dim: HD,
+                page_size: PAGE,
+            };
             let bufs = PrefillBuffers {
-                q: upload(&dev, &q)?,
+                q: dev.upload(&q)?,
                 ldq: N_Q * HD,
-                q_start: upload(&dev, &q_start)?,
+                q_start: dev.upload(&q_start)?,
                 k_cache: kc,
                 v_cache: vc,
-                page_table: upload(&dev, &ids)?,
+                page_table: dev.upload(&ids)?,
                 ld_pt: pages,
-                kv_lens: upload(&dev, &vec![len; n as usize])?,
-                out: upload(&dev, &vec![0u16; rows * (N_Q * HD) as usize])?,
+                kv_lens: dev.upload(&vec![len; n as usize])?,
+                out: dev.zeros::<u16>(rows * (N_Q * HD) as usize)?,
                 ldo: N_Q * HD,
             };
             let scale = 1.0 / (HD as f32).sqrt();
-            let us = timer.time(&|l| Ok(launch_prefill_attention(l, &shape, &bufs, scale)?))?;
+            let us = timer.time(&|| Ok(launch_prefill_attention(dev.dev(), dev.stream(), &shape, &bufs, scale)?))?;
             // QKᵀ and PV, 2 flops per multiply-add, causal half: 4 · n · heads · L² · hd / 2.
             let flop = 4.0 * n as f64 * N_Q as f64 * (len as f64).powi(2) * HD as f64 / 2.0;
             println!("{n:>5} {len:>7} {:>8.3} {us:>10.1} {:>8.1}", flop / 1e12, flop / (us * 1e-6) / 1e12);

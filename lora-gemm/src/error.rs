@@ -6,16 +6,7 @@ pub enum GemmError {
     /// A shape, capacity or argument is outside what the kernels support.
     #[error("invalid configuration: {0}")]
     Invalid(String),
-    /// No CUDA driver or device could be used.
-    #[error("no usable CUDA device: {0}")]
-    NoDevice(String),
-    /// A CUDA driver call failed.
-    #[error("CUDA driver error: {0}")]
-    Driver(#[from] cudarc::driver::DriverError),
-    /// A cuBLAS call failed.
-    #[error("cuBLAS error: {0}")]
-    Cublas(#[from] cudarc::cublas::result::CublasError),
-    /// An emulated launch failed.
+    /// The device failed (no device, a driver, cuBLAS or emulated-launch error, a bad view).
     #[error(transparent)]
-    Kernel(#[from] lora_kernels::KernelError),
+    Device(#[from] lora_device::DeviceError),
 }

@@ -1,48 +1,47 @@
-//! The launch sequence of one step, written once for every backend.
+//! The launch sequence of one step, written once for every backend ([`lora_device::Backend`]: CUDA, where
+//! it can be captured into a graph, and the emulator, which is how CI runs this exact sequence).
 //!
-//! A [`Launcher`] runs one kernel with a grid, a block size, dynamic shared memory and a list of [`Arg`]s
-//! (32-bit scalars and 64-bit addresses, in the kernel's parameter order). [`crate::cuda::CudaLauncher`]
-//! launches on a CUDA stream (and so can be captured in a graph); [`crate::emu::EmuLauncher`] runs the same
-//! kernel source in the SIMT emulator on host memory, which is how CI exercises this exact sequence.
-//! The functions below only turn a [`Geometry`] and buffer addresses into launches: no allocation, no
-//! synchronization, nothing that depends on the step's adapter mix (that is all read from device memory).
+//! Every launch fills the kernel's generated argument struct (`lora_kernels::kernels::*::*Args`) by field
+//! name from typed views ([`DevSlice`]) and the plan's [`Geometry`]; the grid, block and shared memory
+//! come from the plan ([`crate::plan::LaunchShape`]), never from a second formula here. Nothing below
+//! allocates, synchronizes or depends on the step's adapter mix (that is all read from device memory).
 
-use lora_kernels::abi::{GEMM_THREADS, PREP_THREADS};
+use lora_device::{Backend, DevSlice, LaunchDims};
+use lora_kernels::abi::{GemmDesc, ModuleShape, SlotWeights, Tile};
+use lora_kernels::kernels::baseline::{GatherRowsArgs, ScatterAddRowsArgs};
+use lora_kernels::kernels::delta::AddDeltaArgs;
+use lora_kernels::kernels::expand::ExpandArgs;
+use lora_kernels::kernels::prep::PrepArgs;
+use lora_kernels::kernels::shrink::{ShrinkR128Args, ShrinkR16Args, ShrinkR32Args, ShrinkR64Args};
 use lora_kernels::Kernel;
 
+use crate::plan::{ExpandMode, LaunchShape, PrepPlan};
 use crate::GemmError;
 
-/// One kernel argument, by value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arg {
-    /// A `u32` scalar.
-    U32(u32),
-    /// A device (or, in emulation, host) address.
-    Ptr(u64),
+fn dims(s: &LaunchShape) -> LaunchDims {
+    LaunchDims { grid: s.grid, block: s.block, shared: s.shared_bytes }
 }
 
-/// Something that can run a kernel of this crate.
-pub trait Launcher {
-    /// Launch `kernel` on grid `grid` with `block` threads and `shared` bytes of dynamic shared memory.
-    fn launch(
-        &self,
-        kernel: Kernel,
-        grid: (u32, u32, u32),
-        block: u32,
-        shared: u32,
-        args: &[Arg],
-    ) -> Result<(), GemmError>;
+fn need<T>(what: &str, s: &DevSlice<T>, len: usize) -> Result<(), GemmError> {
+    if s.len() < len {
+        return Err(GemmError::Invalid(format!("{what}: {} elements, the plan needs {len}", s.len())));
+    }
+    Ok(())
 }
 
 /// The fixed launch geometry of one module group at one capacity (what a graph capture bakes in).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {
     /// The shrink entry point (rank class).
-    pub shrink: Kernel,
-    /// Blocks of the shrink's persistent grid.
-    pub shrink_blocks: u32,
-    /// Blocks of the expand's persistent grid.
-    pub expand_grid: u32,
+    pub shrink_kernel: Kernel,
+    /// The shrink's persistent grid.
+    pub shrink: LaunchShape,
+    /// The expand's persistent grid.
+    pub expand: LaunchShape,
+    /// Direct expand, or delta expand + add (split across the base GEMM's parallel branch).
+    pub expand_mode: ExpandMode,
+    /// The delta add's grid (used in [`ExpandMode::Delta`]).
+    pub add_delta: LaunchShape,
     /// Largest split-K factor.
     pub max_splits: u32,
     /// Shared input width of the group.
@@ -51,264 +50,344 @@ pub struct Geometry {
     pub max_tiles: u32,
     /// Modules in the group.
     pub n_mod: u32,
+    /// Output columns the modules cover (the delta add's width).
+    pub out_cols: u32,
     /// Expand column blocks per module: `ceil(max n / EXPAND_BN)`.
     pub expand_blocks: u32,
     /// Token capacity (rows of the workspaces).
     pub max_tokens: u32,
-    /// Padded rank of the `t` workspace rows.
+    /// Padded rank of the partial rows.
     pub r_pad: u32,
     /// Slots.
     pub num_slots: u32,
-    /// Dynamic shared memory of the shrink.
-    pub shrink_shared: u32,
+    /// f32 elements of the split partials this group needs.
+    pub partial_f32: usize,
 }
 
-/// Device addresses of the buffers the prep kernel writes once per step and every layer reads.
+/// The buffers the prep kernel writes once per step and every layer reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepBuffers {
     /// Packed per-step input (`abi::StepLayout`).
-    pub step: u64,
+    pub step: DevSlice<u32>,
     /// `[num_slots]` token counts.
-    pub slot_count: u64,
+    pub slot_count: DevSlice<u32>,
     /// `[num_slots + 1]` offsets.
-    pub slot_off: u64,
+    pub slot_off: DevSlice<u32>,
     /// `[max_tokens]` slot-sorted row → token.
-    pub perm: u64,
+    pub perm: DevSlice<u32>,
     /// `[max_tokens]` token → slot (`abi::NO_SLOT` for none and for padding rows).
-    pub tok_slot: u64,
+    pub tok_slot: DevSlice<u32>,
     /// `[max_tiles]` tiles.
-    pub tiles: u64,
+    pub tiles: DevSlice<Tile>,
     /// One word: number of tiles this step.
-    pub num_tiles: u64,
+    pub num_tiles: DevSlice<u32>,
     /// `[layers][modules][slots]` descriptors.
-    pub descs: u64,
+    pub descs: DevSlice<GemmDesc>,
 }
 
-/// Per-group scratch (may be shared by all groups and layers that run one after another on one stream).
+/// Split-K scratch (may be shared by all groups and layers that run one after another).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Workspace {
     /// `[splits][max_tokens][n_mod][r_pad]` f32.
-    pub partial: u64,
+    pub partial: DevSlice<f32>,
 }
 
-/// Static prep inputs.
+/// The prep's static inputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PrepArgs {
-    /// Request capacity of the packed step input.
-    pub max_reqs: u32,
-    /// Token capacity.
-    pub max_tokens: u32,
-    /// Slots.
-    pub num_slots: u32,
-    /// `[layers][modules][slots]` `SlotWeights`.
-    pub weights: u64,
-    /// `[modules]` `ModuleShape`.
-    pub shapes: u64,
+pub struct PrepInputs {
+    /// `[layers][modules][slots]` `SlotWeights` (the persistent pointer table).
+    pub weights: DevSlice<SlotWeights>,
+    /// `[modules]` shapes.
+    pub shapes: DevSlice<ModuleShape>,
     /// Layers.
     pub num_layers: u32,
     /// Modules per layer.
     pub num_modules: u32,
 }
 
-/// Launch the prep kernel (one block).
-pub fn launch_prep(l: &dyn Launcher, p: &PrepArgs, s: &StepBuffers) -> Result<(), GemmError> {
-    if p.num_slots > PREP_THREADS {
-        return Err(GemmError::Invalid(format!(
-            "{} slots: the prep kernel handles at most {PREP_THREADS}",
-            p.num_slots
-        )));
-    }
-    let shared = lora_kernels::abi::prep_shared_bytes(p.max_reqs, p.num_slots);
-    let args = [
-        Arg::Ptr(s.step),
-        Arg::U32(p.max_reqs),
-        Arg::U32(p.max_tokens),
-        Arg::U32(p.num_slots),
-        Arg::Ptr(p.weights),
-        Arg::Ptr(p.shapes),
-        Arg::U32(p.num_layers),
-        Arg::U32(p.num_modules),
-        Arg::Ptr(s.slot_count),
-        Arg::Ptr(s.slot_off),
-        Arg::Ptr(s.perm),
-        Arg::Ptr(s.tok_slot),
-        Arg::Ptr(s.tiles),
-        Arg::Ptr(s.num_tiles),
-        Arg::Ptr(s.descs),
-    ];
-    l.launch(Kernel::Prep, (1, 1, 1), PREP_THREADS, shared, &args)
+/// Launch the prep kernel with the plan's geometry, after checking every buffer against the plan.
+///
+/// # Safety
+/// `s.step` holds a packed step of `plan.layout` (written by [`crate::step::StepPacker`]); every buffer is
+/// live memory of `dev`.
+pub unsafe fn launch_prep<B: Backend>(
+    dev: &B,
+    stream: &B::Stream,
+    plan: &PrepPlan,
+    p: &PrepInputs,
+    s: &StepBuffers,
+) -> Result<(), GemmError> {
+    let (slots, tokens) = (plan.num_slots as usize, plan.max_tokens as usize);
+    let descs = p.num_layers as usize * p.num_modules as usize * slots;
+    need("step", &s.step, plan.layout.words())?;
+    need("slot_count", &s.slot_count, slots)?;
+    need("slot_off", &s.slot_off, slots + 1)?;
+    need("perm", &s.perm, tokens)?;
+    need("tok_slot", &s.tok_slot, tokens)?;
+    need("tiles", &s.tiles, plan.max_tiles as usize)?;
+    need("num_tiles", &s.num_tiles, 1)?;
+    need("descs", &s.descs, descs)?;
+    need("weights", &p.weights, descs)?;
+    need("shapes", &p.shapes, p.num_modules as usize)?;
+    let args = PrepArgs {
+        step: s.step.ptr(),
+        max_reqs: plan.layout.max_reqs,
+        max_tokens: plan.max_tokens,
+        num_slots: plan.num_slots,
+        weights: p.weights.ptr_mut(),
+        shapes: p.shapes.ptr(),
+        num_layers: p.num_layers,
+        num_modules: p.num_modules,
+        slot_count: s.slot_count.ptr_mut(),
+        slot_off: s.slot_off.ptr_mut(),
+        perm: s.perm.ptr_mut(),
+        tok_slot: s.tok_slot.ptr_mut(),
+        tiles: s.tiles.ptr_mut(),
+        num_tiles: s.num_tiles.ptr_mut(),
+        descs: s.descs.ptr_mut(),
+    };
+    // SAFETY: the buffers hold what the plan sizes (checked above); the caller vouches for the step.
+    unsafe { dev.launch(stream, dims(&plan.launch), args) }?;
+    Ok(())
 }
 
-/// Launch the shrink and the expand of one module group of one layer, one after the other on one launcher
-/// (see [`launch_shrink`] and [`launch_expand`] to put the shrink on a parallel branch).
-/// `descs` is the address of `descs[layer][first module of the group][0]`; `x` is the group's input
-/// (`[tokens, ldx]` bf16) and `y` its fused output (`[tokens, ldy]` bf16), updated in place.
+/// The descriptors of one group of one layer: `descs[layer][first module of the group][..]`.
+pub fn group_descs(
+    s: &StepBuffers,
+    g: &Geometry,
+    layer: u32,
+    group_module_base: u32,
+    modules_per_layer: u32,
+) -> Result<DevSlice<GemmDesc>, GemmError> {
+    let first = (layer as usize * modules_per_layer as usize + group_module_base as usize) * g.num_slots as usize;
+    Ok(s.descs.at(first, g.n_mod as usize * g.num_slots as usize)?)
+}
+
+/// The shrink of one module group of one layer: reads `x` (`[max_tokens, ldx]` bf16), writes the split
+/// partials of `ws`. It needs only the prep of this step and `x`, so it may run beside the base GEMM.
+///
+/// # Safety
+/// The prep of this step ran on these buffers (so `descs` point at live adapter weights); all buffers are
+/// live memory of `dev`.
 #[allow(clippy::too_many_arguments)]
-pub fn launch_group(
-    l: &dyn Launcher,
+pub unsafe fn launch_shrink<B: Backend>(
+    dev: &B,
+    stream: &B::Stream,
     g: &Geometry,
     s: &StepBuffers,
     ws: &Workspace,
-    descs: u64,
-    x: u64,
+    descs: DevSlice<GemmDesc>,
+    x: DevSlice<u16>,
     ldx: u32,
-    y: u64,
-    ldy: u32,
 ) -> Result<(), GemmError> {
-    launch_shrink(l, g, s, ws, descs, x, ldx)?;
-    launch_expand(l, g, s, ws, descs, y, ldy)
-}
-
-/// The shrink of one module group of one layer: reads `x`, writes the split partials of `ws`. It only needs
-/// the prep of this step and `x`, so it may run beside the group's base GEMM.
-#[allow(clippy::too_many_arguments)]
-pub fn launch_shrink(
-    l: &dyn Launcher,
-    g: &Geometry,
-    s: &StepBuffers,
-    ws: &Workspace,
-    descs: u64,
-    x: u64,
-    ldx: u32,
-) -> Result<(), GemmError> {
-    let shrink = [
-        Arg::Ptr(x),
-        Arg::U32(ldx),
-        Arg::Ptr(s.perm),
-        Arg::Ptr(s.tiles),
-        Arg::Ptr(s.num_tiles),
-        Arg::Ptr(descs),
-        Arg::U32(g.num_slots),
-        Arg::U32(g.n_mod),
-        Arg::U32(g.k),
-        Arg::U32(g.max_splits),
-        Arg::Ptr(ws.partial),
-        Arg::U32(g.max_tokens),
-        Arg::U32(g.r_pad),
-        Arg::U32(g.max_tiles),
-    ];
-    if !g.shrink.is_shrink() {
-        return Err(GemmError::Invalid(format!("{:?} is not a shrink kernel", g.shrink)));
+    need("x", &x, g.max_tokens as usize * ldx as usize)?;
+    need("partial", &ws.partial, g.partial_f32)?;
+    need("descs", &descs, g.n_mod as usize * g.num_slots as usize)?;
+    if ldx < g.k {
+        return Err(GemmError::Invalid(format!("ldx {ldx} < k {}", g.k)));
     }
-    l.launch(g.shrink, (g.shrink_blocks, 1, 1), GEMM_THREADS, g.shrink_shared, &shrink)
-}
-
-/// The expand of one module group of one layer: sums the shrink's partials and adds `scale · t · Bᵀ` into `y`
-/// at the original token rows. Runs after the shrink and after whatever wrote `y` (the base GEMM).
-pub fn launch_expand(
-    l: &dyn Launcher,
-    g: &Geometry,
-    s: &StepBuffers,
-    ws: &Workspace,
-    descs: u64,
-    y: u64,
-    ldy: u32,
-) -> Result<(), GemmError> {
-    expand(l, g, s, ws, descs, y, ldy, 0, 0)
-}
-
-/// The expand in delta mode: writes `scale · t · Bᵀ` (f32, zeros for modules an adapter lacks) at
-/// `delta[token][y_col + col]`, row stride `ld_delta`, without touching y. It needs only the shrink, so
-/// it may run beside the base GEMM; [`launch_add_delta`] then adds it into y.
-pub fn launch_expand_delta(
-    l: &dyn Launcher,
-    g: &Geometry,
-    s: &StepBuffers,
-    ws: &Workspace,
-    descs: u64,
-    delta: u64,
-    ld_delta: u32,
-) -> Result<(), GemmError> {
-    if delta == 0 {
-        return Err(GemmError::Invalid("delta mode needs a delta buffer".into()));
+    macro_rules! shrink {
+        ($args:ident) => {
+            $args {
+                x: x.ptr(),
+                ldx,
+                perm: s.perm.ptr(),
+                tiles: s.tiles.ptr(),
+                num_tiles: s.num_tiles.ptr(),
+                descs: descs.ptr(),
+                num_slots: g.num_slots,
+                n_mod: g.n_mod,
+                k: g.k,
+                max_splits: g.max_splits,
+                partial: ws.partial.ptr_mut(),
+                max_tokens: g.max_tokens,
+                r_pad: g.r_pad,
+                max_tiles: g.max_tiles,
+            }
+        };
     }
-    expand(l, g, s, ws, descs, 0, 0, delta, ld_delta)
+    let d = dims(&g.shrink);
+    // SAFETY: sizes checked above against the plan; the caller vouches for the prep and the weights.
+    unsafe {
+        match g.shrink_kernel {
+            Kernel::ShrinkR16 => dev.launch(stream, d, shrink!(ShrinkR16Args)),
+            Kernel::ShrinkR32 => dev.launch(stream, d, shrink!(ShrinkR32Args)),
+            Kernel::ShrinkR64 => dev.launch(stream, d, shrink!(ShrinkR64Args)),
+            Kernel::ShrinkR128 => dev.launch(stream, d, shrink!(ShrinkR128Args)),
+            other => return Err(GemmError::Invalid(format!("{other:?} is not a shrink kernel"))),
+        }
+    }?;
+    Ok(())
 }
 
-/// `y[t, ..ncols] += delta[t, ..ncols]` for the tokens `t < rows` that carry an adapter (`tok_slot`).
-#[allow(clippy::too_many_arguments)]
-pub fn launch_add_delta(
-    l: &dyn Launcher,
-    s: &StepBuffers,
-    rows: u32,
-    delta: u64,
-    ld_delta: u32,
-    ncols: u32,
-    y: u64,
-    ldy: u32,
-    blocks: u32,
-) -> Result<(), GemmError> {
-    let args = [
-        Arg::Ptr(delta),
-        Arg::U32(ld_delta),
-        Arg::Ptr(s.tok_slot),
-        Arg::U32(rows),
-        Arg::U32(ncols),
-        Arg::Ptr(y),
-        Arg::U32(ldy),
-    ];
-    l.launch(Kernel::AddDelta, (blocks.max(1), 1, 1), GEMM_THREADS, 0, &args)
+/// Where the expand writes: into `y` at the original token rows, or into an f32 delta.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpandOut {
+    /// `y[perm] += scale · t · Bᵀ` (`[max_tokens, ldy]` bf16), after whatever wrote `y` (the base GEMM).
+    Y {
+        /// The group's fused output.
+        y: DevSlice<u16>,
+        /// Its row stride.
+        ldy: u32,
+    },
+    /// `delta[token][y_col + col] = scale · t · Bᵀ` (f32, zeros for modules an adapter lacks), without
+    /// touching y: it needs only the shrink, so it may run beside the base GEMM; [`launch_add_delta`] then
+    /// adds it into y.
+    Delta {
+        /// `[max_tokens, ld_delta]` f32.
+        delta: DevSlice<f32>,
+        /// Its row stride (≥ the group's output columns).
+        ld_delta: u32,
+    },
 }
 
+/// The expand of one module group of one layer: sums the shrink's partials in split order and writes
+/// `scale · t · Bᵀ` as `out` says.
+///
+/// # Safety
+/// As [`launch_shrink`], and the group's shrink of this step ran before (on this stream or joined into it).
 #[allow(clippy::too_many_arguments)]
-fn expand(
-    l: &dyn Launcher,
+pub unsafe fn launch_expand<B: Backend>(
+    dev: &B,
+    stream: &B::Stream,
     g: &Geometry,
     s: &StepBuffers,
     ws: &Workspace,
-    descs: u64,
-    y: u64,
-    ldy: u32,
-    delta: u64,
-    ld_delta: u32,
+    descs: DevSlice<GemmDesc>,
+    out: ExpandOut,
 ) -> Result<(), GemmError> {
-    let expand = [
-        Arg::Ptr(ws.partial),
-        Arg::U32(g.r_pad),
-        Arg::U32(g.max_tokens),
-        Arg::U32(g.shrink_blocks),
-        Arg::U32(g.max_splits),
-        Arg::U32(g.k),
-        Arg::Ptr(s.perm),
-        Arg::Ptr(s.tiles),
-        Arg::Ptr(s.num_tiles),
-        Arg::Ptr(descs),
-        Arg::U32(g.num_slots),
-        Arg::U32(g.n_mod),
-        Arg::U32(g.expand_blocks),
-        Arg::U32(g.max_tiles),
-        Arg::Ptr(y),
-        Arg::U32(ldy),
-        Arg::Ptr(delta),
-        Arg::U32(ld_delta),
-    ];
-    l.launch(Kernel::Expand, (g.expand_grid, 1, 1), GEMM_THREADS, 0, &expand)
+    need("partial", &ws.partial, g.partial_f32)?;
+    need("descs", &descs, g.n_mod as usize * g.num_slots as usize)?;
+    let rows = g.max_tokens as usize;
+    let (y, ldy, delta, ld_delta) = match out {
+        ExpandOut::Y { y, ldy } => {
+            need("y", &y, rows * ldy as usize)?;
+            if ldy < g.out_cols {
+                return Err(GemmError::Invalid(format!("ldy {ldy} < the group's {} columns", g.out_cols)));
+            }
+            (y, ldy, DevSlice::null(), 0)
+        }
+        ExpandOut::Delta { delta, ld_delta } => {
+            need("delta", &delta, rows * ld_delta as usize)?;
+            if ld_delta < g.out_cols || delta.is_null() {
+                return Err(GemmError::Invalid(format!("delta of stride {ld_delta} for {} columns", g.out_cols)));
+            }
+            (DevSlice::null(), 0, delta, ld_delta)
+        }
+    };
+    let args = ExpandArgs {
+        partial: ws.partial.ptr(),
+        r_pad: g.r_pad,
+        max_tokens: g.max_tokens,
+        shrink_blocks: g.shrink.grid.0,
+        max_splits: g.max_splits,
+        k: g.k,
+        perm: s.perm.ptr(),
+        tiles: s.tiles.ptr(),
+        num_tiles: s.num_tiles.ptr(),
+        descs: descs.ptr(),
+        num_slots: g.num_slots,
+        n_mod: g.n_mod,
+        n_blocks: g.expand_blocks,
+        max_tiles: g.max_tiles,
+        y: y.ptr_mut(),
+        ldy,
+        delta: delta.ptr_mut(),
+        ld_delta,
+    };
+    // SAFETY: sizes checked above; the caller vouches for the prep, the shrink and the weights.
+    unsafe { dev.launch(stream, dims(&g.expand), args) }?;
+    Ok(())
 }
 
-/// Launch a row mover (`Kernel::GatherRows`: `dst[r] = src[idx[r]]`, or `Kernel::ScatterAddRows`:
-/// `dst[idx[r]] += src[r]`) over `rows` rows of `cols` bf16: grid `(ceil(cols / 1024), rows)`, 128 threads.
+/// `y[t, ..out_cols] += delta[t, ..out_cols]` for the tokens `t < max_tokens` that carry an adapter
+/// (`tok_slot`), with the plan's grid.
+///
+/// # Safety
+/// The prep of this step wrote `tok_slot` and the group's delta-mode expand wrote `delta` before (on this
+/// stream or joined into it).
 #[allow(clippy::too_many_arguments)]
-pub fn launch_rows(
-    l: &dyn Launcher,
-    kernel: Kernel,
-    src: u64,
+pub unsafe fn launch_add_delta<B: Backend>(
+    dev: &B,
+    stream: &B::Stream,
+    g: &Geometry,
+    s: &StepBuffers,
+    delta: DevSlice<f32>,
+    ld_delta: u32,
+    y: DevSlice<u16>,
+    ldy: u32,
+) -> Result<(), GemmError> {
+    let rows = g.max_tokens as usize;
+    need("tok_slot", &s.tok_slot, rows)?;
+    need("delta", &delta, rows * ld_delta as usize)?;
+    need("y", &y, rows * ldy as usize)?;
+    if ld_delta < g.out_cols || ldy < g.out_cols {
+        return Err(GemmError::Invalid(format!("strides {ld_delta}, {ldy} below {} columns", g.out_cols)));
+    }
+    let args = AddDeltaArgs {
+        delta: delta.ptr(),
+        ld_delta,
+        tok_slot: s.tok_slot.ptr(),
+        rows: g.max_tokens,
+        ncols: g.out_cols,
+        y: y.ptr_mut(),
+        ldy,
+    };
+    // SAFETY: sizes checked above; the caller vouches for the order.
+    unsafe { dev.launch(stream, dims(&g.add_delta), args) }?;
+    Ok(())
+}
+
+/// Which row mover [`launch_rows`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowMove {
+    /// `dst[r] = src[idx[r]]`.
+    Gather,
+    /// `dst[idx[r]] += src[r]`.
+    ScatterAdd,
+}
+
+/// A row mover of the naive baseline over `rows` rows of `cols` bf16: grid `(ceil(cols / 1024), rows)`,
+/// 128 threads.
+///
+/// # Safety
+/// Every index in `idx[..rows]` addresses a row of the indexed side (`src` for a gather, `dst` for a
+/// scatter), and all buffers are live memory of `dev`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn launch_rows<B: Backend>(
+    dev: &B,
+    stream: &B::Stream,
+    mv: RowMove,
+    src: DevSlice<u16>,
     ld_src: u32,
-    idx: u64,
-    dst: u64,
+    idx: DevSlice<u32>,
+    dst: DevSlice<u16>,
     ld_dst: u32,
     rows: u32,
     cols: u32,
 ) -> Result<(), GemmError> {
-    if !matches!(kernel, Kernel::GatherRows | Kernel::ScatterAddRows) {
-        return Err(GemmError::Invalid(format!("{} is not a row mover", kernel.name())));
+    need("idx", &idx, rows as usize)?;
+    if ld_src < cols || ld_dst < cols || cols == 0 || rows == 0 {
+        return Err(GemmError::Invalid(format!("rows {rows} × cols {cols} with strides {ld_src}, {ld_dst}")));
     }
-    l.launch(
-        kernel,
-        (cols.div_ceil(1024), rows, 1),
-        128,
-        0,
-        &[Arg::Ptr(src), Arg::U32(ld_src), Arg::Ptr(idx), Arg::Ptr(dst), Arg::U32(ld_dst), Arg::U32(cols)],
-    )
+    let d = LaunchDims { grid: (cols.div_ceil(1024), rows, 1), block: 128, shared: 0 };
+    // SAFETY: the caller vouches for the indices and buffers.
+    unsafe {
+        match mv {
+            RowMove::Gather => {
+                need("dst", &dst, rows as usize * ld_dst as usize)?;
+                let args = GatherRowsArgs { src: src.ptr(), ld_src, idx: idx.ptr(), dst: dst.ptr_mut(), ld_dst, cols };
+                dev.launch(stream, d, args)
+            }
+            RowMove::ScatterAdd => {
+                need("src", &src, rows as usize * ld_src as usize)?;
+                let args =
+                    ScatterAddRowsArgs { src: src.ptr(), ld_src, idx: idx.ptr(), dst: dst.ptr_mut(), ld_dst, cols };
+                dev.launch(stream, d, args)
+            }
+        }
+    }?;
+    Ok(())
 }
 
 impl crate::plan::GroupPlan {
@@ -320,18 +399,21 @@ impl crate::plan::GroupPlan {
     /// The launch geometry this plan fixes.
     pub fn geometry(&self) -> Geometry {
         Geometry {
-            shrink: self.shrink_kernel,
-            shrink_blocks: self.shrink.grid.0,
-            expand_grid: self.expand.grid.0,
+            shrink_kernel: self.shrink_kernel,
+            shrink: self.shrink,
+            expand: self.expand,
+            expand_mode: self.expand_mode,
+            add_delta: self.add_delta,
             max_splits: self.splits,
             k: self.k,
             max_tiles: self.max_tiles,
             n_mod: self.n_mod,
+            out_cols: self.out_cols(),
             expand_blocks: self.expand_blocks,
             max_tokens: self.max_tokens,
             r_pad: self.r_pad,
             num_slots: self.num_slots,
-            shrink_shared: self.shrink.shared_bytes,
+            partial_f32: self.workspace.partial_f32,
         }
     }
 }

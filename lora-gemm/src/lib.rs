@@ -6,14 +6,14 @@
 //!   descriptors) — the prep kernel's oracle.
 //! - [`reference`]: the CPU reference of the whole LoRA computation (f32 inputs, f64 accumulation), the
 //!   oracle of every kernel test.
-//! - [`model`]: launches of the model kernels (norm, RoPE + KV write, decode attention and its merge,
-//!   SiLU·mul, embedding, argmax) and the pure decode-attention split planner.
-//! - [`cuda`]: thin launching on a CUDA device through cudarc (dynamic loading: builds without CUDA).
+//! - [`launch`]: the launch sequence of a step (prep, shrink, expand, delta add) over any
+//!   [`lora_device::Backend`], with the plan's geometry and the kernels' typed argument structs.
+//! - [`model`]: the model kernels' launches over any backend (norm, RoPE + KV write, decode attention and
+//!   its merge, prefill attention, SiLU·mul, embedding, argmax, sampling) and the pure decode split planner.
+//! - [`step`]: the packed per-step input (requests, token offsets, pointer-table updates).
+//!
+//! Buffers, streams, launches, dense GEMMs and graphs live one layer down, in `lora-device`.
 
-pub mod blas;
-pub mod cuda;
-pub mod device;
-pub mod emu;
 pub mod error;
 pub mod launch;
 pub mod model;

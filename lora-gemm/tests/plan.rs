@@ -5,7 +5,9 @@
 
 use std::fmt::Write;
 
-use lora_gemm::plan::{llama3_70b_groups, llama3_8b_groups, plan_model, Capacity, ModelPlan, ModuleGroup};
+use lora_gemm::plan::{
+    llama3_70b_groups, llama3_8b_groups, plan_model, Capacity, ExpandMode, ModelPlan, ModuleGroup, DELTA_MAX_TOKENS,
+};
 use lora_kernels::abi::{max_tiles, rank_pad, shrink_shared_bytes, EXPAND_BN, GEMM_THREADS, GEMM_WARPS, SHRINK_K_STEP};
 
 const BUCKETS: [u32; 5] = [1, 16, 64, 256, 2048];
@@ -35,6 +37,13 @@ fn check(m: &ModelPlan, groups: &[ModuleGroup]) {
         assert_eq!((p.shrink.block, p.expand.block), (GEMM_THREADS, GEMM_THREADS));
         assert_eq!(p.shrink.shared_bytes, shrink_shared_bytes(p.max_rank));
         assert_eq!(p.r_pad, rank_pad(p.max_rank));
+        // The expand mode and the delta add's grid are the plan's (one thread per 4 columns, ≤ 4 blocks/SM).
+        let want_mode = if p.max_tokens <= DELTA_MAX_TOKENS { ExpandMode::Delta } else { ExpandMode::Direct };
+        assert_eq!(p.expand_mode, want_mode, "{}", p.name);
+        let threads = p.max_tokens * p.out_cols().div_ceil(4);
+        assert_eq!(p.add_delta.grid.0, threads.div_ceil(GEMM_THREADS).clamp(1, 4 * 132), "{}", p.name);
+        // The device's split formula and the planner's agree at one tile (one adapter at decode).
+        assert_eq!(lora_gemm::plan::device_splits(p, 1), (p.splits, p.k_chunk), "{}", p.name);
         let mut col = 0;
         for (s, spec) in p.shapes.iter().zip(&g.modules) {
             assert_eq!((s.n, s.k, s.y_col), (spec.n, spec.k, col));
@@ -50,7 +59,7 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
     let mut s = String::new();
     writeln!(
         s,
-        "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:<10}",
+        "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:<16} {:<6} {:<8}",
         "tokens",
         "group",
         "k",
@@ -63,7 +72,9 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
         "smem",
         "r_pad",
         "partial",
-        "shrink"
+        "shrink",
+        "expand",
+        "add grid"
     )
     .unwrap();
     for t in BUCKETS {
@@ -73,7 +84,7 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
             let ns: Vec<String> = p.shapes.iter().map(|s| s.n.to_string()).collect();
             writeln!(
                 s,
-                "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:<10}",
+                "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:<16} {:<6} {:<8}",
                 t,
                 p.name,
                 p.k,
@@ -87,12 +98,15 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
                 p.r_pad,
                 p.workspace.partial_f32,
                 p.shrink_kernel.name(),
+                format!("{:?}", p.expand_mode),
+                p.add_delta.grid.0,
             )
             .unwrap();
         }
         writeln!(
             s,
-            "{:>6} prep: grid {:?} block {} smem {} step words {} max_tiles {} descs {} | shared workspace {} B",
+            "{:>6} prep: grid {:?} block {} smem {} step words {} max_tiles {} descs {} | shared workspace {} B \
+             | delta {} x {}",
             t,
             m.prep.launch.grid,
             m.prep.launch.block,
@@ -100,7 +114,9 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
             m.prep.step_words,
             m.prep.max_tiles,
             m.descs,
-            m.workspace.bytes()
+            m.workspace.bytes(),
+            m.delta_rows,
+            m.delta_ld
         )
         .unwrap();
     }

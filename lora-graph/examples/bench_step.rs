@@ -8,12 +8,17 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use lora_gemm::device::Rng;
+use lora_device::testing::Rng;
+use lora_device::{Backend, Cuda};
 use lora_gemm::plan::{llama3_8b_groups, Capacity};
 use lora_graph::adapter::{LoraAdapter, ModuleWeights};
 use lora_graph::buckets::Buckets;
-use lora_graph::model::SyntheticModel;
 use lora_graph::runtime::{LoraRuntime, RuntimeConfig, StepRequest};
+
+mod synthetic;
+use synthetic::SyntheticModel;
+
+type Model = SyntheticModel<u32, Cuda>;
 
 fn arg(name: &str, default: u32) -> u32 {
     let args: Vec<String> = std::env::args().collect();
@@ -26,13 +31,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Median µs per replay of `f`, timed with CUDA events over `reps` replays, `rounds` times.
-fn time_us(
-    model: &mut SyntheticModel<u32>,
-    reps: usize,
-    rounds: usize,
-    f: &mut dyn FnMut(&mut SyntheticModel<u32>) -> Result<()>,
-) -> Result<f64> {
-    let ctx = model.rt.context().clone();
+fn time_us(model: &mut Model, reps: usize, rounds: usize, f: &mut dyn FnMut(&mut Model) -> Result<()>) -> Result<f64> {
+    let ctx = model.rt.dev().context().clone();
     for _ in 0..3 {
         f(model)?;
     }
@@ -40,11 +40,11 @@ fn time_us(
     for _ in 0..rounds {
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let (a, b) = (ctx.new_event(timing)?, ctx.new_event(timing)?);
-        a.record(&model.rt.stream)?;
+        a.record(model.rt.stream())?;
         for _ in 0..reps {
             f(model)?;
         }
-        b.record(&model.rt.stream)?;
+        b.record(model.rt.stream())?;
         b.synchronize()?;
         out.push(a.elapsed_ms(&b)? as f64 * 1000.0 / reps as f64);
     }
@@ -70,14 +70,14 @@ fn adapter(rng: &mut Rng, layers: u32, rank: u32) -> LoraAdapter {
 fn main() -> Result<()> {
     let layers = arg("--layers", 32);
     let max_tokens = arg("--max-tokens", 256);
-    let ctx = match lora_gemm::cuda::open_device(0) {
-        Ok(c) => c,
+    let dev = match Cuda::open(0) {
+        Ok(d) => d,
         Err(e) => {
             println!("SKIP: {e}");
             return Ok(());
         }
     };
-    println!("device: {}", ctx.name()?);
+    println!("device: {}", dev.name());
     let cfg = RuntimeConfig {
         capacity: Capacity { max_tokens, num_slots: 64, max_rank: 64, max_reqs: max_tokens },
         num_layers: layers,
@@ -86,7 +86,7 @@ fn main() -> Result<()> {
         host_cache_bytes: 8 << 30,
     };
     let n_buckets = cfg.buckets.sizes().len();
-    let rt = LoraRuntime::<u32>::new(ctx.clone(), cfg).context("runtime")?;
+    let rt = LoraRuntime::<u32, Cuda>::new(dev, cfg).context("runtime")?;
     println!(
         "runtime device memory: {:.2} GiB (slot pool {} × {:.1} MiB)",
         rt.device_bytes() as f64 / (1u64 << 30) as f64,
@@ -99,7 +99,7 @@ fn main() -> Result<()> {
         "capture: {} graphs ({n_buckets} buckets × with/without LoRA, {layers} layers) in {:.2} s, graph memory {:.1} MiB",
         cap.graphs,
         cap.seconds,
-        cap.graph_bytes as f64 / (1 << 20) as f64
+        cap.graph_bytes.unwrap_or(0) as f64 / (1 << 20) as f64
     );
 
     let mut rng = Rng(5);
@@ -118,7 +118,7 @@ fn main() -> Result<()> {
     for (name, reqs) in [("no adapter", &none), ("1 adapter r16", &one), ("16 adapters r16", &distinct)] {
         // Load the adapters first (uploads are not part of the steady state).
         model.step(reqs)?;
-        model.rt.stream.synchronize()?;
+        model.rt.dev().sync(model.rt.stream())?;
         let graph = time_us(&mut model, reps, rounds, &mut |m| {
             m.step(reqs)?;
             Ok(())
@@ -158,7 +158,7 @@ fn main() -> Result<()> {
     // Host time of the per-step update for 64 requests over 16 resident adapters (steady state).
     let reqs64: Vec<StepRequest<u32>> = (0..64).map(|i| StepRequest { adapter: Some(i % 16), tokens: 1 }).collect();
     model.rt.prepare_step(&reqs64)?;
-    model.rt.stream.synchronize()?;
+    model.rt.dev().sync(model.rt.stream())?;
     let mut samples = Vec::new();
     for _ in 0..2000 {
         let t = Instant::now();
@@ -166,7 +166,7 @@ fn main() -> Result<()> {
         samples.push(t.elapsed().as_secs_f64() * 1e6);
         model.rt.finish_step()?;
     }
-    model.rt.stream.synchronize()?;
+    model.rt.dev().sync(model.rt.stream())?;
     let update = median(samples);
     println!("\nper-step update, 64 requests / 16 adapters: median {update:.2} µs (host, incl. the async copy call)");
 

@@ -26,7 +26,7 @@ pub enum GraphError {
     /// Planning or launching the LoRA GEMMs failed.
     #[error(transparent)]
     Gemm(#[from] lora_gemm::GemmError),
-    /// A CUDA driver call failed.
-    #[error("CUDA driver error: {0}")]
-    Driver(#[from] cudarc::driver::DriverError),
+    /// The device failed (no device, a driver or emulated-launch error, a capture used wrongly).
+    #[error(transparent)]
+    Device(#[from] lora_device::DeviceError),
 }

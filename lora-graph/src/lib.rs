@@ -1,4 +1,5 @@
-//! Multi-LoRA state on the GPU, the per-step update, and CUDA-graph capture/replay for any adapter mix.
+//! Multi-LoRA state on a device (CUDA or the emulator), the per-step update, and graph capture/replay for
+//! any adapter mix.
 //!
 //! A step flows: requests → [`lora_slots::SlotManager::assign`] (which slot holds each request's
 //! adapter, which slots changed) → adapter uploads for changed slots on a side stream →
@@ -9,13 +10,17 @@
 //! graph with no LoRA launch at all.
 //!
 //! - [`buckets`], [`adapter`]: pure, tested without a GPU.
-//! - [`runtime`]: the persistent device state and the launches ([`runtime::LoraRuntime`]).
-//! - [`model`]: a synthetic Llama-shaped model step built on the same API, with graph capture and replay.
+//! - [`runtime`]: the persistent device state and the launches ([`runtime::LoraRuntime`], generic over
+//!   [`lora_device::Backend`]), including a group's LoRA on a parallel branch beside its base GEMM.
+//! - [`graphs`]: one captured graph per bucket ([`graphs::StepGraphs`]).
+//!
+//! A synthetic Llama-shaped model step built on this API lives in `examples/synthetic/` (used by the
+//! `bench_step` example and the `device_steps` test).
 
 pub mod adapter;
 pub mod buckets;
 pub mod error;
-pub mod model;
+pub mod graphs;
 pub mod runtime;
 
 pub use error::GraphError;

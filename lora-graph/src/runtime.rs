@@ -1,5 +1,5 @@
-//! The GPU side: persistent device state, the per-step update, adapter uploads, and the launches a model
-//! step (eager or captured) makes.
+//! The device side, on any [`Backend`] (CUDA, or the emulator in CI): persistent device state, the
+//! per-step update, adapter uploads, and the launches a model step (eager or captured) makes.
 //!
 //! Everything is allocated once in [`LoraRuntime::new`] for a capacity (tokens, requests, slots, max rank,
 //! layers, module groups): the slot pool (one allocation carved into `num_slots` equal regions), the
@@ -16,17 +16,15 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::hash::Hash;
-use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
-use lora_gemm::cuda::{sm_count, CudaLauncher, LoraModule};
+use lora_device::{Backend, Branch, DevSlice, DeviceBuffer, PinnedBuffer};
 use lora_gemm::launch::{
-    launch_add_delta, launch_expand, launch_expand_delta, launch_prep, launch_shrink, Geometry, Launcher, PrepArgs,
+    group_descs, launch_add_delta, launch_expand, launch_prep, launch_shrink, ExpandOut, Geometry, PrepInputs,
     StepBuffers, Workspace,
 };
-use lora_gemm::plan::{plan_model, Capacity, ModelPlan, ModuleGroup};
+use lora_gemm::plan::{plan_model, Capacity, ExpandMode, ModelPlan, ModuleGroup};
 use lora_gemm::step::StepPacker;
-use lora_kernels::abi::{GemmDesc, SlotWeights, StepLayout, Tile};
+use lora_kernels::abi::{GemmDesc, ModuleShape, SlotWeights, StepLayout, Tile};
 use lora_slots::{HostCache, SlotManager};
 
 use crate::adapter::{slot_elems, AdapterImage, LoraAdapter};
@@ -86,21 +84,62 @@ pub fn check_step<A>(reqs: &[StepRequest<A>], cap: &Capacity, buckets: &Buckets)
 
 struct Registered {
     image: AdapterImage,
-    pinned: PinnedHostSlice<u16>,
+    pinned: PinnedBuffer<u16>,
 }
 
-fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
-    let (p, _sync) = s.device_ptr(stream);
-    p
+/// Every device buffer the runtime owns (allocated once; views of them go into the launches).
+struct Buffers {
+    pool: DeviceBuffer<u8>,
+    weights: DeviceBuffer<SlotWeights>,
+    shapes: DeviceBuffer<ModuleShape>,
+    step: DeviceBuffer<u32>,
+    slot_count: DeviceBuffer<u32>,
+    slot_off: DeviceBuffer<u32>,
+    perm: DeviceBuffer<u32>,
+    tok_slot: DeviceBuffer<u32>,
+    tiles: DeviceBuffer<Tile>,
+    num_tiles: DeviceBuffer<u32>,
+    descs: DeviceBuffer<GemmDesc>,
+    partial: DeviceBuffer<f32>,
+    delta: DeviceBuffer<f32>,
+}
+
+impl Buffers {
+    fn bytes(&self) -> usize {
+        self.pool.bytes()
+            + self.weights.bytes()
+            + self.shapes.bytes()
+            + self.step.bytes()
+            + self.slot_count.bytes()
+            + self.slot_off.bytes()
+            + self.perm.bytes()
+            + self.tok_slot.bytes()
+            + self.tiles.bytes()
+            + self.num_tiles.bytes()
+            + self.descs.bytes()
+            + self.partial.bytes()
+            + self.delta.bytes()
+    }
+}
+
+/// A group's input and output: `x` `[capacity, ldx]` bf16, `y` `[capacity, ldy]` bf16 (updated in place).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupIo {
+    /// The group's input.
+    pub x: DevSlice<u16>,
+    /// Row stride of `x`.
+    pub ldx: u32,
+    /// The group's fused output.
+    pub y: DevSlice<u16>,
+    /// Row stride of `y`.
+    pub ldy: u32,
 }
 
 /// The persistent LoRA state of one model on one device.
-pub struct LoraRuntime<A: Copy + Eq + Hash + Debug> {
-    ctx: Arc<CudaContext>,
-    /// The stream steps run on (and graphs are captured on).
-    pub stream: Arc<CudaStream>,
-    upload_stream: Arc<CudaStream>,
-    module: LoraModule,
+pub struct LoraRuntime<A: Copy + Eq + Hash + Debug, B: Backend> {
+    // Declared first: graphs and launches referring to the buffers are gone before they are freed.
+    bufs: Buffers,
+    upload_stream: B::Stream,
     cfg: RuntimeConfig,
     /// The plan at full capacity (module numbering, shapes, descriptor count).
     pub plan: ModelPlan,
@@ -111,36 +150,26 @@ pub struct LoraRuntime<A: Copy + Eq + Hash + Debug> {
     entries_per_slot: usize,
     host_table: Vec<SlotWeights>,
     packer: StepPacker,
-    staging: Vec<(PinnedHostSlice<u32>, CudaEvent)>,
+    staging: Vec<(PinnedBuffer<u32>, B::Event)>,
     staging_next: usize,
-    step_done: CudaEvent,
-    upload_done: CudaEvent,
+    step_done: B::Event,
+    upload_done: B::Event,
     batch: Vec<Option<A>>,
     req_slots: Vec<u32>,
     req_tokens: Vec<u32>,
     changed: Vec<(u32, Option<A>)>,
-    prep_args: PrepArgs,
+    prep: PrepInputs,
     step_bufs: StepBuffers,
     ws: Workspace,
-    pool: u64,
-    sm_count: u32,
-    /// f32 `[DELTA_MAX_TOKENS][widest group]` for the split expand of small buckets.
-    delta: u64,
-    delta_ld: u32,
     device_bytes: usize,
-    _buffers: Vec<CudaSlice<u8>>,
+    dev: B,
 }
 
 const STAGING_RING: usize = 4;
 
-/// Buckets up to this many tokens run the expand split in two (delta on the parallel branch, a small add on
-/// the critical path); larger ones run the direct expand, whose single read-modify-write of y moves fewer
-/// bytes when y is large.
-pub const DELTA_MAX_TOKENS: u32 = 64;
-
-impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
-    /// Allocate everything for `cfg` on `ctx` (kernels loaded once here).
-    pub fn new(ctx: Arc<CudaContext>, cfg: RuntimeConfig) -> Result<Self, GraphError> {
+impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
+    /// Allocate everything for `cfg` on `dev` (which the runtime then owns; steps run on `dev.stream()`).
+    pub fn new(dev: B, cfg: RuntimeConfig) -> Result<Self, GraphError> {
         let cap = cfg.capacity;
         if cfg.buckets.capacity() != cap.max_tokens {
             return Err(GraphError::Config(format!(
@@ -152,83 +181,76 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
         if cfg.num_layers == 0 {
             return Err(GraphError::Config("a model needs at least one layer".into()));
         }
-        let sms = sm_count(&ctx)?;
+        let sms = dev.sm_count();
         let plan = plan_model(&cap, &cfg.groups, cfg.num_layers, sms)?;
         let mut geometry = BTreeMap::new();
-        let mut ws_size = plan.workspace;
+        let (mut ws_size, mut delta_rows) = (plan.workspace, plan.delta_rows);
         for &b in cfg.buckets.sizes() {
             let p = plan_model(&Capacity { max_tokens: b, ..cap }, &cfg.groups, cfg.num_layers, sms)?;
             ws_size = ws_size.max(p.workspace);
+            delta_rows = delta_rows.max(p.delta_rows);
             geometry.insert(b, p.groups.iter().map(|g| g.geometry()).collect::<Vec<_>>());
         }
         let n_modules = plan.shapes.len();
         let entries_per_slot = cfg.num_layers as usize * n_modules;
         let layout = plan.prep.layout;
-        debug_assert_eq!(layout, StepLayout::new(cap.max_reqs, cap.num_slots, entries_per_slot as u32));
-        let stream = ctx.new_stream()?;
-        let upload_stream = ctx.new_stream()?;
-        let module = LoraModule::load(&ctx)?;
-
-        let slot_bytes = (2 * slot_elems(&plan.shapes, cfg.num_layers, cap.max_rank)).div_ceil(256) as u64 * 256;
-        let mut buffers = Vec::new();
-        let mut alloc = |bytes: usize| -> Result<u64, GraphError> {
-            let b = stream.alloc_zeros::<u8>(bytes.div_ceil(16).max(1) * 16)?;
-            let p = dptr(&b, &stream);
-            buffers.push(b);
-            Ok(p)
-        };
-        let descs = plan.descs;
-        let s = cap.num_slots as usize;
-        let pool = alloc(slot_bytes as usize * s)?;
-        let weights = alloc(descs * std::mem::size_of::<SlotWeights>())?;
-        let shapes = alloc(std::mem::size_of_val(plan.shapes.as_slice()))?;
-        let step_bufs = StepBuffers {
-            step: alloc(4 * layout.words())?,
-            slot_count: alloc(4 * s)?,
-            slot_off: alloc(4 * (s + 1))?,
-            perm: alloc(4 * cap.max_tokens as usize)?,
-            tok_slot: alloc(4 * cap.max_tokens as usize)?,
-            tiles: alloc(std::mem::size_of::<Tile>() * plan.prep.max_tiles as usize)?,
-            num_tiles: alloc(4)?,
-            descs: alloc(descs * std::mem::size_of::<GemmDesc>())?,
-        };
-        let ws = Workspace { partial: alloc(4 * ws_size.partial_f32)? };
-        let delta_ld = plan.groups.iter().map(|g| g.out_cols()).max().unwrap_or(0);
-        let delta = alloc(4 * delta_ld as usize * cap.max_tokens.min(DELTA_MAX_TOKENS) as usize)?;
-        let device_bytes = buffers.iter().map(|b| b.len()).sum();
-        // SAFETY: `shapes` was just allocated with room for every module shape; the copy is ordered on
-        // `stream` before any launch that reads it.
-        unsafe { cudarc::driver::result::memcpy_htod_async(shapes, plan.shapes.as_slice(), stream.cu_stream()) }?;
-        let mut staging = Vec::with_capacity(STAGING_RING);
-        for _ in 0..STAGING_RING {
-            // SAFETY: pinned host memory, written only through `as_mut_ptr` after its event completed.
-            let p = unsafe { ctx.alloc_pinned::<u32>(layout.words()) }?;
-            let e = ctx.new_event(None)?;
-            e.record(&stream)?;
-            staging.push((p, e));
+        if layout != StepLayout::new(cap.max_reqs, cap.num_slots, entries_per_slot as u32) {
+            return Err(GraphError::Config("the plan's step layout does not match the model".into()));
         }
-        let step_done = ctx.new_event(None)?;
-        step_done.record(&stream)?;
-        let upload_done = ctx.new_event(None)?;
-        let prep_args = PrepArgs {
-            max_reqs: cap.max_reqs,
-            max_tokens: cap.max_tokens,
-            num_slots: cap.num_slots,
-            weights,
-            shapes,
+        let upload_stream = dev.new_stream()?;
+        let slot_bytes = (2 * slot_elems(&plan.shapes, cfg.num_layers, cap.max_rank)).div_ceil(256) as u64 * 256;
+        let s = cap.num_slots as usize;
+        let descs = plan.descs;
+        let bufs = Buffers {
+            pool: dev.alloc_zeroed(slot_bytes as usize * s)?,
+            weights: dev.alloc_zeroed(descs)?,
+            shapes: dev.upload(&plan.shapes)?,
+            step: dev.alloc_zeroed(layout.words())?,
+            slot_count: dev.alloc_zeroed(s)?,
+            slot_off: dev.alloc_zeroed(s + 1)?,
+            perm: dev.alloc_zeroed(cap.max_tokens as usize)?,
+            tok_slot: dev.alloc_zeroed(cap.max_tokens as usize)?,
+            tiles: dev.alloc_zeroed(plan.prep.max_tiles as usize)?,
+            num_tiles: dev.alloc_zeroed(1)?,
+            descs: dev.alloc_zeroed(descs)?,
+            partial: dev.alloc_zeroed(ws_size.partial_f32)?,
+            delta: dev.alloc_zeroed(plan.delta_ld as usize * delta_rows as usize)?,
+        };
+        let step_bufs = StepBuffers {
+            step: bufs.step.slice(),
+            slot_count: bufs.slot_count.slice(),
+            slot_off: bufs.slot_off.slice(),
+            perm: bufs.perm.slice(),
+            tok_slot: bufs.tok_slot.slice(),
+            tiles: bufs.tiles.slice(),
+            num_tiles: bufs.num_tiles.slice(),
+            descs: bufs.descs.slice(),
+        };
+        let ws = Workspace { partial: bufs.partial.slice() };
+        let prep = PrepInputs {
+            weights: bufs.weights.slice(),
+            shapes: bufs.shapes.slice(),
             num_layers: cfg.num_layers,
             num_modules: n_modules as u32,
         };
-        stream.synchronize()?;
+        let mut staging = Vec::with_capacity(STAGING_RING);
+        for _ in 0..STAGING_RING {
+            let e = dev.new_event()?;
+            dev.record(&e, dev.stream())?;
+            staging.push((dev.alloc_pinned::<u32>(layout.words())?, e));
+        }
+        let step_done = dev.new_event()?;
+        dev.record(&step_done, dev.stream())?;
+        let upload_done = dev.new_event()?;
+        dev.sync(dev.stream())?;
         Ok(LoraRuntime {
+            device_bytes: bufs.bytes(),
             slots: SlotManager::new(s)?,
             cache: HostCache::new(cfg.host_cache_bytes),
             host_table: vec![SlotWeights::default(); s * entries_per_slot],
             packer: StepPacker::new(layout, cap.max_tokens),
-            ctx,
-            stream,
+            bufs,
             upload_stream,
-            module,
             cfg,
             plan,
             geometry,
@@ -242,21 +264,21 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
             req_slots: Vec::with_capacity(cap.max_reqs as usize),
             req_tokens: Vec::with_capacity(cap.max_reqs as usize),
             changed: Vec::with_capacity(s),
-            prep_args,
+            prep,
             step_bufs,
             ws,
-            pool,
-            sm_count: sms,
-            delta,
-            delta_ld,
-            device_bytes,
-            _buffers: buffers,
+            dev,
         })
     }
 
-    /// The context.
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+    /// The device.
+    pub fn dev(&self) -> &B {
+        &self.dev
+    }
+
+    /// The stream steps run on (and graphs are captured on): the device's stream.
+    pub fn stream(&self) -> &B::Stream {
+        self.dev.stream()
     }
 
     /// The configuration.
@@ -290,10 +312,8 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
                 reason: "is loaded in a device slot; unload it before replacing it".into(),
             });
         }
-        // SAFETY: fresh pinned allocation, filled below before any copy reads it.
-        let mut pinned = unsafe { self.ctx.alloc_pinned::<u16>(image.data.len().max(1)) }?;
-        // SAFETY: `as_mut_ptr` waits for pending use; the allocation holds `data.len()` elements.
-        unsafe { std::ptr::copy_nonoverlapping(image.data.as_ptr(), pinned.as_mut_ptr()?, image.data.len()) };
+        let mut pinned = self.dev.alloc_pinned::<u16>(image.data.len())?;
+        pinned.as_mut_slice().copy_from_slice(&image.data);
         let bytes = image.bytes();
         if self.cache.contains(id) {
             self.cache.remove(id)?;
@@ -304,6 +324,9 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
 
     /// Remove an adapter from its device slot (if loaded) and from host memory.
     pub fn unregister(&mut self, id: A) -> Result<(), GraphError> {
+        if !self.cache.contains(id) {
+            return Err(GraphError::UnknownAdapter(format!("{id:?}")));
+        }
         if self.slots.is_resident(id) {
             let change = self.slots.unload(id)?;
             let at = change.slot as usize * self.entries_per_slot;
@@ -342,28 +365,26 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
         self.req_tokens.extend(reqs.iter().map(|r| r.tokens));
 
         // Uploads: after the previous step (which may read the old occupants), on the side stream.
+        let dev = &self.dev;
         let mut uploads = 0;
         if self.changed.iter().any(|(_, new)| new.is_some()) {
-            self.upload_stream.wait(&self.step_done)?;
+            dev.wait(&self.upload_stream, &self.step_done)?;
         }
+        let pool = self.bufs.pool.slice();
         for i in 0..self.changed.len() {
             let (slot, new) = self.changed[i];
             let at = slot as usize * self.entries_per_slot;
-            let base = self.pool + slot as u64 * self.slot_bytes;
+            let region = pool.at(slot as usize * self.slot_bytes as usize, self.slot_bytes as usize)?;
             match new {
                 Some(id) => {
                     let reg = self.cache.peek(id).ok_or_else(|| GraphError::UnknownAdapter(format!("{id:?}")))?;
-                    let src = reg.pinned.as_ptr()?;
-                    // SAFETY: the pinned image holds `data.len()` elements and outlives the copy (it stays in
-                    // the host cache while resident); the slot region holds `slot_bytes` ≥ the image.
-                    unsafe {
-                        let host = std::slice::from_raw_parts(src, reg.image.data.len());
-                        cudarc::driver::result::memcpy_htod_async(base, host, self.upload_stream.cu_stream())
-                    }?;
-                    for (dst, w) in
-                        self.host_table[at..at + self.entries_per_slot].iter_mut().zip(reg.image.slot_weights(base))
-                    {
-                        *dst = w;
+                    let dst = region.cast::<u16>()?;
+                    // SAFETY: the pinned image stays in the host cache, unwritten, while its adapter is
+                    // resident, which outlasts the copy; `dst` is the slot's region (≥ the image).
+                    unsafe { dev.copy_pinned_to_device(&self.upload_stream, &reg.pinned, reg.image.data.len(), dst) }?;
+                    let table = &mut self.host_table[at..at + self.entries_per_slot];
+                    for (t, w) in table.iter_mut().zip(reg.image.slot_weights(region.addr())) {
+                        *t = w;
                     }
                     uploads += 1;
                 }
@@ -371,8 +392,8 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
             }
         }
         if uploads > 0 {
-            self.upload_done.record(&self.upload_stream)?;
-            self.stream.wait(&self.upload_done)?;
+            dev.record(&self.upload_done, &self.upload_stream)?;
+            dev.wait(dev.stream(), &self.upload_done)?;
         }
 
         // Pack requests + changed table entries into one buffer, one copy.
@@ -383,17 +404,13 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
         let packed = self.packer.pack(&self.req_slots, &self.req_tokens, &changed)?;
         self.changed.clear();
         let (pinned, event) = &mut self.staging[self.staging_next];
-        event.synchronize()?;
+        dev.sync_event(event)?;
         let words = self.packer.words();
-        // SAFETY: the staging buffer holds `layout.words()` ≥ `words.len()` elements and its previous copy
-        // has completed (event above); the device buffer `step` holds `layout.words()` words.
-        unsafe {
-            let dst = pinned.as_mut_ptr()?;
-            std::ptr::copy_nonoverlapping(words.as_ptr(), dst, words.len());
-            let host = std::slice::from_raw_parts(dst as *const u32, words.len());
-            cudarc::driver::result::memcpy_htod_async(self.step_bufs.step, host, self.stream.cu_stream())?;
-        }
-        event.record(&self.stream)?;
+        pinned.as_mut_slice()[..words.len()].copy_from_slice(words);
+        // SAFETY: this staging buffer is written again only after `event` (recorded below, after the copy)
+        // completed; the step buffer holds `layout.words()` ≥ `words.len()` words.
+        unsafe { dev.copy_pinned_to_device(dev.stream(), pinned, words.len(), self.step_bufs.step) }?;
+        dev.record(event, dev.stream())?;
         self.staging_next = (self.staging_next + 1) % STAGING_RING;
         let uses_lora = self.req_slots.iter().any(|&s| s < cap.num_slots);
         Ok(PreparedStep { bucket, num_tokens: packed.num_tokens, uses_lora, uploads })
@@ -401,124 +418,107 @@ impl<A: Copy + Eq + Hash + Debug> LoraRuntime<A> {
 
     /// Mark the end of a step's launches on the step stream (later uploads wait for it).
     pub fn finish_step(&self) -> Result<(), GraphError> {
-        self.step_done.record(&self.stream)?;
+        self.dev.record(&self.step_done, self.dev.stream())?;
         Ok(())
     }
 
-    /// A launcher on the step stream.
-    pub fn launcher(&self) -> CudaLauncher<'_> {
-        CudaLauncher { module: &self.module, stream: &self.stream }
-    }
-
-    /// Launch the prep kernel (once per step, before any layer's LoRA).
-    pub fn launch_prep(&self, l: &dyn Launcher) -> Result<(), GraphError> {
-        launch_prep(l, &self.prep_args, &self.step_bufs)?;
+    /// Launch the prep kernel on `stream` (once per step, before any layer's LoRA).
+    pub fn launch_prep(&self, stream: &B::Stream) -> Result<(), GraphError> {
+        // SAFETY: `step` is written only by `prepare_step` (a packed step of the plan's layout, or zeros: an
+        // empty step); every buffer is this runtime's.
+        unsafe { launch_prep(&self.dev, stream, &self.plan.prep, &self.prep, &self.step_bufs) }?;
         Ok(())
     }
 
-    /// A launcher on another stream of this context (for a parallel graph branch).
-    pub fn launcher_on<'a>(&'a self, stream: &'a Arc<CudaStream>) -> CudaLauncher<'a> {
-        CudaLauncher { module: &self.module, stream }
-    }
-
-    fn group_args(&self, bucket: u32, layer: u32, group: usize) -> Result<(&Geometry, u64), GraphError> {
+    fn group_args(&self, bucket: u32, layer: u32, group: usize) -> Result<(&Geometry, DevSlice<GemmDesc>), GraphError> {
         let geoms = self.geometry.get(&bucket).ok_or_else(|| GraphError::BadStep(format!("no bucket {bucket}")))?;
         let g = geoms.get(group).ok_or_else(|| GraphError::BadStep(format!("no group {group}")))?;
         if layer >= self.cfg.num_layers {
             return Err(GraphError::BadStep(format!("no layer {layer}")));
         }
-        let n_modules = self.plan.shapes.len() as u64;
-        let first =
-            (layer as u64 * n_modules + self.plan.group_module_base[group] as u64) * self.cfg.capacity.num_slots as u64;
-        Ok((g, self.step_bufs.descs + first * std::mem::size_of::<GemmDesc>() as u64))
+        let base = self.plan.group_module_base[group];
+        let descs = group_descs(&self.step_bufs, g, layer, base, self.plan.shapes.len() as u32)?;
+        Ok((g, descs))
     }
 
-    /// Launch the LoRA (shrink + expand) of group `group` of layer `layer` for bucket `bucket`: reads `x`
-    /// (`[tokens, ldx]` bf16), adds into `y` (`[tokens, ldy]` bf16).
+    /// How the plan runs the expand of `bucket`'s groups.
+    pub fn expand_mode(&self, bucket: u32) -> Result<ExpandMode, GraphError> {
+        let g = self.geometry.get(&bucket).and_then(|g| g.first());
+        Ok(g.ok_or_else(|| GraphError::BadStep(format!("no bucket {bucket}")))?.expand_mode)
+    }
+
+    /// The LoRA work of a group that needs only the prep and `x`, for the parallel branch beside the base
+    /// GEMM: the shrink, and in [`ExpandMode::Delta`] the expand into the runtime's delta buffer.
+    pub fn launch_branch(
+        &self,
+        stream: &B::Stream,
+        bucket: u32,
+        layer: u32,
+        group: usize,
+        x: DevSlice<u16>,
+        ldx: u32,
+    ) -> Result<(), GraphError> {
+        let (g, descs) = self.group_args(bucket, layer, group)?;
+        let d = &self.dev;
+        // SAFETY: the prep of this step runs before on the step stream (the branch forks after it); the
+        // pointer table holds only uploaded slots' weights; the buffers are this runtime's (sizes checked).
+        unsafe {
+            launch_shrink(d, stream, g, &self.step_bufs, &self.ws, descs, x, ldx)?;
+            if g.expand_mode == ExpandMode::Delta {
+                let out = ExpandOut::Delta { delta: self.bufs.delta.slice(), ld_delta: self.plan.delta_ld };
+                launch_expand(d, stream, g, &self.step_bufs, &self.ws, descs, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The LoRA work of a group after the join (after the base GEMM wrote `y`): the direct expand, or in
+    /// [`ExpandMode::Delta`] the delta add.
+    pub fn launch_joined(
+        &self,
+        stream: &B::Stream,
+        bucket: u32,
+        layer: u32,
+        group: usize,
+        y: DevSlice<u16>,
+        ldy: u32,
+    ) -> Result<(), GraphError> {
+        let (g, descs) = self.group_args(bucket, layer, group)?;
+        let d = &self.dev;
+        // SAFETY: the group's branch work of this step ran before (joined into this stream).
+        unsafe {
+            match g.expand_mode {
+                ExpandMode::Direct => {
+                    launch_expand(d, stream, g, &self.step_bufs, &self.ws, descs, ExpandOut::Y { y, ldy })?
+                }
+                ExpandMode::Delta => {
+                    let delta = self.bufs.delta.slice();
+                    launch_add_delta(d, stream, g, &self.step_bufs, delta, self.plan.delta_ld, y, ldy)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One group of a model step on `main`, LoRA placed as the plan says: fork `branch`, the branch work
+    /// ([`Self::launch_branch`]) on its side stream, `base` (the group's base GEMM, which writes `io.y`) on
+    /// `main`, join, then [`Self::launch_joined`]. Captured, this is a parallel branch of the graph.
     #[allow(clippy::too_many_arguments)]
     pub fn launch_group(
         &self,
-        l: &dyn Launcher,
+        main: &B::Stream,
+        branch: &Branch<B>,
         bucket: u32,
         layer: u32,
         group: usize,
-        x: u64,
-        ldx: u32,
-        y: u64,
-        ldy: u32,
+        io: GroupIo,
+        base: impl FnOnce() -> Result<(), GraphError>,
     ) -> Result<(), GraphError> {
-        self.launch_shrink(l, bucket, layer, group, x, ldx)?;
-        self.launch_expand(l, bucket, layer, group, y, ldy)
-    }
-
-    /// The shrink of a group (needs only the prep and `x`: it may run beside the base GEMM).
-    pub fn launch_shrink(
-        &self,
-        l: &dyn Launcher,
-        bucket: u32,
-        layer: u32,
-        group: usize,
-        x: u64,
-        ldx: u32,
-    ) -> Result<(), GraphError> {
-        let (g, descs) = self.group_args(bucket, layer, group)?;
-        launch_shrink(l, g, &self.step_bufs, &self.ws, descs, x, ldx)?;
-        Ok(())
-    }
-
-    /// Whether steps of `bucket` use the split expand ([`Self::launch_expand_delta`] beside the base GEMM,
-    /// then [`Self::launch_add_delta`] after it) rather than [`Self::launch_expand`].
-    pub fn splits_expand(&self, bucket: u32) -> bool {
-        bucket <= DELTA_MAX_TOKENS
-    }
-
-    /// The split expand's first half: the group's delta into the runtime's delta buffer (after the shrink;
-    /// independent of the base GEMM). Only for buckets where [`Self::splits_expand`] holds.
-    pub fn launch_expand_delta(
-        &self,
-        l: &dyn Launcher,
-        bucket: u32,
-        layer: u32,
-        group: usize,
-    ) -> Result<(), GraphError> {
-        if !self.splits_expand(bucket) {
-            return Err(GraphError::BadStep(format!("bucket {bucket} does not split the expand")));
-        }
-        let (g, descs) = self.group_args(bucket, layer, group)?;
-        launch_expand_delta(l, g, &self.step_bufs, &self.ws, descs, self.delta, self.delta_ld)?;
-        Ok(())
-    }
-
-    /// The split expand's second half: add the delta into `y` (after the base GEMM wrote it).
-    pub fn launch_add_delta(
-        &self,
-        l: &dyn Launcher,
-        bucket: u32,
-        group: usize,
-        y: u64,
-        ldy: u32,
-    ) -> Result<(), GraphError> {
-        let g = self.plan.groups.get(group).ok_or_else(|| GraphError::BadStep(format!("no group {group}")))?;
-        let ncols = g.out_cols();
-        // One thread per 4 columns of a row, at most 4 blocks per SM.
-        let blocks = (bucket * ncols.div_ceil(4)).div_ceil(128).clamp(1, 4 * self.sm_count);
-        launch_add_delta(l, &self.step_bufs, bucket, self.delta, self.delta_ld, ncols, y, ldy, blocks)?;
-        Ok(())
-    }
-
-    /// The expand of a group (after its shrink and after the base GEMM that wrote `y`).
-    pub fn launch_expand(
-        &self,
-        l: &dyn Launcher,
-        bucket: u32,
-        layer: u32,
-        group: usize,
-        y: u64,
-        ldy: u32,
-    ) -> Result<(), GraphError> {
-        let (g, descs) = self.group_args(bucket, layer, group)?;
-        launch_expand(l, g, &self.step_bufs, &self.ws, descs, y, ldy)?;
-        Ok(())
+        branch.fork(&self.dev, main)?;
+        self.launch_branch(branch.side(), bucket, layer, group, io.x, io.ldx)?;
+        base()?;
+        branch.join(&self.dev, main)?;
+        self.launch_joined(main, bucket, layer, group, io.y, io.ldy)
     }
 }
 

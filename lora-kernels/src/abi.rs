@@ -178,7 +178,8 @@ pub const fn prep_shared_bytes(max_reqs: u32, num_slots: u32) -> u32 {
 }
 
 /// Shared memory the shrink kernel needs, in bytes, for ranks up to `max_rank`: one 16 × rank f32 tile per
-/// warp (rank rounded up by [`rank_pad`]) for the cross-warp reduction, plus one word to broadcast the "last split" flag.
+/// warp (rank rounded up by [`rank_pad`]) for the cross-warp reduction, plus 16 bytes the kernel no longer
+/// reads (they held a flag of an older split reduction; kept so the measured launch shape is unchanged).
 pub const fn shrink_shared_bytes(max_rank: u32) -> u32 {
     GEMM_WARPS * TILE_M * rank_pad(max_rank) * 4 + 16
 }

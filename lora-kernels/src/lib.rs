@@ -5,6 +5,7 @@
 //! - [`kernels`]: the kernels themselves — the smoke tile product, the warp-primitive probe, the fused
 //!   per-step prep, the grouped split-K shrink, the grouped expand (direct or into a delta), the delta add,
 //!   and the row movers of the benchmark's baseline.
+//! - `args` (host only): [`args::KernelArgs`], the typed argument struct every kernel gets from `kernel!`.
 //! - [`abi`]: the plain-data types and layouts the kernels and the host share.
 //! - `ptx` (host only): the committed PTX, embedded, and [`Kernel`], the one place every kernel is named.
 //!
@@ -26,6 +27,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod abi;
+#[cfg(not(target_arch = "nvptx64"))]
+pub mod args;
 pub mod dsl;
 pub mod kernels;
 

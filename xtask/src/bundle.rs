@@ -1,8 +1,8 @@
 //! `cargo xtask gpu-bundle`: everything the GPU machine runs, built here.
 //!
 //! The GPU machine has a driver, CUDA 13 and cuBLAS but no Rust toolchain, so this builds the GPU test
-//! binaries (`cargo test --release --features gpu --no-run`) and the GPU benchmarks (the `examples` of the
-//! GPU crates, built with `--features gpu`) in release mode, copies them into `target/gpu-bundle/`
+//! binaries (`cargo test --release --features gpu --no-run`), the GPU benchmarks (the `examples` of the
+//! GPU crates, built with `--features gpu`) and the demo (`lora-gemm`'s example `lora_demo`) in release mode, copies them into `target/gpu-bundle/`
 //! (at most 60 MiB, checked), and writes `run.sh`, which runs every suite there with one summary line each
 //! and a final `N passed, N failed` line, then the benchmarks, keeping logs under `$OUT` when that is set.
 
@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Crates whose tests and examples go into the bundle.
-const GPU_CRATES: &[&str] = &["lora-gemm", "lora-graph"];
+const GPU_CRATES: &[&str] = &["lora-device", "lora-gemm", "lora-graph"];
+/// The demo: an example of `lora-gemm`, shipped as `lora-demo` (not among the benchmarks).
+const DEMO: &str = "lora_demo";
 const LIMIT: u64 = 60 << 20;
 
 pub fn run(root: &Path) -> Result<()> {
@@ -31,12 +33,13 @@ pub fn run(root: &Path) -> Result<()> {
         .into_iter()
         .filter(|(name, _)| name.contains("--device_") || name.contains("--gpu_"))
         .collect::<Vec<_>>();
-    let benches =
-        artifacts(root, &["build", "--release", "--features", "gpu", "--examples"], &pkgs, |kind| kind == "example")?;
-    let demo =
-        artifacts(root, &["build", "--release", "--bin", "lora-demo"], &["-p".into(), "lora-engine".into()], |kind| {
-            kind == "bin"
-        })?;
+    let (demo, benches): (Vec<_>, Vec<_>) =
+        artifacts(root, &["build", "--release", "--features", "gpu", "--examples"], &pkgs, |kind| kind == "example")?
+            .into_iter()
+            .partition(|(name, _)| name.ends_with(&format!("--{DEMO}")));
+    if demo.is_empty() {
+        bail!("the demo example {DEMO} was not built");
+    }
     for (_, path) in &demo {
         copy(path, &out.join("lora-demo"))?;
     }

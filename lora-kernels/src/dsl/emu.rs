@@ -1,7 +1,8 @@
 //! Host backend of the kernel DSL: a small SIMT emulator.
 //!
 //! [`launch`] runs a grid the way the GPU would, block after block: the `block_threads` threads of a block
-//! are real OS threads (spawned once per launch and reused for every block), they meet at
+//! are real OS threads (taken from a pool of parked workers, so a launch spawns none once the pool is warm,
+//! and reused for every block of the launch), they meet at
 //! [`sync_threads`], and they share one dynamic shared-memory buffer that is poisoned with `0xFF` bytes
 //! before every block (so a kernel that reads shared memory it never wrote sees NaN / `u32::MAX`, not a
 //! lucky zero). Warp-collective primitives exchange each lane's operands through a per-warp buffer
@@ -151,81 +152,76 @@ pub unsafe fn launch<F: Fn()>(cfg: &LaunchConfig, kernel: F) -> Result<(), Kerne
     let abort = AtomicBool::new(false);
     let message = Mutex::new(None::<String>);
     let kernel = Shared(kernel);
-    std::thread::scope(|s| {
-        for tid in 0..n {
-            let (kernel, smem_ptr, block_gate, start_gate, warps, abort, message) =
-                (&kernel, &smem_ptr, &block_gate, &start_gate, &warps, &abort, &message);
-            let spawned = std::thread::Builder::new().stack_size(512 << 10).spawn_scoped(s, move || {
-                let warp = &warps[(tid / 32) as usize];
-                'grid: for bz in 0..gz {
-                    for by in 0..gy {
-                        for bx in 0..gx {
-                            let entry = catch_unwind(AssertUnwindSafe(|| {
-                                start_gate.wait(abort);
-                                if tid == 0 {
-                                    // SAFETY: every thread is parked at start_gate; nobody touches smem.
-                                    let all = unsafe { std::slice::from_raw_parts_mut(smem_ptr.0, smem_len + GUARD_BYTES) };
-                                    if let Some(at) = all[smem_len..].iter().position(|&b| b != 0xFF) {
-                                        panic!(
+    let body = |tid: u32| {
+        let (kernel, smem_ptr, block_gate, start_gate, warps, abort, message) =
+            (&kernel, &smem_ptr, &block_gate, &start_gate, &warps, &abort, &message);
+        let warp = &warps[(tid / 32) as usize];
+        'grid: for bz in 0..gz {
+            for by in 0..gy {
+                for bx in 0..gx {
+                    let entry = catch_unwind(AssertUnwindSafe(|| {
+                        start_gate.wait(abort);
+                        if tid == 0 {
+                            // SAFETY: every thread is parked at start_gate; nobody touches smem.
+                            let all = unsafe { std::slice::from_raw_parts_mut(smem_ptr.0, smem_len + GUARD_BYTES) };
+                            if let Some(at) = all[smem_len..].iter().position(|&b| b != 0xFF) {
+                                panic!(
                                             "a block before ({bx},{by},{bz}) wrote shared memory byte {} past the launch's {smem_len} bytes",
                                             smem_len + at
                                         );
-                                    }
-                                    all.fill(0xFF);
-                                    block_gate.reset(n);
-                                    for w in warps.iter() {
-                                        w.gate.reset(32);
-                                    }
-                                }
-                                start_gate.wait(abort);
-                            }));
-                            if let Err(e) = entry {
-                                // A guard violation found by thread 0, or the abort of another thread.
-                                let text = e.downcast_ref::<String>().cloned().unwrap_or_default();
-                                if !text.is_empty() && !abort.swap(true, Ordering::SeqCst) {
-                                    *message.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
-                                }
-                                break 'grid;
                             }
-                            CTX.with(|c| {
-                                c.set(Some(Ctx {
-                                    tid,
-                                    bid: [bx, by, bz],
-                                    bdim: n,
-                                    gdim: [gx, gy, gz],
-                                    smem: smem_ptr.0,
-                                    block: block_gate,
-                                    warp,
-                                    abort,
-                                }))
-                            });
-                            let r = catch_unwind(AssertUnwindSafe(|| (kernel.0)()));
-                            CTX.with(|c| c.set(None));
-                            block_gate.leave();
-                            warp.gate.leave();
-                            if let Err(e) = r {
-                                let text = e
-                                    .downcast_ref::<String>()
-                                    .cloned()
-                                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                                    .unwrap_or_else(|| "kernel panicked".into());
-                                let mut m = message.lock().unwrap_or_else(|e| e.into_inner());
-                                if !abort.swap(true, Ordering::SeqCst) {
-                                    *m = Some(format!("block ({bx},{by},{bz}) thread {tid}: {text}"));
-                                }
-                                break 'grid;
+                            all.fill(0xFF);
+                            block_gate.reset(n);
+                            for w in warps.iter() {
+                                w.gate.reset(32);
                             }
                         }
+                        start_gate.wait(abort);
+                    }));
+                    if let Err(e) = entry {
+                        // A guard violation found by thread 0, or the abort of another thread.
+                        let text = e.downcast_ref::<String>().cloned().unwrap_or_default();
+                        if !text.is_empty() && !abort.swap(true, Ordering::SeqCst) {
+                            *message.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
+                        }
+                        break 'grid;
+                    }
+                    CTX.with(|c| {
+                        c.set(Some(Ctx {
+                            tid,
+                            bid: [bx, by, bz],
+                            bdim: n,
+                            gdim: [gx, gy, gz],
+                            smem: smem_ptr.0,
+                            block: block_gate,
+                            warp,
+                            abort,
+                        }))
+                    });
+                    let r = catch_unwind(AssertUnwindSafe(|| (kernel.0)()));
+                    CTX.with(|c| c.set(None));
+                    block_gate.leave();
+                    warp.gate.leave();
+                    if let Err(e) = r {
+                        let text = e
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "kernel panicked".into());
+                        let mut m = message.lock().unwrap_or_else(|e| e.into_inner());
+                        if !abort.swap(true, Ordering::SeqCst) {
+                            *m = Some(format!("block ({bx},{by},{bz}) thread {tid}: {text}"));
+                        }
+                        break 'grid;
                     }
                 }
-            });
-            if let Err(e) = spawned {
-                abort.store(true, Ordering::SeqCst);
-                *message.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("cannot spawn thread: {e}"));
-                break;
             }
         }
-    });
+    };
+    if let Err(e) = pool::run(n, &body) {
+        abort.store(true, Ordering::SeqCst);
+        *message.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+    }
     let tail = bytemuck_free_bytes(&smem, smem_len);
     if !abort.load(Ordering::SeqCst) {
         if let Some(at) = tail.iter().position(|&b| b != 0xFF) {
@@ -241,6 +237,100 @@ pub unsafe fn launch<F: Fn()>(cfg: &LaunchConfig, kernel: F) -> Result<(), Kerne
         return Err(KernelError::EmulatedTrap(m));
     }
     Ok(())
+}
+
+/// The worker pool of the emulated threads: parked OS threads that run one emulated thread of a launch each
+/// and go back to the pool after it (spawning 128 or 1024 threads per launch cost more than most launches).
+mod pool {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::sync::mpsc::{channel, Sender};
+    use std::sync::{Condvar, Mutex};
+
+    /// Counts the jobs of one launch down to zero.
+    struct Latch {
+        left: Mutex<u32>,
+        cv: Condvar,
+    }
+
+    impl Latch {
+        fn done(&self) {
+            let mut l = self.left.lock().unwrap_or_else(|e| e.into_inner());
+            *l -= 1;
+            if *l == 0 {
+                self.cv.notify_all();
+            }
+        }
+    }
+
+    /// One emulated thread's work: `body(tid)`, then a count-down of `latch`. The pointers are valid until
+    /// the latch reaches zero, which [`run`] waits for before it returns.
+    struct Job {
+        body: *const (dyn Fn(u32) + Sync),
+        tid: u32,
+        latch: *const Latch,
+    }
+
+    // SAFETY: `body` is `Sync` and `Latch` is `Sync`; both outlive the job (see `Job`).
+    unsafe impl Send for Job {}
+
+    static IDLE: Mutex<Vec<Sender<Job>>> = Mutex::new(Vec::new());
+
+    fn spawn() -> Result<Sender<Job>, String> {
+        let (tx, rx) = channel::<Job>();
+        std::thread::Builder::new()
+            .name("emulated-thread".into())
+            .stack_size(512 << 10)
+            .spawn(move || {
+                for job in rx {
+                    // SAFETY: `run` keeps `body` and `latch` alive until every job counted the latch down.
+                    let (body, latch) = unsafe { (&*job.body, &*job.latch) };
+                    let _ = catch_unwind(AssertUnwindSafe(|| body(job.tid)));
+                    latch.done();
+                }
+            })
+            .map_err(|e| format!("cannot spawn thread: {e}"))?;
+        Ok(tx)
+    }
+
+    /// Run `body(tid)` for `tid in 0..n` on `n` distinct threads at once (they meet at barriers), and
+    /// return when all are done.
+    pub(super) fn run(n: u32, body: &(dyn Fn(u32) + Sync)) -> Result<(), String> {
+        let mut workers = {
+            let mut idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
+            let keep = idle.len().saturating_sub(n as usize);
+            idle.split_off(keep)
+        };
+        while workers.len() < n as usize {
+            match spawn() {
+                Ok(w) => workers.push(w),
+                Err(e) => {
+                    IDLE.lock().unwrap_or_else(|e| e.into_inner()).extend(workers);
+                    return Err(e);
+                }
+            }
+        }
+        let latch = Latch { left: Mutex::new(n), cv: Condvar::new() };
+        // SAFETY: erases the lifetime of `body`; it outlives the jobs because this function waits below for
+        // the latch, which every job counts down after its last use of `body`.
+        let body: *const (dyn Fn(u32) + Sync) = unsafe { std::mem::transmute(body) };
+        let mut lost = 0;
+        for (tid, w) in workers.iter().enumerate() {
+            if w.send(Job { body, tid: tid as u32, latch: &latch }).is_err() {
+                lost += 1;
+                latch.done();
+            }
+        }
+        let mut left = latch.left.lock().unwrap_or_else(|e| e.into_inner());
+        while *left > 0 {
+            left = latch.cv.wait(left).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(left);
+        IDLE.lock().unwrap_or_else(|e| e.into_inner()).extend(workers);
+        if lost > 0 {
+            return Err(format!("{lost} emulated threads could not be started"));
+        }
+        Ok(())
+    }
 }
 
 /// Bytes of guard zone after every block's shared memory (a write there fails the launch).

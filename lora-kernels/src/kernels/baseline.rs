@@ -11,6 +11,7 @@
 use crate::dsl::*;
 
 kernel! {
+    #[kernel(GatherRows, GatherRowsArgs)]
     /// `dst[r, :] = src[idx[r], :]` for `r < rows` (bf16).
     pub unsafe fn gather_rows(src: *const u16, ld_src: u32, idx: *const u32, dst: *mut u16, ld_dst: u32, cols: u32) {
         // SAFETY: the launch contract in the module docs keeps every address below in bounds.
@@ -37,6 +38,7 @@ kernel! {
 }
 
 kernel! {
+    #[kernel(ScatterAddRows, ScatterAddRowsArgs)]
     /// `dst[idx[r], :] += src[r, :]` for `r < rows` (bf16, f32 arithmetic).
     pub unsafe fn scatter_add_rows(src: *const u16, ld_src: u32, idx: *const u32, dst: *mut u16, ld_dst: u32, cols: u32) {
         // SAFETY: the launch contract in the module docs keeps every address below in bounds.

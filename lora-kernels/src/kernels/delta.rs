@@ -18,6 +18,7 @@ use crate::abi::NO_SLOT;
 use crate::dsl::*;
 
 kernel! {
+    #[kernel(AddDelta, AddDeltaArgs)]
     /// Add the split expand's delta into y at the original token rows. See the module docs.
     pub unsafe fn lora_add_delta(
         delta: *const f32,

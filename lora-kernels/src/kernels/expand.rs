@@ -35,6 +35,7 @@ use crate::abi::{shrink_splits, GemmDesc, Tile, EXPAND_BN, MAX_RANK};
 use crate::dsl::*;
 
 kernel! {
+    #[kernel(Expand, ExpandArgs)]
 /// Grouped expand with fused scale and un-reorder. See the module docs.
 pub unsafe fn lora_expand(
     partial: *const f32,

@@ -33,6 +33,7 @@ use crate::abi::{GemmDesc, ModuleShape, SlotWeights, StepLayout, Tile, NO_SLOT, 
 use crate::dsl::*;
 
 kernel! {
+    #[kernel(Prep, PrepArgs)]
     /// Per-step counts, offsets, stable slot permutation, tiles and descriptors. See the module docs.
     pub unsafe fn lora_prep(
         step: *const u32,

@@ -17,6 +17,7 @@ use crate::dsl::*;
 pub const PROBE_WORDS: u32 = 17;
 
 kernel! {
+    #[kernel(ProbeWarpOps, ProbeArgs)]
     /// Run every warp-collective primitive once; see the module docs for the output layout.
     pub unsafe fn probe_warp_ops(src: *const u16, out: *mut u32, counter: *mut u32) {
         // SAFETY: the launch contract in the module docs keeps every address below in bounds.

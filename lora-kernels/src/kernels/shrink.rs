@@ -193,8 +193,9 @@ unsafe fn shrink<const RT: usize>(
 }
 
 macro_rules! shrink_entry {
-    ($name:ident, $rt:literal, $max:literal) => {
+    ($name:ident, $variant:ident, $args:ident, $rt:literal, $max:literal) => {
         kernel! {
+            #[kernel($variant, $args)]
             #[doc = concat!("Persistent split-K grouped shrink for ranks up to ", $max, ". See the module docs.")]
             pub unsafe fn $name(
                 x: *const u16,
@@ -224,7 +225,7 @@ macro_rules! shrink_entry {
     };
 }
 
-shrink_entry!(lora_shrink_r16, 2, "16");
-shrink_entry!(lora_shrink_r32, 4, "32");
-shrink_entry!(lora_shrink_r64, 8, "64");
-shrink_entry!(lora_shrink_r128, 16, "128");
+shrink_entry!(lora_shrink_r16, ShrinkR16, ShrinkR16Args, 2, "16");
+shrink_entry!(lora_shrink_r32, ShrinkR32, ShrinkR32Args, 4, "32");
+shrink_entry!(lora_shrink_r64, ShrinkR64, ShrinkR64Args, 8, "64");
+shrink_entry!(lora_shrink_r128, ShrinkR128, ShrinkR128Args, 16, "128");

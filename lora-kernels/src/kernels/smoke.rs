@@ -13,6 +13,7 @@
 use crate::dsl::*;
 
 kernel! {
+    #[kernel(SmokeMma, SmokeArgs)]
     /// `C = A · B` for bf16 `A [m, k]` and `Bt [n, k]` (B transposed), f32 `C [m, n]`. See the module docs.
     pub unsafe fn smoke_mma(a: *const u16, bt: *const u16, c: *mut f32, m: u32, n: u32, k: u32) {
         // SAFETY: the launch contract in the module docs keeps every address below in bounds.

@@ -262,6 +262,7 @@ unsafe fn decode<const MG: usize>(
 }
 
 kernel! {
+    #[kernel(DecodeAttention, DecodeAttentionArgs)]
     /// Split-KV decode attention over a paged KV cache, all query heads of a KV group per block, groups of
     /// up to 8 query heads. See the module docs.
     pub unsafe fn decode_attention(
@@ -290,6 +291,7 @@ kernel! {
 }
 
 kernel! {
+    #[kernel(DecodeAttentionG4, DecodeAttentionG4Args)]
     /// [`decode_attention`] for groups of up to 4 query heads (fewer registers: more resident blocks).
     pub unsafe fn decode_attention_g4(
         q: *const u16,
@@ -317,6 +319,7 @@ kernel! {
 }
 
 kernel! {
+    #[kernel(AttentionMerge, AttentionMergeArgs)]
     /// Combine the split partials of `decode_attention` into the bf16 output. See the module docs.
     pub unsafe fn attention_merge(
         part_o: *const f32,

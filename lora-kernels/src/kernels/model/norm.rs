@@ -24,6 +24,7 @@ use crate::abi::NORM_THREADS;
 use crate::dsl::*;
 
 kernel! {
+    #[kernel(RmsNormResidual, RmsNormResidualArgs)]
     /// Residual add + RMSNorm of one row per block. See the module docs.
     pub unsafe fn rmsnorm_residual(
         x: *const u16,

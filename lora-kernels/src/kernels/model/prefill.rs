@@ -262,6 +262,7 @@ unsafe fn prefill<const HD: usize, const BN: usize>(
 }
 
 kernel! {
+    #[kernel(PrefillAttentionD64, PrefillAttentionD64Args)]
     /// Causal paged varlen prefill attention, head_dim 64. See the module docs.
     pub unsafe fn prefill_attention_d64(
         q: *const u16,
@@ -287,6 +288,7 @@ kernel! {
 }
 
 kernel! {
+    #[kernel(PrefillAttentionD128, PrefillAttentionD128Args)]
     /// Causal paged varlen prefill attention, head_dim 128. See the module docs.
     pub unsafe fn prefill_attention_d128(
         q: *const u16,

@@ -30,6 +30,7 @@ use crate::abi::NO_KV_SLOT;
 use crate::dsl::*;
 
 kernel! {
+    #[kernel(RopeKvWrite, RopeKvWriteArgs)]
     /// RoPE on q (in place) and k, and the paged KV-cache write of k and v. See the module docs.
     pub unsafe fn rope_kv_write(
         q: *mut u16,

@@ -123,6 +123,7 @@ unsafe fn radix_select(
 }
 
 kernel! {
+    #[kernel(SampleTokens, SampleTokensArgs)]
     /// Sample one token per row (greedy / temperature / top-k / top-p, seeded). See the module docs.
     pub unsafe fn sample_tokens(logits: *const f32, ld: u32, vocab: u32, params: *const SampleParams, out: *mut u32) {
         // SAFETY: the launch contract in the module docs keeps every address below in bounds.

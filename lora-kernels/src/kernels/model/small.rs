@@ -28,6 +28,7 @@ use crate::dsl::*;
 pub const ARGMAX_SHARED_BYTES: u32 = ARGMAX_THREADS / 32 * 8;
 
 kernel! {
+    #[kernel(SiluMul, SiluMulArgs)]
     /// `out = silu(gate) · up` from the fused gate_up rows. See the module docs.
     pub unsafe fn silu_mul(gu: *const u16, ld_in: u32, inter: u32, out: *mut u16, ldo: u32) {
         // SAFETY: the launch contract in the module docs keeps every address below in bounds.
@@ -50,6 +51,7 @@ kernel! {
 }
 
 kernel! {
+    #[kernel(EmbeddingGather, EmbeddingGatherArgs)]
     /// `out[t] = table[ids[t]]` (zeros for ids ≥ vocab). See the module docs.
     pub unsafe fn embedding_gather(
         table: *const u16,
@@ -135,6 +137,7 @@ pub(crate) unsafe fn argmax_row(vocab: u32, out: *mut u32, load: impl Fn(usize) 
 }
 
 kernel! {
+    #[kernel(ArgmaxF32, ArgmaxF32Args)]
     /// Greedy sampling over f32 logits: the index of each row's maximum (lowest on ties). See the module docs.
     pub unsafe fn argmax_f32(logits: *const f32, ld: u32, vocab: u32, out: *mut u32) {
         // SAFETY: the launch contract in the module docs keeps every address below in bounds.
@@ -146,6 +149,7 @@ kernel! {
 }
 
 kernel! {
+    #[kernel(ArgmaxBf16, ArgmaxBf16Args)]
     /// Greedy sampling over bf16 logits: the index of each row's maximum (lowest on ties). See the module docs.
     pub unsafe fn argmax_bf16(logits: *const u16, ld: u32, vocab: u32, out: *mut u32) {
         // SAFETY: the launch contract in the module docs keeps every address below in bounds.

@@ -1,22 +1,30 @@
-//! GPU test of the whole per-step path (feature `gpu`; skips without a GPU): capture every bucket once,
-//! then 200 steps of random mixes — batch sizes, ranks 1…64, base-only requests, modules an adapter lacks,
+//! The whole per-step path on every backend — the emulator in `cargo test`, the GPU with `--features gpu`
+//! (a skip without a GPU), same shapes and steps: capture every bucket once (the synthetic model of
+//! `examples/synthetic`, LoRA on a parallel branch beside each base GEMM), then 200 steps of random mixes — batch sizes, ranks 1…64, base-only requests, modules an adapter lacks,
 //! more adapters than slots (evictions and re-uploads), batches over capacity (typed error, nothing
 //! changed), re-registered adapters (new weights) — each compared with the eager launch sequence (bitwise)
 //! and with the CPU reference; rows without an adapter and padding rows must be left exactly as the base
 //! model wrote them.
-#![cfg(feature = "gpu")]
 
-use lora_gemm::device::Rng;
+use lora_device::testing::Rng;
+use lora_device::{Backend, DevSlice, Emulator};
 use lora_gemm::plan::{Capacity, ModuleGroup, ModuleSpec};
 use lora_gemm::reference::{lora_module_reference, AdapterModule};
 use lora_graph::adapter::{LoraAdapter, ModuleWeights};
 use lora_graph::buckets::Buckets;
-use lora_graph::model::SyntheticModel;
 use lora_graph::runtime::{LoraRuntime, RuntimeConfig, StepRequest};
 use lora_graph::GraphError;
 use lora_kernels::dsl::bf16_to_f32;
 
-const LAYERS: u32 = 3;
+#[path = "../examples/synthetic/mod.rs"]
+mod synthetic;
+use synthetic::SyntheticModel;
+
+/// Layers and max rank on the GPU (ranks 1 to 64); the emulator runs one layer with ranks up to 16 (it
+/// runs every block's threads as OS threads, so each launch costs milliseconds there; the per-step logic
+/// under test is the same per layer and rank class).
+#[cfg_attr(not(feature = "gpu"), allow(dead_code))]
+const GPU_LAYERS: u32 = 3;
 const SLOTS: u32 = 6;
 const CAP: u32 = 32;
 
@@ -37,10 +45,10 @@ fn module_dims() -> Vec<(usize, usize)> {
     groups().iter().flat_map(|g| g.modules.iter().map(|m| (m.k as usize, m.n as usize)).collect::<Vec<_>>()).collect()
 }
 
-fn random_adapter(rng: &mut Rng, rank: u32, drop_every: usize) -> LoraAdapter {
+fn random_adapter(rng: &mut Rng, layers: u32, rank: u32, drop_every: usize) -> LoraAdapter {
     let dims = module_dims();
     let mut modules = Vec::new();
-    for layer in 0..LAYERS as usize {
+    for layer in 0..layers as usize {
         for (m, &(k, n)) in dims.iter().enumerate() {
             let i = layer * dims.len() + m;
             if drop_every > 0 && i % drop_every == drop_every - 1 {
@@ -68,52 +76,57 @@ fn to_reference(a: &LoraAdapter) -> Vec<Option<AdapterModule>> {
         .collect()
 }
 
-fn download(m: &SyntheticModel<u32>, addr: u64, len: usize) -> Vec<u16> {
-    let mut out = vec![0u16; len];
-    // SAFETY: `addr` is a live device buffer of at least `len` elements; synchronous copy after the stream.
-    unsafe {
-        m.rt.stream.synchronize().unwrap();
-        cudarc::driver::result::memcpy_dtoh_sync(&mut out, addr).unwrap();
-    }
-    out
+/// A view back (after everything queued on the model's stream, which is the device's).
+fn download<B: Backend>(m: &SyntheticModel<u32, B>, s: DevSlice<u16>) -> Vec<u16> {
+    m.rt.dev().download(s).unwrap()
 }
 
-fn snapshot(m: &SyntheticModel<u32>) -> Vec<Vec<u16>> {
+fn snapshot<B: Backend>(m: &SyntheticModel<u32, B>) -> Vec<Vec<u16>> {
     let mut all = Vec::new();
-    for layer in 0..LAYERS {
-        for (g, &(_, n)) in m.dims().iter().enumerate() {
-            all.push(download(m, m.y(layer, g), CAP as usize * n as usize));
+    for layer in 0..m.rt.config().num_layers {
+        for g in 0..m.dims().len() {
+            all.push(download(m, m.y(layer, g)));
         }
     }
     all
 }
 
 #[test]
+fn graph_replay_matches_eager_and_reference_over_200_steps_emulator() {
+    graph_replay_matches_eager_and_reference_over_200_steps(Emulator::with_sms(1), 1, 16);
+}
+
+#[cfg(feature = "gpu")]
+#[test]
+fn graph_replay_matches_eager_and_reference_over_200_steps_gpu() {
+    match lora_device::Cuda::open(0) {
+        Ok(d) => graph_replay_matches_eager_and_reference_over_200_steps(d, GPU_LAYERS, 64),
+        Err(e) => eprintln!("SKIP graph_replay_matches_eager_and_reference_over_200_steps: {e}"),
+    }
+}
+
 #[allow(clippy::needless_range_loop)]
-fn graph_replay_matches_eager_and_reference_over_200_steps() {
-    let ctx = match lora_gemm::cuda::open_device(0) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("SKIP graph_replay_matches_eager_and_reference_over_200_steps: {e}");
-            return;
-        }
-    };
+fn graph_replay_matches_eager_and_reference_over_200_steps<B: Backend>(dev: B, layers: u32, max_rank: u32) {
+    let name = dev.name();
     let cfg = RuntimeConfig {
-        capacity: Capacity { max_tokens: CAP, num_slots: SLOTS, max_rank: 64, max_reqs: CAP },
-        num_layers: LAYERS,
+        capacity: Capacity { max_tokens: CAP, num_slots: SLOTS, max_rank, max_reqs: CAP },
+        num_layers: layers,
         groups: groups(),
         buckets: Buckets::default_for(CAP).unwrap(),
         host_cache_bytes: 1 << 30,
     };
-    let rt = LoraRuntime::<u32>::new(ctx, cfg).unwrap();
+    let rt = LoraRuntime::<u32, B>::new(dev, cfg).unwrap();
     let mut model = SyntheticModel::new(rt, 0.02, 11).unwrap();
     let report = model.capture_all().unwrap();
-    eprintln!("captured {} graphs in {:.3} s, {} bytes", report.graphs, report.seconds, report.graph_bytes);
+    eprintln!("{name}: captured {} graphs in {:.3} s, {:?} bytes", report.graphs, report.seconds, report.graph_bytes);
 
     let mut rng = Rng(2024);
-    let ranks = [1u32, 3, 8, 16, 64, 5, 2, 32, 8, 16];
-    let mut adapters: Vec<LoraAdapter> =
-        ranks.iter().enumerate().map(|(i, &r)| random_adapter(&mut rng, r, if i == 3 { 5 } else { 0 })).collect();
+    let ranks = [1u32, 3, 8, 16, 64, 5, 2, 32, 8, 16].map(|r| r.min(max_rank));
+    let mut adapters: Vec<LoraAdapter> = ranks
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| random_adapter(&mut rng, layers, r, if i == 3 { 5 } else { 0 }))
+        .collect();
     let mut refs: Vec<Vec<Option<AdapterModule>>> = adapters.iter().map(to_reference).collect();
     for (i, a) in adapters.iter().enumerate() {
         model.rt.register(i as u32, a).unwrap();
@@ -123,21 +136,28 @@ fn graph_replay_matches_eager_and_reference_over_200_steps() {
         model.rt.prepare_step(&[StepRequest { adapter: Some(99), tokens: 1 }]),
         Err(GraphError::UnknownAdapter(_))
     ));
-    let mut bad = random_adapter(&mut rng, 4, 0);
+    let mut bad = random_adapter(&mut rng, layers, 4, 0);
     bad.modules[0].as_mut().unwrap().a.pop();
     assert!(matches!(model.rt.register(50, &bad), Err(GraphError::BadAdapter { .. })));
-    assert!(matches!(model.rt.register(51, &random_adapter(&mut rng, 65, 0)), Err(GraphError::BadAdapter { .. })));
+    assert!(matches!(
+        model.rt.register(51, &random_adapter(&mut rng, layers, max_rank + 1, 0)),
+        Err(GraphError::BadAdapter { .. })
+    ));
 
     let dims = model.dims().to_vec();
     let shapes = model.rt.plan.shapes.clone();
     let bases = model.rt.plan.group_module_base.clone();
     let (mut checked, mut over_capacity, mut uploads, mut base_only) = (0, 0, 0, 0);
-    for step in 0..200 {
+    // 200 steps on the GPU; 60 on the emulator in `cargo test` (about a second each there);
+    // `GRAPH_STEPS=200` runs the full mix on the emulator too.
+    let default_steps = if name == "emulator" { 60 } else { 200 };
+    let steps: usize = std::env::var("GRAPH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(default_steps);
+    for step in 0..steps {
         if step % 40 == 39 {
             // Replace an adapter's weights: the next replay must use the new ones.
             let id = rng.below(adapters.len() as u32) as usize;
             model.rt.unregister(id as u32).unwrap();
-            adapters[id] = random_adapter(&mut rng, ranks[id], 0);
+            adapters[id] = random_adapter(&mut rng, layers, ranks[id], 0);
             refs[id] = to_reference(&adapters[id]);
             model.rt.register(id as u32, &adapters[id]).unwrap();
         }
@@ -155,14 +175,10 @@ fn graph_replay_matches_eager_and_reference_over_200_steps() {
             reqs.push(StepRequest { adapter, tokens });
         }
         // Fresh inputs for every row of every (layer, group).
-        for layer in 0..LAYERS {
+        for layer in 0..layers {
             for (g, &(k, _)) in dims.iter().enumerate() {
                 let (bits, _) = rng.bf16_vec(CAP as usize * k as usize, 1.0);
-                // SAFETY: x(layer, g) holds CAP × k elements; ordered on the model's stream.
-                unsafe {
-                    cudarc::driver::result::memcpy_htod_async(model.x(layer, g), &bits, model.rt.stream.cu_stream())
-                        .unwrap();
-                }
+                model.rt.dev().write(model.x(layer, g), &bits).unwrap();
             }
         }
         let slots_before: Vec<Option<u32>> = model.rt.slots().table().to_vec();
@@ -195,11 +211,11 @@ fn graph_replay_matches_eager_and_reference_over_200_steps() {
             token_adapter.extend(std::iter::repeat_n(r.adapter, r.tokens as usize));
         }
         let token_slot: Vec<Option<u32>> = token_adapter.clone();
-        for layer in 0..LAYERS as usize {
+        for layer in 0..layers as usize {
             for (g, &(k, ldy)) in dims.iter().enumerate() {
                 let idx = layer * dims.len() + g;
                 let x: Vec<f32> = {
-                    let bits = download(&model, model.x(layer as u32, g), CAP as usize * k as usize);
+                    let bits = download(&model, model.x(layer as u32, g));
                     bits.iter().map(|&b| bf16_to_f32(b)).collect()
                 };
                 let mut want: Vec<f64> = y_base[idx].iter().map(|&b| bf16_to_f32(b) as f64).collect();
@@ -254,7 +270,7 @@ fn graph_replay_matches_eager_and_reference_over_200_steps() {
         }
     }
     eprintln!(
-        "200 steps: {checked} (layer, group) outputs checked, {over_capacity} over-capacity batches rejected, \
+        "{name}: {steps} steps: {checked} (layer, group) outputs checked, {over_capacity} over-capacity batches rejected, \
          {uploads} adapter uploads, {base_only} base-only steps"
     );
     assert!(uploads > SLOTS as usize, "the mix must evict and re-upload adapters");

@@ -1,32 +1,24 @@
 //! Kernel tests written once and run on every backend: the emulator always (CI), the GPU with
 //! `--features gpu` (the bundle), where a missing GPU is reported as a skip, not a failure.
 
-use lora_gemm::device::{download, upload, EmuDevice, Rng, TestDevice};
-use lora_gemm::launch::Arg;
-use lora_kernels::kernels::probe::PROBE_WORDS;
-use lora_kernels::Kernel;
+use lora_device::testing::{Rng, TestBed};
+use lora_device::{device_test, Backend, Emulator, LaunchDims};
+use lora_kernels::kernels::probe::{ProbeArgs, PROBE_WORDS};
+use lora_kernels::kernels::smoke::SmokeArgs;
 
-use lora_gemm::device_test;
-
-fn smoke_case(d: &dyn TestDevice, m: u32, n: u32, k: u32, seed: u64) {
+fn smoke_case<B: Backend>(d: &TestBed<B>, m: u32, n: u32, k: u32, seed: u64) {
     let mut rng = Rng(seed);
     let (a_bits, a) = rng.bf16_vec((m * k) as usize, 1.0);
     let (bt_bits, bt) = rng.bf16_vec((n * k) as usize, 1.0);
-    let pa = upload(d, &a_bits).unwrap();
-    let pb = upload(d, &bt_bits).unwrap();
-    let pc = upload(d, &vec![f32::NAN; (m * n) as usize]).unwrap();
-    d.with_launcher(&mut |l| {
-        l.launch(
-            Kernel::SmokeMma,
-            (n / 16, m / 16, 1),
-            32,
-            1024,
-            &[Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(pc), Arg::U32(m), Arg::U32(n), Arg::U32(k)],
-        )
-    })
-    .unwrap();
+    let pa = d.upload(&a_bits).unwrap();
+    let pb = d.upload(&bt_bits).unwrap();
+    let pc = d.upload(&vec![f32::NAN; (m * n) as usize]).unwrap();
+    let args = SmokeArgs { a: pa.ptr(), bt: pb.ptr(), c: pc.ptr_mut(), m, n, k };
+    let dims = LaunchDims { grid: (n / 16, m / 16, 1), block: 32, shared: 1024 };
+    // SAFETY: A [m, k], Bt [n, k] and C [m, n] are live buffers of this device; one warp per 16×16 tile.
+    unsafe { d.launch(d.stream(), dims, args) }.unwrap();
     d.sync().unwrap();
-    let c: Vec<f32> = download(d, pc, (m * n) as usize).unwrap();
+    let c: Vec<f32> = d.download(pc).unwrap();
     let (mut num, mut den) = (0f64, 0f64);
     for i in 0..m as usize {
         for j in 0..n as usize {
@@ -42,30 +34,29 @@ fn smoke_case(d: &dyn TestDevice, m: u32, n: u32, k: u32, seed: u64) {
     assert!(rel < 1e-5, "{}: smoke_mma rel error {rel}", d.name());
 }
 
-device_test!(smoke_mma_matches_f64, |d: &dyn TestDevice, big: bool| {
+device_test!(smoke_mma_matches_f64, |d, big| {
     smoke_case(d, 32, 48, 64, 1);
     if big {
         smoke_case(d, 256, 512, 1024, 2);
     }
 });
 
-fn run_probe(d: &dyn TestDevice, src: &[u16]) -> Vec<u32> {
-    let ps = upload(d, src).unwrap();
-    let po = upload(d, &vec![0xDEAD_BEEFu32; (32 * PROBE_WORDS) as usize]).unwrap();
-    let pc = upload(d, &[0u32]).unwrap();
-    d.with_launcher(&mut |l| {
-        l.launch(Kernel::ProbeWarpOps, (1, 1, 1), 32, 512, &[Arg::Ptr(ps), Arg::Ptr(po), Arg::Ptr(pc)])
-    })
-    .unwrap();
+fn run_probe<B: Backend>(d: &TestBed<B>, src: &[u16]) -> Vec<u32> {
+    let ps = d.upload(src).unwrap();
+    let po = d.upload(&vec![0xDEAD_BEEFu32; (32 * PROBE_WORDS) as usize]).unwrap();
+    let pc = d.upload(&[0u32]).unwrap();
+    let args = ProbeArgs { src: ps.ptr(), out: po.ptr_mut(), counter: pc.ptr_mut() };
+    // SAFETY: 256 bf16 of input, 32 × PROBE_WORDS words of output and one counter; one warp, 512 B shared.
+    unsafe { d.launch(d.stream(), LaunchDims::linear(1, 32, 512), args) }.unwrap();
     d.sync().unwrap();
-    download(d, po, (32 * PROBE_WORDS) as usize).unwrap()
+    d.download(po).unwrap()
 }
 
-device_test!(probe_matches_emulator, |d: &dyn TestDevice, _big: bool| {
+device_test!(probe_matches_emulator, |d, big| {
     let mut rng = Rng(7);
     let (src, _) = rng.bf16_vec(256, 4.0);
     let got = run_probe(d, &src);
-    let emu = run_probe(&EmuDevice::default(), &src);
+    let emu = run_probe(&TestBed::new(Emulator::new()), &src);
     let w = PROBE_WORDS as usize;
     for lane in 0..32 {
         for i in 0..w - 1 {

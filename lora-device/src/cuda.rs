@@ -1,0 +1,321 @@
+//! [`Cuda`]: the [`Backend`] of a GPU, through cudarc 0.19 with dynamic loading (`libcuda` and `libcublas`
+//! are opened at run time, so nothing here needs CUDA to build). [`Cuda::open`] turns "no driver", "no
+//! device" and driver errors into [`DeviceError::NoDevice`] instead of a panic, loads the embedded PTX once
+//! (one function per [`Kernel`]) and creates one cuBLAS handle with its own workspace (so no GEMM allocates
+//! during a graph capture). Graphs are CUDA graphs captured in thread-local mode.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytemuck::Pod;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::{CUfunction_attribute_enum, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PinnedHostSlice, PushKernelArg,
+};
+use lora_kernels::args::{KernelArgs, Param};
+use lora_kernels::{Kernel, PTX};
+
+use crate::backend::{Backend, DenseGemm, LaunchDims};
+use crate::buffer::{DevSlice, DeviceBuffer, PinnedBuffer};
+use crate::error::{invalid, DeviceError};
+
+/// Bytes of the cuBLAS workspace (set explicitly, so no GEMM allocates during graph capture).
+pub const BLAS_WORKSPACE_BYTES: usize = 64 << 20;
+
+/// Dynamic shared memory a kernel may use without opting in.
+const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
+
+/// Open device `ordinal`, or say clearly why not (no driver library, no device, driver error).
+fn open_context(ordinal: usize) -> Result<Arc<CudaContext>, DeviceError> {
+    // SAFETY: only probes whether the driver library can be loaded; no CUDA call is made.
+    let present = std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false);
+    if !present {
+        return Err(DeviceError::NoDevice("the CUDA driver library (libcuda.so) was not found".into()));
+    }
+    let count = CudaContext::device_count().map_err(|e| DeviceError::NoDevice(format!("cuInit failed: {e}")))?;
+    if count <= ordinal as i32 {
+        return Err(DeviceError::NoDevice(format!("{count} CUDA device(s) found, device {ordinal} requested")));
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| DeviceError::NoDevice(format!("cannot create a context: {e}")))?;
+    // Ordering is explicit (streams and events); cudarc's per-buffer event tracking would add event records
+    // inside captured graphs.
+    // SAFETY: every user of this backend orders its accesses through the streams and events it passes.
+    unsafe { ctx.disable_event_tracking() };
+    Ok(ctx)
+}
+
+/// A CUDA GPU as a device.
+pub struct Cuda {
+    // Declared first: the cuBLAS handle is destroyed before the workspace it uses is freed.
+    blas: CudaBlas,
+    blas_workspace: CudaSlice<u8>,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    functions: HashMap<Kernel, CudaFunction>,
+    shared_opt_in: RefCell<HashMap<Kernel, u32>>,
+    sms: u32,
+}
+
+impl Cuda {
+    /// Open device `ordinal`, load the kernels and cuBLAS; `Err(NoDevice)` on a machine without a usable GPU.
+    pub fn open(ordinal: usize) -> Result<Self, DeviceError> {
+        let ctx = open_context(ordinal)?;
+        let stream = ctx.new_stream()?;
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(PTX))?;
+        let mut functions = HashMap::new();
+        for k in Kernel::ALL {
+            functions.insert(k, module.load_function(k.name())?);
+        }
+        use cudarc::driver::sys::CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+        let sms = ctx.attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        // SAFETY: only probes whether the cuBLAS library can be loaded.
+        let blas_present =
+            std::panic::catch_unwind(|| unsafe { cudarc::cublas::sys::is_culib_present() }).unwrap_or(false);
+        if !blas_present {
+            return Err(DeviceError::NoDevice("the cuBLAS library (libcublas.so) was not found".into()));
+        }
+        let blas = CudaBlas::new(stream.clone())?;
+        let blas_workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)?;
+        stream.synchronize()?;
+        Ok(Cuda {
+            blas,
+            blas_workspace,
+            ctx,
+            stream,
+            _module: module,
+            functions,
+            shared_opt_in: RefCell::new(HashMap::new()),
+            sms,
+        })
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    fn addr<T>(&self, b: &CudaSlice<T>) -> u64 {
+        let (p, _sync) = b.device_ptr(&self.stream);
+        p
+    }
+}
+
+/// A CUDA graph and the stream it launches on.
+pub struct CudaStepGraph {
+    graph: CudaGraph,
+}
+
+impl Backend for Cuda {
+    type Stream = Arc<CudaStream>;
+    type Event = CudaEvent;
+    type Graph = CudaStepGraph;
+
+    fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "CUDA device".into())
+    }
+    fn is_emulator(&self) -> bool {
+        false
+    }
+    fn sm_count(&self) -> u32 {
+        self.sms
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    fn new_stream(&self) -> Result<Arc<CudaStream>, DeviceError> {
+        Ok(self.ctx.new_stream()?)
+    }
+    fn new_event(&self) -> Result<CudaEvent, DeviceError> {
+        Ok(self.ctx.new_event(None)?)
+    }
+    fn record(&self, event: &CudaEvent, stream: &Arc<CudaStream>) -> Result<(), DeviceError> {
+        Ok(event.record(stream)?)
+    }
+    fn wait(&self, stream: &Arc<CudaStream>, event: &CudaEvent) -> Result<(), DeviceError> {
+        Ok(stream.wait(event)?)
+    }
+    fn sync_event(&self, event: &CudaEvent) -> Result<(), DeviceError> {
+        Ok(event.synchronize()?)
+    }
+    fn sync(&self, stream: &Arc<CudaStream>) -> Result<(), DeviceError> {
+        Ok(stream.synchronize()?)
+    }
+
+    fn alloc_zeroed<T: Pod>(&self, len: usize) -> Result<DeviceBuffer<T>, DeviceError> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| DeviceError::Invalid(format!("{len} elements overflow")))?;
+        let b = self.stream.alloc_zeros::<u8>(bytes.div_ceil(16).max(1) * 16)?;
+        self.stream.synchronize()?;
+        let addr = self.addr(&b);
+        Ok(DeviceBuffer::new(addr, len, Box::new(b)))
+    }
+
+    fn alloc_pinned<T: Pod>(&self, len: usize) -> Result<PinnedBuffer<T>, DeviceError> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| DeviceError::Invalid(format!("{len} elements overflow")))?;
+        // SAFETY: a fresh pinned allocation (page-aligned, so aligned for any `T`); zeroed below before
+        // anything reads it.
+        let mut p: PinnedHostSlice<u8> = unsafe { self.ctx.alloc_pinned::<u8>(bytes.max(1)) }?;
+        let ptr = p.as_mut_ptr()?;
+        // SAFETY: `ptr` points at `bytes.max(1)` bytes of `p`; zero bytes are valid values of a Pod `T`.
+        unsafe { std::ptr::write_bytes(ptr, 0, bytes.max(1)) };
+        // SAFETY: `ptr` stays valid while `p` (owned by the buffer) lives and holds `len` initialized `T`.
+        Ok(unsafe { PinnedBuffer::new(ptr as *mut T, len, Box::new(p)) })
+    }
+
+    fn copy_to_device<T: Pod>(&self, stream: &Arc<CudaStream>, src: &[T], dst: DevSlice<T>) -> Result<(), DeviceError> {
+        let dst = dst.at(0, src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        // From pageable memory the driver stages `src` before returning, so it may be reused at once. That
+        // would not hold for pinned memory, so copy through a private pageable vector.
+        let staged = src.to_vec();
+        // SAFETY: `dst` is a device range of `src.len()` elements (checked above; the caller owns it).
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst.addr(), &staged, stream.cu_stream()) }?;
+        Ok(())
+    }
+
+    unsafe fn copy_pinned_to_device<T: Pod>(
+        &self,
+        stream: &Arc<CudaStream>,
+        src: &PinnedBuffer<T>,
+        len: usize,
+        dst: DevSlice<T>,
+    ) -> Result<(), DeviceError> {
+        let src = src
+            .as_slice()
+            .get(..len)
+            .ok_or_else(|| DeviceError::Invalid(format!("{len} elements past a pinned buffer of {}", src.len())))?;
+        let dst = dst.at(0, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: the caller keeps `src` alive and unwritten until the stream passed the copy; `dst` holds
+        // `len` elements.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst.addr(), src, stream.cu_stream()) }?;
+        Ok(())
+    }
+
+    fn copy_to_host<T: Pod>(
+        &self,
+        stream: &Arc<CudaStream>,
+        src: DevSlice<T>,
+        dst: &mut [T],
+    ) -> Result<(), DeviceError> {
+        if src.len() != dst.len() {
+            return invalid(format!("copy to host: {src:?} into {} elements", dst.len()));
+        }
+        if dst.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `src` holds `dst.len()` elements; the host waits for the copy before returning.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src.addr(), stream.cu_stream()) }?;
+        stream.synchronize()?;
+        Ok(())
+    }
+
+    unsafe fn launch<K: KernelArgs>(
+        &self,
+        stream: &Arc<CudaStream>,
+        dims: LaunchDims,
+        args: K,
+    ) -> Result<(), DeviceError> {
+        let f = &self.functions[&K::KERNEL];
+        let mut params = Vec::with_capacity(24);
+        args.params(&mut |p| params.push(p));
+        let mut b = stream.launch_builder(f);
+        for p in &params {
+            match p {
+                Param::U32(v) => b.arg(v),
+                Param::Ptr(a) => b.arg(a),
+            };
+        }
+        if dims.shared > DEFAULT_SHARED_LIMIT {
+            // Only launches that need it raise the limit: a large opt-in changes the L1/shared carve-out.
+            let mut opted = self.shared_opt_in.borrow_mut();
+            if opted.get(&K::KERNEL).is_none_or(|&s| s < dims.shared) {
+                f.set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    dims.shared as i32,
+                )?;
+                opted.insert(K::KERNEL, dims.shared);
+            }
+        }
+        let cfg = LaunchConfig { grid_dim: dims.grid, block_dim: (dims.block, 1, 1), shared_mem_bytes: dims.shared };
+        // SAFETY: the parameters are `args`' fields in the kernel's order and types (generated by `kernel!`);
+        // the caller promises the launch contract.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    fn gemm(&self, stream: &Arc<CudaStream>, g: &DenseGemm) -> Result<(), DeviceError> {
+        g.check()?;
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        let handle = *self.blas.handle();
+        let ws = self.addr(&self.blas_workspace);
+        // SAFETY: binds the handle to `stream`; setting the stream resets the workspace, so it is set again
+        // (our own allocation of BLAS_WORKSPACE_BYTES, alive as long as the handle).
+        unsafe {
+            cudarc::cublas::sys::cublasSetStream_v2(handle, stream.cu_stream() as _).result()?;
+            cudarc::cublas::sys::cublasSetWorkspace_v2(handle, ws as *mut _, BLAS_WORKSPACE_BYTES).result()?;
+        }
+        let (alpha, beta) = (g.alpha, g.beta);
+        // Row-major Y = X Wᵀ is column-major Yᵀ = W Xᵀ: cuBLAS computes (n × m) = op(W)(n × k) · (k × m).
+        // SAFETY: `check` proved every operand holds its rows and strides; alpha/beta outlive the call.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                handle,
+                cublasOperation_t::CUBLAS_OP_T,
+                cublasOperation_t::CUBLAS_OP_N,
+                g.n as i32,
+                g.m as i32,
+                g.k as i32,
+                &alpha as *const f32 as *const _,
+                g.w.addr() as *const _,
+                cudaDataType::CUDA_R_16BF,
+                g.ldw as i32,
+                g.x.addr() as *const _,
+                cudaDataType::CUDA_R_16BF,
+                g.ldx as i32,
+                &beta as *const f32 as *const _,
+                g.y.addr() as *mut _,
+                cudaDataType::CUDA_R_16BF,
+                g.ldy as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }?;
+        Ok(())
+    }
+
+    fn begin_capture(&self, stream: &Arc<CudaStream>) -> Result<(), DeviceError> {
+        Ok(stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?)
+    }
+
+    fn end_capture(&self, stream: &Arc<CudaStream>) -> Result<CudaStepGraph, DeviceError> {
+        let graph = stream
+            .end_capture(CUgraphInstantiate_flags(0))?
+            .ok_or_else(|| DeviceError::Capture("the capture recorded nothing".into()))?;
+        graph.upload()?;
+        Ok(CudaStepGraph { graph })
+    }
+
+    unsafe fn replay(&self, graph: &CudaStepGraph, _stream: &Arc<CudaStream>) -> Result<(), DeviceError> {
+        // A cudarc graph launches on the stream it was captured on.
+        Ok(graph.graph.launch()?)
+    }
+
+    fn free_memory(&self) -> Result<Option<usize>, DeviceError> {
+        Ok(Some(self.ctx.mem_get_info()?.0))
+    }
+}
