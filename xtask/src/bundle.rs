@@ -164,7 +164,7 @@ if [ "$what" = all ] || [ "$what" = bench ] || [ "$what" = attention ]; then
   for b in "$here"/bench/*; do
     [ -x "$b" ] || continue
     name="$(basename "$b")"
-    [ "$what" = attention ] && [ "$name" != bench_attention ] && continue
+    [ "$what" = attention ] && [ "${name##*--}" != bench_attention ] && continue
     echo "== bench $name"
     "$b" "$@" 2>&1 | tee "$logs/$name.bench.log"
   done
