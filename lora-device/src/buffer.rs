@@ -117,11 +117,11 @@ impl<T> DevSlice<T> {
 /// frees the memory; keep it alive while views of it, launches and graphs use it.
 pub struct DeviceBuffer<T> {
     view: DevSlice<T>,
-    _mem: Box<dyn Any>,
+    _mem: Box<dyn Any + Send>,
 }
 
 impl<T> DeviceBuffer<T> {
-    pub(crate) fn new(addr: u64, len: usize, mem: Box<dyn Any>) -> Self {
+    pub(crate) fn new(addr: u64, len: usize, mem: Box<dyn Any + Send>) -> Self {
         DeviceBuffer { view: DevSlice::from_raw(addr, len), _mem: mem }
     }
 
@@ -164,13 +164,17 @@ impl<T> std::fmt::Debug for DeviceBuffer<T> {
 pub struct PinnedBuffer<T> {
     ptr: *mut T,
     len: usize,
-    _mem: Box<dyn Any>,
+    _mem: Box<dyn Any + Send>,
 }
+
+// SAFETY: the buffer owns its memory (`_mem`, which is `Send`) and `ptr` points into it; moving the buffer
+// to another thread moves that ownership, like a `Vec<T>`.
+unsafe impl<T: Send> Send for PinnedBuffer<T> {}
 
 impl<T> PinnedBuffer<T> {
     /// # Safety
     /// `ptr` must point at `len` initialized elements owned by `mem`, valid while `mem` lives.
-    pub(crate) unsafe fn new(ptr: *mut T, len: usize, mem: Box<dyn Any>) -> Self {
+    pub(crate) unsafe fn new(ptr: *mut T, len: usize, mem: Box<dyn Any + Send>) -> Self {
         PinnedBuffer { ptr, len, _mem: mem }
     }
 

@@ -12,7 +12,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
-use std::rc::Rc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytemuck::Pod;
 use lora_kernels::args::KernelArgs;
@@ -24,7 +24,11 @@ use crate::backend::{Backend, DenseGemm, LaunchDims};
 use crate::buffer::{DevSlice, DeviceBuffer, PinnedBuffer};
 use crate::error::{invalid, DeviceError};
 
-type Live = Rc<RefCell<BTreeMap<u64, usize>>>;
+type Live = Arc<Mutex<BTreeMap<u64, usize>>>;
+
+fn lock(live: &Live) -> MutexGuard<'_, BTreeMap<u64, usize>> {
+    live.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// An emulated allocation; unregisters itself when dropped.
 struct Allocation {
@@ -34,7 +38,7 @@ struct Allocation {
 
 impl Drop for Allocation {
     fn drop(&mut self) {
-        self.live.borrow_mut().remove(&(self.mem.as_ptr() as u64));
+        lock(&self.live).remove(&(self.mem.as_ptr() as u64));
     }
 }
 
@@ -112,7 +116,7 @@ impl Emulator {
     pub fn with_sms(sms: u32) -> Self {
         Emulator {
             sms: sms.max(1),
-            live: Rc::new(RefCell::new(BTreeMap::new())),
+            live: Arc::new(Mutex::new(BTreeMap::new())),
             next_id: Cell::new(1),
             issued: Cell::new(0),
             capture: RefCell::new(None),
@@ -128,7 +132,7 @@ impl Emulator {
 
     /// Bytes of live emulated allocations.
     pub fn allocated_bytes(&self) -> usize {
-        self.live.borrow().values().sum()
+        lock(&self.live).values().sum()
     }
 
     /// `[addr, addr + bytes)` lies inside one live allocation.
@@ -136,7 +140,7 @@ impl Emulator {
         if s.is_empty() {
             return Ok(());
         }
-        let live = self.live.borrow();
+        let live = lock(&self.live);
         let inside = live
             .range(..=s.addr())
             .next_back()
@@ -203,17 +207,15 @@ impl Emulator {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        // SAFETY: `check` proved each view lies inside a live allocation; the views are read whole (X, W)
-        // and Y is copied out and back, so no reference aliases another.
-        let (x, w, y) = unsafe {
-            (
-                std::slice::from_raw_parts(g.x.ptr(), g.x.len()),
-                std::slice::from_raw_parts(g.w.ptr(), g.w.len()),
-                std::slice::from_raw_parts_mut(g.y.ptr_mut(), g.y.len()),
-            )
+        // SAFETY: `check` proved each view lies inside a live allocation; X and W are read (and widened)
+        // before Y is borrowed mutably, so the borrows never overlap even if the views do.
+        let (xf, wf) = unsafe {
+            let x = std::slice::from_raw_parts(g.x.ptr(), g.x.len());
+            let w = std::slice::from_raw_parts(g.w.ptr(), g.w.len());
+            let xf: Vec<f32> = (0..m * k).map(|i| bf16_to_f32(x[(i / k) * g.ldx + i % k])).collect();
+            let wf: Vec<f32> = (0..n * k).map(|i| bf16_to_f32(w[(i / k) * g.ldw + i % k])).collect();
+            (xf, wf)
         };
-        let xf: Vec<f32> = (0..m * k).map(|i| bf16_to_f32(x[(i / k) * g.ldx + i % k])).collect();
-        let wf: Vec<f32> = (0..n * k).map(|i| bf16_to_f32(w[(i / k) * g.ldw + i % k])).collect();
         let mut acc = vec![0f32; m * n];
         // SAFETY: the pointers cover m×k, k×n (W read transposed through its strides) and m×n f32 values.
         unsafe {
@@ -234,6 +236,8 @@ impl Emulator {
                 1,
             )
         };
+        // SAFETY: as above; X and W are no longer borrowed.
+        let y = unsafe { std::slice::from_raw_parts_mut(g.y.ptr_mut(), g.y.len()) };
         for r in 0..m {
             for c in 0..n {
                 let at = r * g.ldy + c;
@@ -320,15 +324,21 @@ impl Backend for Emulator {
         }
         let mem = vec![0u128; bytes.div_ceil(16).max(1)].into_boxed_slice();
         let addr = mem.as_ptr() as u64;
-        self.live.borrow_mut().insert(addr, mem.len() * 16);
+        lock(&self.live).insert(addr, mem.len() * 16);
         Ok(DeviceBuffer::new(addr, len, Box::new(Allocation { mem, live: self.live.clone() })))
     }
 
     fn alloc_pinned<T: Pod>(&self, len: usize) -> Result<PinnedBuffer<T>, DeviceError> {
-        let mut mem = vec![T::zeroed(); len].into_boxed_slice();
-        let ptr = mem.as_mut_ptr();
-        // SAFETY: `ptr` points at the `len` zeroed elements of `mem`, which the buffer owns (moving the box
-        // does not move its heap memory).
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| DeviceError::Invalid(format!("{len} elements overflow")))?;
+        if std::mem::align_of::<T>() > 16 {
+            return invalid(format!("{} needs more than 16-byte alignment", std::any::type_name::<T>()));
+        }
+        let mut mem = vec![0u128; bytes.div_ceil(16).max(1)].into_boxed_slice();
+        let ptr = mem.as_mut_ptr() as *mut T;
+        // SAFETY: `ptr` points at ≥ `len` zeroed (valid Pod) elements of `mem`, 16-byte aligned, which the
+        // buffer owns (moving the box does not move its heap memory).
         Ok(unsafe { PinnedBuffer::new(ptr, len, Box::new(mem)) })
     }
 

@@ -526,6 +526,12 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_cuda_runtime_can_move_to_another_thread() {
+        fn send<T: Send>() {}
+        send::<LoraRuntime<u32, lora_device::Cuda>>();
+    }
+
     fn req(adapter: Option<u32>, tokens: u32) -> StepRequest<u32> {
         StepRequest { adapter, tokens }
     }
