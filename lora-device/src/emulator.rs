@@ -44,11 +44,11 @@ impl Drop for Allocation {
 
 /// An emulated stream.
 #[derive(Debug)]
-pub struct EmuStream(u32);
+pub struct EmulatorStream(u32);
 
 /// An emulated event.
 #[derive(Debug)]
-pub struct EmuEvent(u32);
+pub struct EmulatorEvent(u32);
 
 /// A recorded operation of a graph.
 enum Op {
@@ -57,11 +57,11 @@ enum Op {
 }
 
 /// A captured emulator graph: the launches and GEMMs in the order they were enqueued.
-pub struct EmuGraph {
+pub struct EmulatorGraph {
     ops: Vec<Op>,
 }
 
-impl EmuGraph {
+impl EmulatorGraph {
     /// Recorded kernel launches.
     pub fn launches(&self) -> usize {
         self.ops.iter().filter(|o| matches!(o, Op::Launch(_))).count()
@@ -93,7 +93,7 @@ pub struct Emulator {
     next_id: Cell<u32>,
     issued: Cell<u64>,
     capture: RefCell<Option<Capture>>,
-    default_stream: EmuStream,
+    default_stream: EmulatorStream,
 }
 
 impl Default for Emulator {
@@ -120,7 +120,7 @@ impl Emulator {
             next_id: Cell::new(1),
             issued: Cell::new(0),
             capture: RefCell::new(None),
-            default_stream: EmuStream(0),
+            default_stream: EmulatorStream(0),
         }
     }
 
@@ -153,7 +153,7 @@ impl Emulator {
     }
 
     /// Whether work on `stream` is captured; an error for work on a stream outside a running capture.
-    fn captured(&self, stream: &EmuStream, what: &str) -> Result<bool, DeviceError> {
+    fn captured(&self, stream: &EmulatorStream, what: &str) -> Result<bool, DeviceError> {
         let cap = self.capture.borrow();
         match cap.as_ref() {
             None => Ok(false),
@@ -166,14 +166,14 @@ impl Emulator {
         }
     }
 
-    fn no_copy_in_capture(&self, stream: &EmuStream) -> Result<(), DeviceError> {
+    fn no_copy_in_capture(&self, stream: &EmulatorStream) -> Result<(), DeviceError> {
         if self.captured(stream, "a copy")? {
             return Err(DeviceError::Capture("copies are not captured into graphs (do them before the replay)".into()));
         }
         Ok(())
     }
 
-    fn enqueue(&self, stream: &EmuStream, op: Op, what: &str) -> Result<(), DeviceError> {
+    fn enqueue(&self, stream: &EmulatorStream, op: Op, what: &str) -> Result<(), DeviceError> {
         let n = self.issued.get() + 1;
         self.issued.set(n);
         if self.captured(stream, what)? {
@@ -254,9 +254,9 @@ fn to_config(d: LaunchDims) -> LaunchConfig {
 }
 
 impl Backend for Emulator {
-    type Stream = EmuStream;
-    type Event = EmuEvent;
-    type Graph = EmuGraph;
+    type Stream = EmulatorStream;
+    type Event = EmulatorEvent;
+    type Graph = EmulatorGraph;
 
     fn name(&self) -> String {
         "emulator".into()
@@ -267,17 +267,17 @@ impl Backend for Emulator {
     fn sm_count(&self) -> u32 {
         self.sms
     }
-    fn stream(&self) -> &EmuStream {
+    fn stream(&self) -> &EmulatorStream {
         &self.default_stream
     }
-    fn new_stream(&self) -> Result<EmuStream, DeviceError> {
-        Ok(EmuStream(self.id()))
+    fn new_stream(&self) -> Result<EmulatorStream, DeviceError> {
+        Ok(EmulatorStream(self.id()))
     }
-    fn new_event(&self) -> Result<EmuEvent, DeviceError> {
-        Ok(EmuEvent(self.id()))
+    fn new_event(&self) -> Result<EmulatorEvent, DeviceError> {
+        Ok(EmulatorEvent(self.id()))
     }
 
-    fn record(&self, event: &EmuEvent, stream: &EmuStream) -> Result<(), DeviceError> {
+    fn record(&self, event: &EmulatorEvent, stream: &EmulatorStream) -> Result<(), DeviceError> {
         let mut cap = self.capture.borrow_mut();
         if let Some(c) = cap.as_mut() {
             match c.members.get(&stream.0) {
@@ -292,7 +292,7 @@ impl Backend for Emulator {
         Ok(())
     }
 
-    fn wait(&self, stream: &EmuStream, event: &EmuEvent) -> Result<(), DeviceError> {
+    fn wait(&self, stream: &EmulatorStream, event: &EmulatorEvent) -> Result<(), DeviceError> {
         let mut cap = self.capture.borrow_mut();
         if let Some(c) = cap.as_mut() {
             if let Some(&(src, at)) = c.events.get(&event.0) {
@@ -307,11 +307,11 @@ impl Backend for Emulator {
         Ok(())
     }
 
-    fn sync_event(&self, _event: &EmuEvent) -> Result<(), DeviceError> {
+    fn sync_event(&self, _event: &EmulatorEvent) -> Result<(), DeviceError> {
         Ok(())
     }
 
-    fn sync(&self, _stream: &EmuStream) -> Result<(), DeviceError> {
+    fn sync(&self, _stream: &EmulatorStream) -> Result<(), DeviceError> {
         Ok(())
     }
 
@@ -342,7 +342,7 @@ impl Backend for Emulator {
         Ok(unsafe { PinnedBuffer::new(ptr, len, Box::new(mem)) })
     }
 
-    fn copy_to_device<T: Pod>(&self, stream: &EmuStream, src: &[T], dst: DevSlice<T>) -> Result<(), DeviceError> {
+    fn copy_to_device<T: Pod>(&self, stream: &EmulatorStream, src: &[T], dst: DevSlice<T>) -> Result<(), DeviceError> {
         self.no_copy_in_capture(stream)?;
         let dst = dst.at(0, src.len())?;
         self.check(dst, "copy to device")?;
@@ -354,7 +354,7 @@ impl Backend for Emulator {
 
     unsafe fn copy_pinned_to_device<T: Pod>(
         &self,
-        stream: &EmuStream,
+        stream: &EmulatorStream,
         src: &PinnedBuffer<T>,
         len: usize,
         dst: DevSlice<T>,
@@ -366,7 +366,12 @@ impl Backend for Emulator {
         self.copy_to_device(stream, src, dst)
     }
 
-    fn copy_to_host<T: Pod>(&self, stream: &EmuStream, src: DevSlice<T>, dst: &mut [T]) -> Result<(), DeviceError> {
+    fn copy_to_host<T: Pod>(
+        &self,
+        stream: &EmulatorStream,
+        src: DevSlice<T>,
+        dst: &mut [T],
+    ) -> Result<(), DeviceError> {
         self.no_copy_in_capture(stream)?;
         if src.len() != dst.len() {
             return invalid(format!("copy to host: {src:?} into {} elements", dst.len()));
@@ -377,19 +382,24 @@ impl Backend for Emulator {
         Ok(())
     }
 
-    unsafe fn launch<K: KernelArgs>(&self, stream: &EmuStream, dims: LaunchDims, args: K) -> Result<(), DeviceError> {
+    unsafe fn launch<K: KernelArgs>(
+        &self,
+        stream: &EmulatorStream,
+        dims: LaunchDims,
+        args: K,
+    ) -> Result<(), DeviceError> {
         let cfg = to_config(dims);
         // SAFETY: the caller promises the kernel's launch contract for `args` and `dims` (also at replay).
         let op = Op::Launch(Box::new(move || unsafe { args.emulate(&cfg) }));
         self.enqueue(stream, op, K::KERNEL.name())
     }
 
-    fn gemm(&self, stream: &EmuStream, g: &DenseGemm) -> Result<(), DeviceError> {
+    fn gemm(&self, stream: &EmulatorStream, g: &DenseGemm) -> Result<(), DeviceError> {
         g.check()?;
         self.enqueue(stream, Op::Gemm(*g), "a GEMM")
     }
 
-    fn begin_capture(&self, stream: &EmuStream) -> Result<(), DeviceError> {
+    fn begin_capture(&self, stream: &EmulatorStream) -> Result<(), DeviceError> {
         let mut cap = self.capture.borrow_mut();
         if let Some(c) = cap.as_ref() {
             return Err(DeviceError::Capture(format!("stream {} is already capturing", c.origin)));
@@ -406,7 +416,7 @@ impl Backend for Emulator {
         Ok(())
     }
 
-    fn end_capture(&self, stream: &EmuStream) -> Result<EmuGraph, DeviceError> {
+    fn end_capture(&self, stream: &EmulatorStream) -> Result<EmulatorGraph, DeviceError> {
         let mut cap = self.capture.borrow_mut();
         let c = match cap.take() {
             Some(c) if c.origin == stream.0 => c,
@@ -419,10 +429,10 @@ impl Backend for Emulator {
         if !unjoined.is_empty() {
             return Err(DeviceError::Capture(format!("forked stream(s) {unjoined:?} not joined back before the end")));
         }
-        Ok(EmuGraph { ops: c.ops })
+        Ok(EmulatorGraph { ops: c.ops })
     }
 
-    unsafe fn replay(&self, graph: &EmuGraph, stream: &EmuStream) -> Result<(), DeviceError> {
+    unsafe fn replay(&self, graph: &EmulatorGraph, stream: &EmulatorStream) -> Result<(), DeviceError> {
         if self.captured(stream, "a replay")? {
             return Err(DeviceError::Capture("a graph cannot be replayed into a capture".into()));
         }
