@@ -8,12 +8,15 @@
 //!   oracle of every kernel test.
 //! - [`launch`]: the launch sequence of a step (prep, shrink, expand, delta add) over any
 //!   [`lora_device::Backend`], with the plan's geometry and the kernels' typed argument structs.
+//! - [`model`]: the model kernels' launches over any backend (norm, RoPE + KV write, decode attention and
+//!   its merge, prefill attention, SiLU·mul, embedding, argmax, sampling) and the pure decode split planner.
 //! - [`step`]: the packed per-step input (requests, token offsets, pointer-table updates).
 //!
 //! Buffers, streams, launches, dense GEMMs and graphs live one layer down, in `lora-device`.
 
 pub mod error;
 pub mod launch;
+pub mod model;
 pub mod plan;
 pub mod reference;
 pub mod reorder;

@@ -209,3 +209,141 @@ pub const fn shrink_splits(blocks: u32, items: u32, max_splits: u32, k: u32) -> 
 pub const fn rank_pad(r: u32) -> u32 {
     r.div_ceil(16) * 16
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Model kernels (`kernels::model`): layouts and launch constants shared with the host.
+// ---------------------------------------------------------------------------------------------------
+
+/// Threads per block of `rmsnorm_residual` (one block per row).
+pub const NORM_THREADS: u32 = 256;
+/// Threads per block of `rope_kv_write` (one block per token).
+pub const ROPE_THREADS: u32 = 128;
+/// Threads per block of `decode_attention` (4 warps).
+pub const DECODE_THREADS: u32 = 128;
+/// Warps per block of `decode_attention`.
+pub const DECODE_WARPS: u32 = DECODE_THREADS / 32;
+/// Most query heads per KV head (GQA group) `decode_attention` supports (its per-lane registers).
+pub const DECODE_MAX_GROUP: u32 = 8;
+/// Tokens each lane group of `decode_attention` loads per iteration before using any of them.
+pub const DECODE_UNROLL: u32 = 4;
+/// Most context splits of one `decode_attention` launch (the merge reads all of them per output).
+pub const DECODE_MAX_SPLITS: u32 = 64;
+/// Threads per block of `attention_merge`, `silu_mul` and `embedding_gather`.
+pub const SMALL_THREADS: u32 = 128;
+/// Threads per block of `argmax_f32` / `argmax_bf16` (one block per row).
+pub const ARGMAX_THREADS: u32 = 512;
+/// `slot` value of a token whose K/V is not written to the cache (padding rows).
+pub const NO_KV_SLOT: u32 = u32::MAX;
+
+/// Layout of one layer's paged KV cache (K and V are two separate arrays of this layout), bf16:
+///
+/// ```text
+/// cache[page][kv_head][page_slot][head_dim]      (row-major, head_dim fastest)
+/// ```
+///
+/// A sequence's token at position `pos` lives in page `page_table[pos / page_size]`, slot
+/// `pos % page_size`; its flat slot index (what `rope_kv_write` takes per token) is
+/// `page * page_size + pos % page_size`. One (page, kv head) is `page_size` contiguous rows of
+/// `head_dim` elements, so a KV head's rows of one page are one contiguous run of
+/// `page_size · head_dim · 2` bytes; `head_dim` must be a multiple of 8 (16-byte rows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Pages in the cache (of this layer).
+    pub num_pages: u32,
+    /// KV heads.
+    pub kv_heads: u32,
+    /// Tokens per page.
+    pub page_size: u32,
+    /// Elements per head row.
+    pub head_dim: u32,
+}
+
+impl KvLayout {
+    /// Elements of one layer's K (or V) array.
+    pub const fn elems(&self) -> usize {
+        self.num_pages as usize * self.kv_heads as usize * self.page_size as usize * self.head_dim as usize
+    }
+    /// Element offset of row (`page`, `kv_head`, `page_slot`).
+    pub const fn row(&self, page: u32, kv_head: u32, page_slot: u32) -> usize {
+        ((page as usize * self.kv_heads as usize + kv_head as usize) * self.page_size as usize + page_slot as usize)
+            * self.head_dim as usize
+    }
+    /// Element offset of the row of flat slot `slot = page * page_size + page_slot`.
+    pub const fn slot_row(&self, slot: u32, kv_head: u32) -> usize {
+        self.row(slot / self.page_size, kv_head, slot % self.page_size)
+    }
+    /// The flat slot of position `pos` of a sequence with page table `pages`.
+    pub fn slot_of(&self, pages: &[u32], pos: u32) -> u32 {
+        pages[(pos / self.page_size) as usize] * self.page_size + pos % self.page_size
+    }
+}
+
+/// Page-table words one `decode_attention` block stages in shared memory: the pages a split of at most
+/// `max_chunk` tokens can touch (`max_chunk = ceil(max_context / splits)`).
+pub const fn decode_pt_cap(max_chunk: u32, page_size: u32) -> u32 {
+    max_chunk.div_ceil(page_size) + 1
+}
+
+/// Dynamic shared memory of `decode_attention`: the staged page table (`pt_cap` words, rounded to 16
+/// bytes) and the cross-warp merge buffer (`DECODE_WARPS × group × (head_dim + 2)` f32).
+pub const fn decode_shared_bytes(pt_cap: u32, group: u32, head_dim: u32) -> u32 {
+    (4 * pt_cap).div_ceil(16) * 16 + 4 * DECODE_WARPS * group * (head_dim + 2)
+}
+
+/// Threads per block of `sample_tokens` (one block per row).
+pub const SAMPLE_THREADS: u32 = 512;
+
+/// Per-row sampling parameters of `sample_tokens` (host-written, one per logits row).
+///
+/// `temperature <= 0` or `top_k == 1`: greedy (argmax, lowest index on ties). Otherwise the token is drawn
+/// from `softmax(logits / temperature)` restricted to the top-k tokens (`top_k == 0` or `≥ vocab`: all;
+/// ties at the k-th value are all kept), then to the smallest top-p prefix of those by probability
+/// (`top_p ≥ 1` or `≤ 0`: all), by the Gumbel-max trick with noise from a counter-based hash of
+/// (`seed`, `counter`, token id): the same parameters always give the same token.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[cfg_attr(not(target_arch = "nvptx64"), derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SampleParams {
+    /// Softmax temperature (≤ 0: greedy).
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1) (otherwise off).
+    pub top_p: f32,
+    /// Top-k cut (0: off; 1: greedy).
+    pub top_k: u32,
+    /// Low word of the request's seed.
+    pub seed_lo: u32,
+    /// High word of the request's seed.
+    pub seed_hi: u32,
+    /// Draw counter (e.g. the position of the sampled token), so every step draws fresh noise.
+    pub counter: u32,
+    /// Padding, always 0.
+    pub _pad: [u32; 2],
+}
+
+/// The order-preserving key of an f32 (larger float → larger key; NaN maps above +inf or below −inf by
+/// its sign bit, callers exclude NaN themselves).
+pub const fn f32_order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// The sampler's uniform draw in (0, 1) for token `j`: murmur3's 32-bit finalizer over a mix of the seed,
+/// the counter and the token id (24 random bits, centred in their interval: never 0 or 1).
+pub const fn sample_uniform(seed_lo: u32, seed_hi: u32, counter: u32, j: u32) -> f32 {
+    const fn fmix(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^= h >> 16;
+        h
+    }
+    let a = fmix(seed_lo ^ fmix(seed_hi.wrapping_add(0x9e37_79b9)));
+    let b = fmix(a ^ counter.wrapping_mul(0x27d4_eb2f));
+    let h = fmix(b ^ j.wrapping_mul(0x1656_67b1));
+    ((h >> 8) as f32 + 0.5) * (1.0 / 16_777_216.0)
+}

@@ -29,11 +29,35 @@ pub enum Kernel {
     GatherRows,
     /// [`crate::kernels::baseline::scatter_add_rows`].
     ScatterAddRows,
+    /// [`crate::kernels::model::norm::rmsnorm_residual`].
+    RmsNormResidual,
+    /// [`crate::kernels::model::rope::rope_kv_write`].
+    RopeKvWrite,
+    /// [`crate::kernels::model::decode::decode_attention`].
+    DecodeAttention,
+    /// [`crate::kernels::model::decode::decode_attention_g4`] (GQA groups of at most 4).
+    DecodeAttentionG4,
+    /// [`crate::kernels::model::decode::attention_merge`].
+    AttentionMerge,
+    /// [`crate::kernels::model::small::silu_mul`].
+    SiluMul,
+    /// [`crate::kernels::model::small::embedding_gather`].
+    EmbeddingGather,
+    /// [`crate::kernels::model::small::argmax_f32`].
+    ArgmaxF32,
+    /// [`crate::kernels::model::small::argmax_bf16`].
+    ArgmaxBf16,
+    /// [`crate::kernels::model::sample::sample_tokens`].
+    SampleTokens,
+    /// [`crate::kernels::model::prefill::prefill_attention_d64`].
+    PrefillAttentionD64,
+    /// [`crate::kernels::model::prefill::prefill_attention_d128`].
+    PrefillAttentionD128,
 }
 
 impl Kernel {
     /// All kernels, in PTX order of definition.
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 23] = [
         Kernel::SmokeMma,
         Kernel::ProbeWarpOps,
         Kernel::Prep,
@@ -45,6 +69,18 @@ impl Kernel {
         Kernel::AddDelta,
         Kernel::GatherRows,
         Kernel::ScatterAddRows,
+        Kernel::RmsNormResidual,
+        Kernel::RopeKvWrite,
+        Kernel::DecodeAttention,
+        Kernel::DecodeAttentionG4,
+        Kernel::AttentionMerge,
+        Kernel::SiluMul,
+        Kernel::EmbeddingGather,
+        Kernel::ArgmaxF32,
+        Kernel::ArgmaxBf16,
+        Kernel::SampleTokens,
+        Kernel::PrefillAttentionD64,
+        Kernel::PrefillAttentionD128,
     ];
 
     /// The PTX entry name (the Rust function name, unmangled).
@@ -61,6 +97,18 @@ impl Kernel {
             Kernel::AddDelta => "lora_add_delta",
             Kernel::GatherRows => "gather_rows",
             Kernel::ScatterAddRows => "scatter_add_rows",
+            Kernel::RmsNormResidual => "rmsnorm_residual",
+            Kernel::RopeKvWrite => "rope_kv_write",
+            Kernel::DecodeAttention => "decode_attention",
+            Kernel::DecodeAttentionG4 => "decode_attention_g4",
+            Kernel::AttentionMerge => "attention_merge",
+            Kernel::SiluMul => "silu_mul",
+            Kernel::EmbeddingGather => "embedding_gather",
+            Kernel::ArgmaxF32 => "argmax_f32",
+            Kernel::ArgmaxBf16 => "argmax_bf16",
+            Kernel::SampleTokens => "sample_tokens",
+            Kernel::PrefillAttentionD64 => "prefill_attention_d64",
+            Kernel::PrefillAttentionD128 => "prefill_attention_d128",
         }
     }
 }
@@ -75,6 +123,25 @@ impl Kernel {
             65..=128 => Some(Kernel::ShrinkR128),
             _ => None,
         }
+    }
+
+    /// Whether this is one of the model kernels (`kernels::model`).
+    pub const fn is_model(self) -> bool {
+        matches!(
+            self,
+            Kernel::RmsNormResidual
+                | Kernel::RopeKvWrite
+                | Kernel::DecodeAttention
+                | Kernel::DecodeAttentionG4
+                | Kernel::AttentionMerge
+                | Kernel::SiluMul
+                | Kernel::EmbeddingGather
+                | Kernel::ArgmaxF32
+                | Kernel::ArgmaxBf16
+                | Kernel::SampleTokens
+                | Kernel::PrefillAttentionD64
+                | Kernel::PrefillAttentionD128
+        )
     }
 
     /// Whether this is one of the shrink entry points.

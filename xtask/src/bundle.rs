@@ -50,6 +50,8 @@ pub fn run(root: &Path) -> Result<()> {
         copy(path, &out.join("bench").join(name))?;
     }
     std::fs::copy(root.join("lora-kernels/ptx/lora_kernels.ptx"), out.join("lora_kernels.ptx"))?;
+    // The PyTorch peer of bench_attention (run on the GPU machine, where torch is installed).
+    std::fs::copy(root.join("lora-kernels/bench/sdpa_peer.py"), out.join("sdpa_peer.py"))?;
     std::fs::write(out.join("run.sh"), RUN_SH)?;
     #[cfg(unix)]
     {
@@ -130,7 +132,9 @@ fn dir_size(p: &Path) -> Result<u64> {
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # Runs the GPU bundle built by `cargo xtask gpu-bundle` on a machine with an NVIDIA GPU and no Rust
 # toolchain: every test suite (one summary line each, then a total), then every benchmark.
-# Usage: run.sh [tests|bench|all] [extra args passed to benchmarks]
+# Usage: run.sh [tests|bench|attention|sdpa|all] [extra args passed to benchmarks]
+#   bench: every benchmark, then PyTorch's SDPA on the attention shapes (sdpa_peer.py, needs python3 + torch);
+#   attention: bench_attention and sdpa_peer.py only (side by side); sdpa: sdpa_peer.py only.
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -156,13 +160,18 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
   printf "$summary\n"
   echo "bundle tests: $passed passed, $failed failed"
 fi
-if [ "$what" = all ] || [ "$what" = bench ]; then
+if [ "$what" = all ] || [ "$what" = bench ] || [ "$what" = attention ]; then
   for b in "$here"/bench/*; do
     [ -x "$b" ] || continue
     name="$(basename "$b")"
+    [ "$what" = attention ] && [ "${name##*--}" != bench_attention ] && continue
     echo "== bench $name"
     "$b" "$@" 2>&1 | tee "$logs/$name.bench.log"
   done
+fi
+if [ "$what" = all ] || [ "$what" = bench ] || [ "$what" = attention ] || [ "$what" = sdpa ]; then
+  echo "== bench sdpa_peer.py (PyTorch scaled_dot_product_attention)"
+  python3 "$here/sdpa_peer.py" 2>&1 | tee "$logs/sdpa_peer.bench.log"
 fi
 [ "$failed" = 0 ]
 "#;

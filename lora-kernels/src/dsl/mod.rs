@@ -16,6 +16,13 @@
 //! primitives must be reached by all 32 lanes of the warp together (full mask); block barriers by every
 //! live thread of the block.
 
+mod atomics;
+mod math;
+mod pipeline;
+pub use atomics::*;
+pub use math::*;
+pub use pipeline::*;
+
 #[cfg(target_arch = "nvptx64")]
 mod nvptx;
 #[cfg(target_arch = "nvptx64")]
