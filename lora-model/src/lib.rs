@@ -7,8 +7,10 @@
 //! - [`error`]: [`ModelError`], the crate's one error type.
 
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod exec;
+pub mod sampling;
 pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling, MODULES};
