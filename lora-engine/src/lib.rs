@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod engine;
+pub mod gen;
 pub mod error;
 pub mod scheduler;
 
