@@ -176,6 +176,7 @@ check(status == 400 and "error" in body, f"missing adapter folder: {status} {bod
 check("bad" not in {m.id for m in client.models.list().data}, "a refused adapter is not listed")
 
 # Unloading an adapter in use is refused; a client disconnect aborts its request.
+steps_before = metric("lora_engine_steps_total")
 s = client.completions.create(model="new", prompt="Hi", max_tokens=MAX_LEN - 8, stream=True, **GREEDY)
 it = iter(s)
 next(it)
@@ -187,6 +188,8 @@ while time.time() < deadline and metric("lora_requests_running") != 0:
     time.sleep(0.05)
 check(metric("lora_requests_running") == 0, "the disconnected stream was aborted")
 check(metric("lora_kv_pages_used") == 0, "its KV pages are free")
+steps = metric("lora_engine_steps_total") - steps_before
+check(steps < (MAX_LEN - 8) / 2, f"the aborted request stopped early: {steps} steps for {MAX_LEN - 8} tokens asked")
 status, body = raw("POST", "/unload_lora_adapter", {"lora_name": "new"})
 check(status == 200, f"unload: {status} {body}")
 check("new" not in {m.id for m in client.models.list().data}, "unloaded adapter gone")

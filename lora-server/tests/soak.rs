@@ -16,6 +16,8 @@ use serde_json::{json, Value};
 
 const CONCURRENCY: usize = 32;
 const MAX_TOKENS: u64 = 24;
+/// `max_tokens` of the clients that disconnect.
+const LONG_TOKENS: u64 = 1500;
 
 #[derive(Clone, Debug)]
 struct Job {
@@ -53,8 +55,12 @@ async fn run_job(
     prompts: &[Vec<u64>],
     job: &Job,
 ) -> Result<Outcome, String> {
+    // A client that will disconnect asks for a long answer, so its request is surely still running when
+    // it goes (the abort itself is timed by openai_client.py, against the engine's step counter).
+    let (max_tokens, ignore_eos) =
+        if job.disconnect_after.is_some() { (LONG_TOKENS, true) } else { (job.max_tokens, false) };
     let body = json!({
-        "model": models[job.model], "prompt": prompts[job.prompt], "max_tokens": job.max_tokens,
+        "model": models[job.model], "prompt": prompts[job.prompt], "max_tokens": max_tokens, "ignore_eos": ignore_eos,
         "temperature": 0, "return_token_ids": true, "stream": job.stream,
     });
     if !job.stream {
@@ -102,7 +108,7 @@ async fn soak_mixed_adapters_lengths_and_disconnects() {
         "--max-num-seqs",
         "16",
         "--max-model-len",
-        "256",
+        "2048",
         "--max-num-batched-tokens",
         "128",
         "--lora-modules",
@@ -158,7 +164,7 @@ async fn soak_mixed_adapters_lengths_and_disconnects() {
         .buffer_unordered(CONCURRENCY)
         .collect()
         .await;
-    let (mut checked, mut dropped) = (0, 0);
+    let (mut checked, mut dropped) = (0usize, 0u64);
     for (job, r) in &results {
         match r {
             Ok(Outcome::Tokens(t)) => {
@@ -175,7 +181,7 @@ async fn soak_mixed_adapters_lengths_and_disconnects() {
 
     // Every request is gone: nothing running or waiting, every KV page free, no adapter in use.
     let metrics_url = format!("{}/metrics", server.url);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(5);
     let text = loop {
         let text = client.get(&metrics_url).send().await.expect("metrics").text().await.expect("metrics text");
         let idle = metric(&text, "lora_requests_running") == Some(0.0)
