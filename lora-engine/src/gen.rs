@@ -1,6 +1,6 @@
 //! Random-weight checkpoints in the real formats, so tests and benchmarks go through the real loaders:
 //! a Hugging Face folder (`config.json` + bf16 `model.safetensors`) for a named [`Shape`], streamed one
-//! tensor at a time (a large shape never sits in memory whole), and PEFT adapters
+//! tensor at a time (a large shape never sits in memory whole), with a byte-level `tokenizer.json`, and PEFT adapters
 //! (`adapter_config.json` + `adapter_model.safetensors`, `lora_A` `[r, in]`, `lora_B` `[out, r]`).
 
 use std::borrow::Cow;
@@ -17,7 +17,7 @@ use crate::error::EngineError;
 /// Named model shapes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Shape {
-    /// `ModelConfig::tiny()`.
+    /// `ModelConfig::tiny()` with a vocabulary of 320 (room for the byte-level tokenizer's 259 tokens).
     Tiny,
     /// Llama-3.2-1B.
     Llama32_1b,
@@ -65,8 +65,10 @@ impl Shape {
             eos_token_ids: vec![128001, 128008, 128009],
         };
         match self {
-            Shape::Tiny => ModelConfig::tiny(),
-            Shape::Llama32_1b => ModelConfig { head_dim: 64, ..llama3(2048, 8192, 16, 32, 8, 128256, true, 32.0, 131072) },
+            Shape::Tiny => ModelConfig { vocab_size: 320, ..ModelConfig::tiny() },
+            Shape::Llama32_1b => {
+                ModelConfig { head_dim: 64, ..llama3(2048, 8192, 16, 32, 8, 128256, true, 32.0, 131072) }
+            }
             Shape::Llama31_8b => llama3(4096, 14336, 32, 32, 8, 128256, false, 8.0, 131072),
             // 70B: hidden 8192, 64 heads / 8 KV heads of 128, MLP 28672, vocab 128256 — split by 8.
             Shape::Llama33_70bTp8Rank => ModelConfig {
@@ -117,7 +119,8 @@ impl View for LazyTensor {
     }
     fn data(&self) -> Cow<'_, [u8]> {
         let n = self.shape.iter().product();
-        let bytes: Vec<u8> = values(self.seed, n, self.scale, self.offset).iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> =
+            values(self.seed, n, self.scale, self.offset).iter().flat_map(|v| v.to_le_bytes()).collect();
         if let Some(p) = &self.progress {
             p.inc(bytes.len() as u64);
         }
@@ -133,7 +136,8 @@ fn model_tensors(c: &ModelConfig) -> Vec<(String, Vec<usize>, f32, f32)> {
     let dense = |rows: usize, cols: usize, gain: f32| (vec![rows, cols], gain * (3.0 / cols as f32).sqrt(), 0.0);
     let norm = |n: usize| (vec![n], 0.1, 1.0);
     let mut out = Vec::new();
-    let mut push = |name: String, (shape, scale, offset): (Vec<usize>, f32, f32)| out.push((name, shape, scale, offset));
+    let mut push =
+        |name: String, (shape, scale, offset): (Vec<usize>, f32, f32)| out.push((name, shape, scale, offset));
     let (h, inter) = (c.hidden_size, c.intermediate_size);
     push("model.embed_tokens.weight".into(), dense(c.vocab_size, h, 3.0));
     for l in 0..c.num_layers {
@@ -170,15 +174,28 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), EngineError> {
 
 /// Writes a random-weight Hugging Face folder for `config` into `dir` (created), deterministic in `seed`,
 /// streaming one tensor at a time; `progress` (if given) advances by the bytes written.
-pub fn write_random_model(dir: &Path, config: &ModelConfig, seed: u64, progress: Option<&ProgressBar>) -> Result<(), EngineError> {
+pub fn write_random_model(
+    dir: &Path,
+    config: &ModelConfig,
+    seed: u64,
+    progress: Option<&ProgressBar>,
+) -> Result<(), EngineError> {
     std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
     write_json(&dir.join("config.json"), &lora_model::hf::config_to_json(config))?;
+    write_tokenizer(dir)?;
     let tensors = model_tensors(config).into_iter().map(|(name, shape, scale, offset)| {
         let seed = name_seed(seed, &name);
         (name, LazyTensor { shape, seed, scale, offset, progress: progress.cloned() })
     });
     let path = dir.join("model.safetensors");
     safetensors::serialize_to_file(tensors, None, &path).map_err(|e| write_err(&path, e))
+}
+
+/// Writes `tokenizer.json`: the byte-level fallback tokenizer (256 tokens, fits every shape's vocabulary).
+pub fn write_tokenizer(dir: &Path) -> Result<(), EngineError> {
+    let path = dir.join("tokenizer.json");
+    let tokenizer = lora_model::tokenizer::Tokenizer::byte_level_fallback();
+    tokenizer.inner().save(&path, false).map_err(|e| write_err(&path, e))
 }
 
 /// A random adapter of `rank` adapting the modules `targets` (indices into [`MODULES`]) of every layer;
@@ -238,7 +255,9 @@ pub fn write_peft(dir: &Path, config: &ModelConfig, adapter: &LoraAdapter) -> Re
     let views = tensors
         .iter()
         .map(|(n, s, b)| {
-            safetensors::tensor::TensorView::new(Dtype::BF16, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| write_err(&path, e))
+            safetensors::tensor::TensorView::new(Dtype::BF16, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| write_err(&path, e))
         })
         .collect::<Result<Vec<_>, _>>()?;
     safetensors::serialize_to_file(views, None, &path).map_err(|e| write_err(&path, e))

@@ -4,8 +4,8 @@
 
 pub mod api;
 pub mod engine;
-pub mod gen;
 pub mod error;
+pub mod gen;
 pub mod scheduler;
 
 pub use api::*;

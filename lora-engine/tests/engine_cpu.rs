@@ -23,7 +23,15 @@ struct Setup {
 
 impl Default for Setup {
     fn default() -> Self {
-        Setup { num_pages: 128, page_size: 4, max_loras: 8, host_cache_bytes: 1 << 30, max_num_seqs: 16, max_num_batched_tokens: 64, max_model_len: 128 }
+        Setup {
+            num_pages: 128,
+            page_size: 4,
+            max_loras: 8,
+            host_cache_bytes: 1 << 30,
+            max_num_seqs: 16,
+            max_num_batched_tokens: 64,
+            max_model_len: 128,
+        }
     }
 }
 
@@ -31,7 +39,14 @@ fn engine(s: Setup) -> Engine {
     let weights = ModelWeights::random(&ModelConfig::tiny(), 7);
     let backend = CpuBackend::new(
         &weights,
-        CpuOptions { num_pages: s.num_pages, page_size: s.page_size, max_loras: s.max_loras, max_lora_rank: 16, host_cache_bytes: s.host_cache_bytes, threads: 1 },
+        CpuOptions {
+            num_pages: s.num_pages,
+            page_size: s.page_size,
+            max_loras: s.max_loras,
+            max_lora_rank: 16,
+            host_cache_bytes: s.host_cache_bytes,
+            threads: 1,
+        },
     )
     .expect("cpu backend");
     let cfg = EngineConfig {
@@ -98,7 +113,11 @@ fn a_batch_of_eight_adapters_and_base_requests_matches_each_alone() {
     let batch = together(&e, &reqs);
     assert_eq!(batch, solo);
     assert!(solo.iter().all(|t| t.len() == 6));
-    assert_ne!(solo[0], alone(&e, &[GenerationRequest { adapter: None, ..reqs[0].clone() }])[0], "the adapter changes the output");
+    assert_ne!(
+        solo[0],
+        alone(&e, &[GenerationRequest { adapter: None, ..reqs[0].clone() }])[0],
+        "the adapter changes the output"
+    );
     let stats = e.stats().unwrap();
     assert_eq!((stats.running, stats.waiting, stats.kv_pages_used), (0, 0, 0));
 }
@@ -115,7 +134,8 @@ fn chunked_prefill_equals_one_shot_prefill() {
 
 #[test]
 fn preemption_and_resume_give_the_same_tokens() {
-    let reqs: Vec<GenerationRequest> = (0..4).map(|i| request(i, 9, (i % 2 == 0).then(|| "a0".to_string()), 14)).collect();
+    let reqs: Vec<GenerationRequest> =
+        (0..4).map(|i| request(i, 9, (i % 2 == 0).then(|| "a0".to_string()), 14)).collect();
     let roomy = engine(Setup::default());
     register(&roomy, 1, 8);
     let tight = engine(Setup { num_pages: 12, page_size: 4, max_model_len: 48, ..Setup::default() });
@@ -142,7 +162,9 @@ fn unloading_an_adapter_in_use_is_refused() {
     register(&e, 1, 4);
     let (_, rx) = e.generate(request(1, 4, Some("a0".into()), 100)).unwrap();
     match e.unload_adapter("a0") {
-        Err(EngineError::AdapterInUse { name, running, waiting }) => assert_eq!((name.as_str(), running + waiting), ("a0", 1)),
+        Err(EngineError::AdapterInUse { name, running, waiting }) => {
+            assert_eq!((name.as_str(), running + waiting), ("a0", 1))
+        }
         other => panic!("unload while running: {other:?}"),
     }
     let (tokens, reason) = collect(rx).unwrap();
@@ -192,7 +214,9 @@ fn bad_requests_are_refused_at_submit() {
     register(&e, 1, 4);
     assert!(matches!(e.generate(request(0, 0, None, 4)), Err(EngineError::EmptyPrompt)));
     assert!(matches!(e.generate(request(0, 100, None, 29)), Err(EngineError::TooLong { total: 129, .. })));
-    assert!(matches!(e.generate(request(0, 4, Some("nope".into()), 4)), Err(EngineError::UnknownAdapter(n)) if n == "nope"));
+    assert!(
+        matches!(e.generate(request(0, 4, Some("nope".into()), 4)), Err(EngineError::UnknownAdapter(n)) if n == "nope")
+    );
     let bad = GenerationRequest { prompt: vec![1, 999], ..request(0, 2, None, 4) };
     assert!(matches!(e.generate(bad), Err(EngineError::BadToken { token: 999, index: 1, .. })));
     let again = random_lora(&ModelConfig::tiny(), 4, &[0], 8.0, 1);
@@ -225,7 +249,10 @@ fn peft_folders_load_and_reload_after_host_cache_eviction() {
         let info = e.load_adapter(&format!("p{i}"), &dir.path().join(format!("p{i}"))).unwrap();
         assert_eq!(info.rank, 8);
     }
-    assert!(e.adapters().unwrap().iter().any(|a| !a.in_host_cache), "the third load must evict one from the host cache");
+    assert!(
+        e.adapters().unwrap().iter().any(|a| !a.in_host_cache),
+        "the third load must evict one from the host cache"
+    );
     assert!(matches!(e.load_adapter("p0", &dir.path().join("p0")), Err(EngineError::AdapterExists(_))));
     assert!(e.load_adapter("broken", dir.path()).is_err(), "a folder without an adapter is refused");
     let reqs: Vec<GenerationRequest> = (0..6).map(|i| request(i, 5, Some(format!("p{}", i % 3)), 5)).collect();
