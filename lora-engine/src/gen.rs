@@ -75,7 +75,7 @@ impl Shape {
                 head_dim: 128,
                 eos_token_ids: vec![0],
                 bos_token_id: Some(1),
-                ..llama3(8192, 28672 / 8, 80, 64 / 8, 8 / 8, 128256 / 8, false, 8.0, 131072)
+                ..llama3(8192, 28672 / 8, 80, 64 / 8, 1, 128256 / 8, false, 8.0, 131072)
             },
         }
     }

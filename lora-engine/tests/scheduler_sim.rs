@@ -227,7 +227,7 @@ fn chunked_prefill_splits_a_prompt_under_the_budget() {
 
 #[test]
 fn decodes_run_before_prefill_chunks() {
-    let reqs = vec![req(1, 3, None, 6), req(2, 3, None, 6)];
+    let reqs = [req(1, 3, None, 6)];
     let mut s = Scheduler::new(cfg(4, 5, 32, 4)).unwrap();
     let slots = SlotManager::<u32>::new(1).unwrap();
     s.add(reqs[0].clone()).unwrap();
