@@ -192,7 +192,7 @@ fn smollm2_pirate_adapter_matches_transformers() {
     for p in reference["prompts"].as_array().expect("prompts") {
         let name = p["name"].as_str().unwrap_or("?");
         seqs.push(ref_seq(format!("{name}+pirate"), &p["prompt_ids"], &p["adapter"], Some(1)));
-        seqs.push(ref_seq(format!("{name}"), &p["prompt_ids"], &p["base"], None));
+        seqs.push(ref_seq(name.to_string(), &p["prompt_ids"], &p["base"], None));
     }
     let got = run(&mut b, &seqs);
     report_and_check(&seqs, &got);
