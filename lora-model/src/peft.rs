@@ -103,7 +103,13 @@ fn parse_config(r: &Refuse, v: &Value, config: &ModelConfig, max_rank: u32) -> R
     if obj.get("lora_bias").and_then(Value::as_bool) == Some(true) {
         return Err(r.err("`lora_bias: true` is not supported"));
     }
-    for unsupported in ["layer_replication", "target_parameters"] {
+    for (flag, what) in [("use_qalora", "QALoRA"), ("use_bdlora", "BD-LoRA")] {
+        if obj.get(flag).and_then(Value::as_bool) == Some(true) {
+            return Err(r.err(format!("{what} (`{flag}: true`) is not supported")));
+        }
+    }
+    for unsupported in ["layer_replication", "target_parameters", "trainable_token_indices", "alora_invocation_tokens"]
+    {
         match obj.get(unsupported) {
             None | Some(Value::Null) => {}
             Some(Value::Array(a)) if a.is_empty() => {}
@@ -170,6 +176,28 @@ fn parse_config(r: &Refuse, v: &Value, config: &ModelConfig, max_rank: u32) -> R
         }
         None | Some(Value::Null) => return Err(r.err("`target_modules` is missing")),
         Some(x) => return Err(r.err(format!("target_modules {x} is neither a list nor a string"))),
+    }
+    // `exclude_modules`: a list (names matched like target_modules) or a regex (full match).
+    match obj.get("exclude_modules") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => {
+            let re = Regex::new(&format!("^(?:{s})$"))
+                .map_err(|e| r.err(format!("exclude_modules regex `{s}` is invalid: {e}")))?;
+            for (i, t) in targeted.iter_mut().enumerate() {
+                *t &= !re.is_match(&module_path(i / MODULES.len(), i % MODULES.len()));
+            }
+        }
+        Some(Value::Array(list)) => {
+            for item in list {
+                let name =
+                    item.as_str().ok_or_else(|| r.err(format!("exclude_modules entry {item} is not a string")))?;
+                for (i, t) in targeted.iter_mut().enumerate() {
+                    let path = module_path(i / MODULES.len(), i % MODULES.len());
+                    *t &= !(path == name || path.ends_with(&format!(".{name}")));
+                }
+            }
+        }
+        Some(x) => return Err(r.err(format!("exclude_modules {x} is neither a list nor a string"))),
     }
     let layers: Option<Vec<u64>> = match obj.get("layers_to_transform") {
         None | Some(Value::Null) => None,

@@ -269,6 +269,17 @@ fn cases() -> Vec<Case> {
             std::fs::write(&p, &b[..b.len() - 7]).unwrap();
         }),
         case(
+            "trainable tokens",
+            "`trainable_token_indices` ([1,2]) is not supported",
+            with_config(|c| c["trainable_token_indices"] = json!([1, 2])),
+        ),
+        case("qalora", "QALoRA (`use_qalora: true`) is not supported", with_config(|c| c["use_qalora"] = json!(true))),
+        case(
+            "excluded module with weights",
+            "layer 1 down_proj is not in target_modules",
+            with_config(|c| c["exclude_modules"] = json!(["model.layers.1.mlp.down_proj"])),
+        ),
+        case(
             "alpha not a number",
             "`lora_alpha` = \"16\" is not a number",
             with_config(|c| c["lora_alpha"] = json!("16")),
