@@ -193,3 +193,28 @@ fn adapters_are_validated_and_removed() {
     assert!(matches!(b.forward(&[seq(&[4], 3, &[0], Some(1))]), Err(ModelError::UnknownAdapter(1))));
     assert!(matches!(b.remove_adapter(1), Err(ModelError::UnknownAdapter(1))));
 }
+
+#[test]
+fn pinned_adapters_stay_in_their_slot() {
+    let c = ModelConfig::tiny();
+    let w = ModelWeights::random(&c, 82);
+    let mut b = CpuBackend::new(&w, options(8, 4, 2)).unwrap();
+    for id in 0..3u32 {
+        b.add_adapter(id, arc(random_adapter(&c, 4, 8.0, &ALL, id as u64))).unwrap();
+    }
+    assert!(matches!(b.set_pinned(0, true), Err(ModelError::Slots(_))), "not resident yet");
+    assert!(matches!(b.set_pinned(9, true), Err(ModelError::UnknownAdapter(9))));
+    b.forward(&[seq(&[1], 0, &[0], Some(0))]).unwrap();
+    b.set_pinned(0, true).unwrap();
+    // 1 then 2 take the one unpinned slot in turn; 0 is never evicted although least recently used.
+    b.forward(&[seq(&[1], 0, &[1], Some(1))]).unwrap();
+    b.forward(&[seq(&[1], 0, &[2], Some(2))]).unwrap();
+    assert_eq!(b.slots().slot_of(0), Some(0));
+    assert_eq!(b.slots().slot_of(1), None);
+    assert!(b.forward(&[seq(&[1], 0, &[3], Some(1)), seq(&[1], 0, &[4], Some(2))]).is_err());
+    assert!(matches!(b.remove_adapter(0), Err(ModelError::Slots(_))), "pinned adapters cannot be removed");
+    assert!(b.has_adapter(0));
+    b.set_pinned(0, false).unwrap();
+    b.remove_adapter(0).unwrap();
+    assert!(!b.has_adapter(0) && b.slots().slot_of(0).is_none());
+}

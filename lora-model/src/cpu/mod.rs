@@ -186,6 +186,18 @@ impl ModelBackend for CpuBackend {
         }
     }
 
+    fn set_pinned(&mut self, id: AdapterId, pinned: bool) -> Result<(), ModelError> {
+        if !self.host.contains(id) {
+            return Err(ModelError::UnknownAdapter(id));
+        }
+        if pinned {
+            self.slots.pin(id)?;
+        } else {
+            self.slots.unpin(id)?;
+        }
+        Ok(())
+    }
+
     fn forward(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<SeqOutput>, ModelError> {
         if batch.is_empty() {
             return Ok(Vec::new());
