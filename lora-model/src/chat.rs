@@ -1,6 +1,6 @@
 //! [`ChatTemplate`]: a model's Jinja chat template (from `tokenizer_config.json` or the GGUF's
 //! `tokenizer.chat_template`) rendered with `minijinja` the way `transformers` renders it: trim_blocks
-//! and lstrip_blocks on, loop controls, `tojson`, `raise_exception`, Python string methods
+//! and lstrip_blocks on, loop controls, `tojson` with Python's separators, `raise_exception`, Python string methods
 //! (minijinja-contrib's pycompat), `bos_token`/`eos_token`/`add_generation_prompt` in the context.
 //! [`ChatTemplate::chatml`] is the fallback for a model without a template.
 
@@ -64,6 +64,61 @@ fn template_err(e: minijinja::Error) -> ModelError {
     ModelError::Tokenizer(msg)
 }
 
+/// `serde_json` formatting as Python's `json.dumps` without indent: `", "` and `": "` separators.
+struct PythonJsonFormatter;
+
+impl serde_json::ser::Formatter for PythonJsonFormatter {
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+}
+
+/// transformers' `tojson` (`json.dumps(x, ensure_ascii=False, indent=indent)`): Python's separators and
+/// no HTML escaping (minijinja's own `tojson` escapes `<`, `>`, `&`, `'`, which breaks prompts).
+fn tojson(
+    value: minijinja::Value,
+    indent: Option<usize>,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<minijinja::Value, minijinja::Error> {
+    use serde::Serialize;
+    let indent = match kwargs.get::<Option<usize>>("indent")? {
+        Some(i) => Some(i),
+        None => indent,
+    };
+    // Accepted like Jinja's but without effect: output is never ASCII-escaped, keys keep their order.
+    let _: Option<minijinja::Value> = kwargs.get("ensure_ascii")?;
+    let _: Option<minijinja::Value> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let mut out = Vec::new();
+    let res = match indent {
+        Some(n) => {
+            let pad = vec![b' '; n];
+            value.serialize(&mut serde_json::Serializer::with_formatter(
+                &mut out,
+                serde_json::ser::PrettyFormatter::with_indent(&pad),
+            ))
+        }
+        None => value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, PythonJsonFormatter)),
+    };
+    res.map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let text = String::from_utf8(out).map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    Ok(minijinja::Value::from_safe_string(text))
+}
+
 fn raise_exception(msg: String) -> Result<String, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
 }
@@ -90,6 +145,7 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.clone()).map_err(template_err)?;
         Ok(ChatTemplate { source, bos_token: bos_token.into(), eos_token: eos_token.into(), env: Arc::new(env) })
     }
@@ -198,9 +254,11 @@ mod tests {
         let src = "{% for m in messages %}\n{% if m.role == 'bad' %}{{ raise_exception('Roles must alternate') }}{% endif %}\n  {{ m.content.strip().upper() }}|{% if loop.last %}{% break %}{% endif %}\n{% endfor %}{{ messages[0] | tojson }}";
         let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
         let out = t.render(&[ChatMessage::new("user", "  hi ")], false).unwrap();
-        assert_eq!(out, "  HI|{\"role\":\"user\",\"content\":\"  hi \"}");
+        assert_eq!(out, "  HI|{\"role\": \"user\", \"content\": \"  hi \"}");
         let err = t.render(&[ChatMessage::new("bad", "x")], false).unwrap_err().to_string();
         assert!(err.contains("Roles must alternate"), "{err}");
         assert!(ChatTemplate::new("{% if %}", "", "").is_err());
+        let t = ChatTemplate::new("{{ {'a': ['<b>', 1]} | tojson }}|{{ [1] | tojson(indent=2) }}", "", "").unwrap();
+        assert_eq!(t.render(&[], false).unwrap(), "{\"a\": [\"<b>\", 1]}|[\n  1\n]");
     }
 }
