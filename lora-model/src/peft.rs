@@ -1,6 +1,6 @@
 //! PEFT LoRA adapters → the runtime's [`LoraAdapter`]: `adapter_config.json` (`r`, `lora_alpha`,
 //! `use_rslora`, `target_modules` as a list, `"all-linear"` or a regex, `fan_in_fan_out`,
-//! `layers_to_transform`, `rank_pattern`/`alpha_pattern`) and `adapter_model.safetensors` with PEFT's
+//! `exclude_modules`, `layers_to_transform`, `rank_pattern`/`alpha_pattern`) and `adapter_model.safetensors` with PEFT's
 //! key names, f32/f16/bf16.
 //!
 //! Per-module overrides are folded, not refused: the adapter's rank is the largest module rank R,
@@ -16,7 +16,8 @@
 //!
 //! Everything else is refused with [`ModelError::Adapter`] and a precise reason: rank 0 or above the
 //! maximum, a module or layer the model lacks, wrong shapes, integer dtypes, missing files, bad JSON,
-//! `modules_to_save`, DoRA, biases, NaN/Inf, a `lora_A` without its `lora_B`, unknown keys.
+//! `modules_to_save`, DoRA, biases, trainable tokens, aLoRA/QALoRA/BD-LoRA, NaN/Inf, a `lora_A` without
+//! its `lora_B`, unknown keys.
 
 use std::collections::BTreeMap;
 use std::path::Path;
