@@ -133,3 +133,62 @@ fn a_backend_error_fails_the_step_and_the_engine_keeps_serving() {
     let s = e.stats().unwrap();
     assert_eq!((s.running, s.waiting, s.kv_pages_used), (0, 0, 0));
 }
+
+#[test]
+fn a_pin_is_applied_once_the_adapter_holds_a_slot_and_keeps_it_there() {
+    let weights = ModelWeights::random(&ModelConfig::tiny(), 1);
+    let opts = CpuOptions {
+        num_pages: 64,
+        page_size: 4,
+        max_loras: 2,
+        max_lora_rank: 16,
+        host_cache_bytes: 1 << 20,
+        threads: 1,
+    };
+    let backend = CpuBackend::new(&weights, opts).unwrap();
+    let cfg = EngineConfig {
+        max_loras: 2,
+        max_lora_rank: 16,
+        host_cache_bytes: 1 << 20,
+        max_num_seqs: 4,
+        max_num_batched_tokens: 32,
+        max_model_len: 64,
+    };
+    let e = Engine::start(Box::new(backend), cfg).unwrap();
+    let c = ModelConfig::tiny();
+    e.register_adapter("a", std::path::Path::new("/x"), random_lora(&c, 4, &[0], 8.0, 1)).unwrap();
+    assert!(matches!(e.pin_adapter("nope", true), Err(lora_engine::EngineError::UnknownAdapter(_))));
+    // Not resident yet: the pin is recorded, then applied (or dropped, when the backend cannot pin) once
+    // the adapter holds a slot; requests are unaffected either way.
+    let info = e.pin_adapter("a", true).unwrap();
+    assert!(info.pinned && info.slot.is_none());
+    let req = GenerationRequest {
+        prompt: vec![3, 4],
+        adapter: Some("a".into()),
+        sampling: SamplingParams::greedy(),
+        max_tokens: 3,
+        stop_token_ids: vec![],
+        ignore_eos: true,
+    };
+    let events: Vec<Event> = e.generate(req.clone()).unwrap().1.iter().collect();
+    assert!(matches!(events.last(), Some(Event::Finished { reason: FinishReason::Length, .. })));
+    let a = &e.adapters().unwrap()[0];
+    assert!(a.slot.is_some());
+    // Pinned once it held a slot: adapters b and c take turns in the other slot, a keeps its own.
+    assert!(a.pinned);
+    let slot = a.slot;
+    for (i, name) in ["b", "c"].iter().enumerate() {
+        e.register_adapter(name, std::path::Path::new("/x"), random_lora(&c, 4, &[0], 8.0, 2 + i as u64)).unwrap();
+    }
+    for name in ["b", "c", "b"] {
+        let r = GenerationRequest { adapter: Some(name.into()), ..req.clone() };
+        let events: Vec<Event> = e.generate(r).unwrap().1.iter().collect();
+        assert!(matches!(events.last(), Some(Event::Finished { reason: FinishReason::Length, .. })));
+    }
+    let infos = e.adapters().unwrap();
+    let a = infos.iter().find(|i| i.name == "a").unwrap();
+    assert_eq!((a.slot, a.pinned), (slot, true), "a pinned adapter is never evicted");
+    let info = e.pin_adapter("a", false).unwrap();
+    assert!(!info.pinned);
+    e.unload_adapter("a").unwrap();
+}
