@@ -91,6 +91,9 @@ pub struct Args {
     /// Do not load the demo adapters (pirate, french) that come with the default model.
     #[arg(long)]
     pub no_demo_adapters: bool,
+    /// Seconds running requests may go on after Ctrl-C/SIGTERM before they are aborted.
+    #[arg(long, default_value_t = 10)]
+    pub shutdown_timeout: u64,
     /// Use the generated tiny model (random weights, byte-level tokenizer) instead of any real one: for
     /// tests and for machines that cannot fetch the default model.
     #[arg(long, conflicts_with = "model")]

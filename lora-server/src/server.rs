@@ -1,6 +1,6 @@
 //! Running the server: start the engine and load the adapters ([`crate::startup`]), bind the socket,
 //! serve the routes, and shut down gracefully on Ctrl-C or SIGTERM — new requests get 503 at once,
-//! running ones get a grace period to finish, then the engine aborts what is left (their streams end
+//! running ones get a grace period (`--shutdown-timeout`) to finish, then the engine aborts what is left (their streams end
 //! with `finish_reason: "abort"`) and its step thread is joined.
 
 use std::sync::atomic::Ordering;
@@ -15,9 +15,6 @@ use crate::metrics::ServerMetrics;
 use crate::routes::router;
 use crate::startup::{choose_model, load_startup_adapters, start_engine};
 use crate::state::AppState;
-
-/// How long running requests may go on after a shutdown signal.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Resolves on Ctrl-C or SIGTERM.
 async fn shutdown_signal() {
@@ -82,13 +79,14 @@ pub async fn run(args: Args) -> Result<(), ServerError> {
     println!("lora-server listening on http://{local}");
     let app = router(state.clone());
     let st = state.clone();
+    let grace = Duration::from_secs(args.shutdown_timeout);
     let on_signal = async move {
         shutdown_signal().await;
-        tracing::info!("shutdown: refusing new requests, {}s for running ones", SHUTDOWN_GRACE.as_secs());
+        tracing::info!("shutdown: refusing new requests, {}s for running ones", grace.as_secs());
         st.accepting.store(false, Ordering::Relaxed);
         let late = st.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
+            tokio::time::sleep(grace).await;
             tracing::info!("shutdown: aborting the requests still running");
             let engine = late.engine.clone();
             let _ = tokio::task::spawn_blocking(move || engine.shutdown(false)).await;

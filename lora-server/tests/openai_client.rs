@@ -54,6 +54,8 @@ fn openai_python_client_and_curl_against_the_server() {
         &max_len.to_string(),
         "--max-loras",
         "2",
+        "--shutdown-timeout",
+        "0",
     ]);
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
@@ -97,6 +99,29 @@ fn openai_python_client_and_curl_against_the_server() {
     let health = curl(&["-o", "/dev/null", "-w", "%{http_code}", &format!("{}/health", server.url)]);
     assert_eq!(health, "200");
 
+    // SIGTERM with a long stream running: after the grace period (0 s here) the stream ends with `abort` and
+    // [DONE], new requests are refused meanwhile, and the process exits 0.
+    let long =
+        format!(r#"{{"model":"tiny","prompt":"Ahoy","max_tokens":{},"ignore_eos":true,"stream":true}}"#, max_len - 8);
+    let streamer = Command::new("curl")
+        .args(["-sS", "-N", "--max-time", "60", "-H", &auth, "-d", &long, &url])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl");
+    // Signal as soon as the request runs (it takes about a second on the tiny model).
+    let metrics_url = format!("{}/metrics", server.url);
+    let running = || common::metric(&curl(&[&metrics_url]), "lora_requests_running") == Some(1.0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let status = server.terminate(20).expect("the server did not exit within 20 s of SIGTERM");
     assert!(status.success(), "exit status after SIGTERM: {status}");
+    let out = streamer.wait_with_output().expect("curl output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "the stream ends cleanly at shutdown");
+    let last: serde_json::Value = serde_json::from_str(events[events.len() - 2]).expect("last chunk");
+    let reason = last["choices"][0]["finish_reason"].as_str().unwrap_or_default().to_string();
+    assert_eq!(reason, "abort", "finish reason of a stream cut by the shutdown");
 }
