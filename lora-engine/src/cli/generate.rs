@@ -98,7 +98,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
                 Err(_) => break (None, Some("the engine stopped".to_string())),
             }
         };
-        let text = model.tokenizer.decode(&tokens).unwrap_or_default();
+        let text = model.tokenizer.decode(&tokens).ok(); // null when a token is outside the tokenizer
         let reason = finish.map(|r| match r {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
