@@ -30,6 +30,21 @@ pub struct EngineConfig {
     pub max_model_len: usize,
 }
 
+impl Default for EngineConfig {
+    /// 4 slots (the CPU backend's default), rank <= 64, 1 GiB of host adapters, 64 sequences, 512 tokens
+    /// per step, 2048 tokens of context.
+    fn default() -> Self {
+        EngineConfig {
+            max_loras: 4,
+            max_lora_rank: 64,
+            host_cache_bytes: 1 << 30,
+            max_num_seqs: 64,
+            max_num_batched_tokens: 512,
+            max_model_len: 2048,
+        }
+    }
+}
+
 /// One generation request, in tokens (text handling — templates, detokenization, stop strings — is the
 /// caller's).
 #[derive(Clone, Debug, PartialEq)]

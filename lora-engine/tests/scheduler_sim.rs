@@ -61,7 +61,12 @@ struct SimResult {
 
 /// Runs `arrivals` (step, request) through a scheduler with `num_slots` slots until all finish (or
 /// `max_steps`), checking every step's invariants. Err = a violated invariant.
-fn simulate(cfg: SchedulerConfig, num_slots: usize, arrivals: Vec<(u64, SeqRequest)>, max_steps: u64) -> Result<SimResult, String> {
+fn simulate(
+    cfg: SchedulerConfig,
+    num_slots: usize,
+    arrivals: Vec<(u64, SeqRequest)>,
+    max_steps: u64,
+) -> Result<SimResult, String> {
     let page_size = cfg.page_size as usize;
     let budget = cfg.max_num_batched_tokens;
     let mut sched = Scheduler::new(cfg.clone()).map_err(|e| e.to_string())?;
@@ -118,7 +123,12 @@ fn simulate(cfg: SchedulerConfig, num_slots: usize, arrivals: Vec<(u64, SeqReque
         for p in &plan.seqs {
             let end = p.start_pos as usize + p.tokens.len();
             if p.pages.len() * page_size < end {
-                return Err(format!("step {}: pages of {} cover {} < {end}", plan.step, p.id, p.pages.len() * page_size));
+                return Err(format!(
+                    "step {}: pages of {} cover {} < {end}",
+                    plan.step,
+                    p.id,
+                    p.pages.len() * page_size
+                ));
             }
             for (i, &t) in p.tokens.iter().enumerate() {
                 let pos = p.start_pos as usize + i;
@@ -133,7 +143,12 @@ fn simulate(cfg: SchedulerConfig, num_slots: usize, arrivals: Vec<(u64, SeqReque
             let toks = res.tokens.entry(out.id).or_default();
             toks.push(out.token);
             if toks.len() as u32 != out.completion_tokens {
-                return Err(format!("{}: {} tokens delivered, outcome says {}", out.id, toks.len(), out.completion_tokens));
+                return Err(format!(
+                    "{}: {} tokens delivered, outcome says {}",
+                    out.id,
+                    toks.len(),
+                    out.completion_tokens
+                ));
             }
             if let Some(reason) = out.finish {
                 if res.finished.insert(out.id, reason).is_some() {
@@ -165,7 +180,14 @@ fn req(id: u64, prompt_len: usize, adapter: Option<u32>, max_tokens: u32) -> Seq
 }
 
 fn cfg(max_num_seqs: usize, budget: usize, num_pages: u32, page_size: u32) -> SchedulerConfig {
-    SchedulerConfig { max_num_seqs, max_num_batched_tokens: budget, max_model_len: 64, num_pages, page_size, starvation_steps: 8 }
+    SchedulerConfig {
+        max_num_seqs,
+        max_num_batched_tokens: budget,
+        max_model_len: 64,
+        num_pages,
+        page_size,
+        starvation_steps: 8,
+    }
 }
 
 /// Every request finished exactly once with the oracle's tokens and reason.
@@ -174,7 +196,11 @@ fn check_all(reqs: &[SeqRequest], res: &SimResult) -> Result<(), String> {
         let (want, reason) = oracle(r);
         let got = res.tokens.get(&r.id).cloned().unwrap_or_default();
         if got != want || res.finished.get(&r.id) != Some(&reason) {
-            return Err(format!("request {}: got {got:?} {:?}, want {want:?} {reason:?}", r.id, res.finished.get(&r.id)));
+            return Err(format!(
+                "request {}: got {got:?} {:?}, want {want:?} {reason:?}",
+                r.id,
+                res.finished.get(&r.id)
+            ));
         }
     }
     Ok(())
@@ -201,7 +227,7 @@ fn chunked_prefill_splits_a_prompt_under_the_budget() {
 
 #[test]
 fn decodes_run_before_prefill_chunks() {
-    let reqs = vec![req(1, 3, None, 6), req(2, 3, None, 6)];
+    let reqs = [req(1, 3, None, 6)];
     let mut s = Scheduler::new(cfg(4, 5, 32, 4)).unwrap();
     let slots = SlotManager::<u32>::new(1).unwrap();
     s.add(reqs[0].clone()).unwrap();
@@ -215,7 +241,9 @@ fn decodes_run_before_prefill_chunks() {
 
 #[test]
 fn mixed_workload_matches_requests_run_alone() {
-    let reqs: Vec<SeqRequest> = (0..12).map(|i| req(i, 3 + (i as usize * 5) % 17, [None, Some(1), Some(2)][i as usize % 3], 4 + (i as u32 % 9))).collect();
+    let reqs: Vec<SeqRequest> = (0..12)
+        .map(|i| req(i, 3 + (i as usize * 5) % 17, [None, Some(1), Some(2)][i as usize % 3], 4 + (i as u32 % 9)))
+        .collect();
     let arrivals = reqs.iter().enumerate().map(|(i, r)| (i as u64 / 3, r.clone())).collect();
     let res = simulate(cfg(4, 8, 64, 4), 2, arrivals, 2000).unwrap();
     check_all(&reqs, &res).unwrap();
@@ -224,7 +252,8 @@ fn mixed_workload_matches_requests_run_alone() {
 #[test]
 fn preemption_by_recompute_keeps_tokens() {
     // 10 pages of 4 tokens: three requests growing to ~30 tokens each cannot all stay.
-    let reqs: Vec<SeqRequest> = (0..3).map(|i| SeqRequest { stop_ids: vec![], ..req(i, 8, Some(i as u32 % 2), 22) }).collect();
+    let reqs: Vec<SeqRequest> =
+        (0..3).map(|i| SeqRequest { stop_ids: vec![], ..req(i, 8, Some(i as u32 % 2), 22) }).collect();
     let arrivals = reqs.iter().map(|r| (0, r.clone())).collect();
     let res = simulate(SchedulerConfig { max_model_len: 40, ..cfg(3, 16, 10, 4) }, 2, arrivals, 2000).unwrap();
     assert!(res.preemptions > 0, "the workload must preempt");
@@ -293,8 +322,8 @@ fn unready_adapters_wait_without_blocking_others() {
 }
 
 fn workload() -> impl Strategy<Value = (SchedulerConfig, usize, Vec<(u64, SeqRequest)>)> {
-    (1usize..5, 0usize..8, 6u32..30, prop::sample::select(vec![2u32, 4, 8]), 1usize..4, 0usize..5, 1u64..12).prop_flat_map(
-        |(seqs, extra_budget, pages, page_size, slots, adapters, starvation)| {
+    (1usize..5, 0usize..8, 6u32..30, prop::sample::select(vec![2u32, 4, 8]), 1usize..4, 0usize..5, 1u64..12)
+        .prop_flat_map(|(seqs, extra_budget, pages, page_size, slots, adapters, starvation)| {
             let c = SchedulerConfig {
                 max_num_seqs: seqs,
                 max_num_batched_tokens: seqs + extra_budget,
@@ -313,14 +342,16 @@ fn workload() -> impl Strategy<Value = (SchedulerConfig, usize, Vec<(u64, SeqReq
                         let plen = plen.min(max_len - 1);
                         let mt = mt.min((max_len - plen) as u32);
                         let ad = if adapters == 0 { None } else { ad };
-                        let r = SeqRequest { stop_ids: if stops { vec![STOP] } else { vec![] }, ..req(i as u64, plen, ad, mt) };
+                        let r = SeqRequest {
+                            stop_ids: if stops { vec![STOP] } else { vec![] },
+                            ..req(i as u64, plen, ad, mt)
+                        };
                         (at, r)
                     })
                     .collect();
                 (c, slots, arrivals)
             })
-        },
-    )
+        })
 }
 
 proptest! {

@@ -6,9 +6,19 @@
 //!   of prefill chunks and decode tokens over a paged KV cache, adapters by id, sampling on the backend.
 //! - [`error`]: [`ModelError`], the crate's one error type.
 
+pub mod chat;
 pub mod config;
+pub mod cpu;
+pub mod dequant;
 pub mod error;
 pub mod exec;
+pub mod fetch;
+pub mod gguf;
+pub mod hf;
+pub mod loader;
+pub mod peft;
+pub mod sampling;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling, MODULES};

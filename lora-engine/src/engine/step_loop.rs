@@ -317,7 +317,11 @@ impl StepLoop {
             let slots = self.backend.slots();
             if slots.is_resident(id) && !slots.is_pinned(id) {
                 if let Err(e) = self.backend.set_pinned(id, true) {
-                    tracing::warn!(id, "cannot pin adapter: {e}");
+                    // Drop the request so the warning is given once, not every step.
+                    tracing::warn!(id, "cannot pin adapter, pin request dropped: {e}");
+                    if let Some(entry) = self.shared.registry().by_name.values_mut().find(|e| e.id == id) {
+                        entry.pinned = false;
+                    }
                 }
             }
         }
