@@ -123,7 +123,7 @@ impl ModelWeights {
     /// ~1/in (activations stay O(1) through the layers), norms near 1 — a model whose logits are not flat,
     /// for tests and generated checkpoints.
     pub fn random(config: &ModelConfig, seed: u64) -> Self {
-        let mut rng = SplitMix(seed ^ 0x05EE_D0F1_1A);
+        let mut rng = SplitMix(seed ^ 0x0005_EED0_F11A);
         let mut dense = |name: String, rows: usize, cols: usize, gain: f32| {
             let s = gain * (3.0 / cols as f32).sqrt();
             let data = (0..rows * cols).map(|_| bf16::from_f32(rng.unit() * s)).collect();
