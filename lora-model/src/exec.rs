@@ -132,10 +132,7 @@ pub trait ModelBackend: Send {
     /// Pins (`true`) or unpins a resident adapter in its slot (`SlotManager::pin`/`unpin`): a pinned
     /// adapter is never evicted. The default refuses: a backend that can pin overrides it.
     fn set_pinned(&mut self, id: AdapterId, pinned: bool) -> Result<(), ModelError> {
-        Err(ModelError::Backend(format!(
-            "this backend cannot {} adapters (adapter id {id})",
-            if pinned { "pin" } else { "unpin" }
-        )))
+        Err(ModelError::Backend(format!("this backend cannot {} adapters (adapter id {id})", if pinned { "pin" } else { "unpin" })))
     }
     /// Runs one step. Errors ([`ModelError::BadBatch`], over-capacity slots, unknown adapters) leave the
     /// KV cache and slots as they were.

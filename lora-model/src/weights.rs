@@ -134,16 +134,10 @@ impl ModelWeights {
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let p = |m: &str| format!("model.layers.{l}.{m}.weight");
-            let (wq, wk, wv) = (
-                dense(p("self_attn.q_proj"), q, h, 1.0),
-                dense(p("self_attn.k_proj"), kv, h, 1.0),
-                dense(p("self_attn.v_proj"), kv, h, 1.0),
-            );
+            let (wq, wk, wv) =
+                (dense(p("self_attn.q_proj"), q, h, 1.0), dense(p("self_attn.k_proj"), kv, h, 1.0), dense(p("self_attn.v_proj"), kv, h, 1.0));
             let wo = dense(p("self_attn.o_proj"), h, q, 0.5);
-            let (wg, wu) = (
-                dense(p("mlp.gate_proj"), c.intermediate_size, h, 1.0),
-                dense(p("mlp.up_proj"), c.intermediate_size, h, 1.0),
-            );
+            let (wg, wu) = (dense(p("mlp.gate_proj"), c.intermediate_size, h, 1.0), dense(p("mlp.up_proj"), c.intermediate_size, h, 1.0));
             let wd = dense(p("mlp.down_proj"), h, c.intermediate_size, 0.5);
             let bias = c.qkv_bias.then(|| {
                 let mut b = |name: String, n: usize| {
@@ -158,37 +152,16 @@ impl ModelWeights {
             });
             let mut norm = |name: String| {
                 let t = dense(name, 1, h, 0.1);
-                Tensor {
-                    name: t.name,
-                    shape: vec![h],
-                    data: t.data.iter().map(|v| bf16::from_f32(1.0 + v.to_f32())).collect(),
-                }
+                Tensor { name: t.name, shape: vec![h], data: t.data.iter().map(|v| bf16::from_f32(1.0 + v.to_f32())).collect() }
             };
-            let (an, mn) = (
-                norm(format!("model.layers.{l}.input_layernorm.weight")),
-                norm(format!("model.layers.{l}.post_attention_layernorm.weight")),
-            );
-            layers.push(LayerWeights {
-                attn_norm: an,
-                q: wq,
-                k: wk,
-                v: wv,
-                qkv_bias: bias,
-                o: wo,
-                mlp_norm: mn,
-                gate: wg,
-                up: wu,
-                down: wd,
-            });
+            let (an, mn) = (norm(format!("model.layers.{l}.input_layernorm.weight")), norm(format!("model.layers.{l}.post_attention_layernorm.weight")));
+            layers.push(LayerWeights { attn_norm: an, q: wq, k: wk, v: wv, qkv_bias: bias, o: wo, mlp_norm: mn, gate: wg, up: wu, down: wd });
         }
         let embed = dense("model.embed_tokens.weight".into(), c.vocab_size, h, 3.0);
         let lm_head = (!c.tie_embeddings).then(|| dense("lm_head.weight".into(), c.vocab_size, h, 2.0));
         let fnorm = dense("model.norm.weight".into(), 1, h, 0.1);
-        let final_norm = Tensor {
-            name: fnorm.name,
-            shape: vec![h],
-            data: fnorm.data.iter().map(|v| bf16::from_f32(1.0 + v.to_f32())).collect(),
-        };
+        let final_norm =
+            Tensor { name: fnorm.name, shape: vec![h], data: fnorm.data.iter().map(|v| bf16::from_f32(1.0 + v.to_f32())).collect() };
         ModelWeights { config: c.clone(), embed, layers, final_norm, lm_head }
     }
 }
