@@ -126,6 +126,8 @@ fn config(big: bool) -> ModelConfig {
             (1024, 2048, 4, 16, 4, 64, 8192);
     } else {
         (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim) = (128, 256, 4, 2, 64);
+        // Qwen2's q/k/v biases and tied embeddings on the small model; the big one has neither.
+        (c.qkv_bias, c.tie_embeddings) = (true, true);
     }
     c
 }
@@ -218,6 +220,23 @@ fn body<B: Backend>(dev: B, big: bool) {
             check_out(&format!("step {} A decode", 3 + k), &o[1], &ra[pa + 1 + k]);
         }
     }
+    // Seeded sampling (temperature, top-k, top-p) on the device: replayable, and inside the top-k.
+    let params = SamplingParams { temperature: 0.8, top_k: 20, top_p: 0.9, seed: 42 };
+    let sample = Some(SampleRequest { params, draw: 3, want_logits: true });
+    let last = 2 * pb + 2;
+    let mk = || SeqInput {
+        tokens: &b[last..last + 1],
+        start_pos: last as u32,
+        pages: pb_s,
+        adapter: None,
+        sample: sample.clone(),
+    };
+    let (o1, o2) = (m.step(&[mk()]).unwrap(), m.step(&[mk()]).unwrap());
+    assert_eq!(o1[0].token, o2[0].token, "seeded sampling is not replayable");
+    let (lg, tk) = (o1[0].logits.as_ref().unwrap(), o1[0].token.unwrap() as usize);
+    let above = lg.iter().filter(|&&v| v > lg[tk]).count();
+    println!("sampled token {tk}: {above} logits above it (top_k 20)");
+    assert!(above < 20, "sampled token outside the top-k");
     println!("device forwards: {:.2?} ({} steps)", t.elapsed(), m.steps());
 }
 
