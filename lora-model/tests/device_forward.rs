@@ -48,8 +48,8 @@ fn rope(x: &mut [f32], pos: u32, theta: f32) {
     }
 }
 
-/// Logits (bf16-rounded) at every position of `tokens`.
-fn reference(w: &ModelWeights, tokens: &[u32]) -> Vec<Vec<f32>> {
+/// Logits (bf16-rounded) at every position of `tokens` from `from` on (empty rows before).
+fn reference(w: &ModelWeights, tokens: &[u32], from: usize) -> Vec<Vec<f32>> {
     let c = &w.config;
     let (h, hd, nq, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
     let emb =
@@ -116,18 +116,27 @@ fn reference(w: &ModelWeights, tokens: &[u32]) -> Vec<Vec<f32>> {
     if let Some(d) = &delta {
         add(&mut resid, d);
     }
-    resid.iter().map(|x| matvec(w.lm_head(), &norm(x, &w.final_norm, c.rms_norm_eps), None)).collect()
+    let head = |(p, x): (usize, &Vec<f32>)| {
+        if p < from {
+            Vec::new()
+        } else {
+            matvec(w.lm_head(), &norm(x, &w.final_norm, c.rms_norm_eps), None)
+        }
+    };
+    resid.iter().enumerate().map(head).collect()
 }
 
 fn config(big: bool) -> ModelConfig {
     let mut c = ModelConfig::tiny();
+    // Qwen2's q/k/v biases on both.
+    c.qkv_bias = true;
     if big {
         (c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size) =
             (1024, 2048, 4, 16, 4, 64, 8192);
     } else {
         (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim) = (128, 256, 4, 2, 64);
-        // Qwen2's q/k/v biases and tied embeddings on the small model; the big one has neither.
-        (c.qkv_bias, c.tie_embeddings) = (true, true);
+        // Tied embeddings on the small model only.
+        c.tie_embeddings = true;
     }
     c
 }
@@ -187,7 +196,7 @@ fn body<B: Backend>(dev: B, big: bool) {
         max_batch_tokens: 1024,
         max_seqs: 8,
     };
-    let (ra, rb) = (reference(&w, &a), reference(&w, &b));
+    let (ra, rb) = (reference(&w, &a, pa - 1), reference(&w, &b, 2 * pb - 1));
     println!("reference: {:.2?}", t0.elapsed());
     let mut m = DeviceBackend::new(dev, &w, opts).expect("device backend");
     let (pa_s, pb_s) = (&pages_a[..], &pages_b[..]);
