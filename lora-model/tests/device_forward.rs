@@ -262,3 +262,63 @@ fn ragged_schedule_matches_reference_gpu() {
         Err(e) => eprintln!("SKIP ragged_schedule_matches_reference: {e}"),
     }
 }
+
+/// The host-side validation refuses each malformed batch with `BadBatch` (or `UnknownAdapter`).
+#[test]
+fn bad_batches_are_refused() {
+    use lora_model::device::StepPlan;
+    use lora_model::ModelError;
+    let c = config(false);
+    let o = DeviceOptions {
+        num_pages: 4,
+        page_size: 4,
+        max_loras: 0,
+        max_lora_rank: 0,
+        host_cache_bytes: 0,
+        max_batch_tokens: 8,
+        max_seqs: 2,
+    };
+    let toks = [1u32, 2, 3, 4, 5, 6, 7, 8, 9];
+    let s = |t: &'static [u32], start: u32, pages: &'static [u32]| SeqInput {
+        tokens: t,
+        start_pos: start,
+        pages,
+        adapter: None,
+        sample: None,
+    };
+    let t: &'static [u32] = Box::leak(Box::new(toks));
+    let cases: Vec<(&str, Vec<SeqInput<'static>>)> = vec![
+        ("no tokens", vec![s(&t[..0], 0, &[0])]),
+        ("token outside the vocabulary", vec![s(&[300], 0, &[0])]),
+        ("pages too few", vec![s(&t[..5], 0, &[0])]),
+        ("page outside the cache", vec![s(&t[..2], 0, &[9])]),
+        ("too many tokens", vec![s(&t[..9], 0, &[0, 1, 2])]),
+        ("too many sequences", vec![s(&t[..1], 0, &[0]), s(&t[..1], 0, &[1]), s(&t[..1], 0, &[2])]),
+        ("context beyond max_position", vec![s(&t[..1], c.max_position as u32, &[0])]),
+    ];
+    for (what, batch) in &cases {
+        let e = StepPlan::new(&c, &o, batch).expect_err(what);
+        assert!(matches!(e, ModelError::BadBatch(_)), "{what}: {e}");
+        println!("{what}: {e}");
+    }
+    let mut a = s(&t[..1], 0, &[0]);
+    a.adapter = Some(3);
+    assert!(matches!(StepPlan::new(&c, &o, &[a]), Err(ModelError::UnknownAdapter(3))));
+    let mut bad = s(&t[..1], 0, &[0]);
+    bad.sample = Some(SampleRequest {
+        params: SamplingParams { temperature: f32::NAN, ..SamplingParams::greedy() },
+        draw: 0,
+        want_logits: false,
+    });
+    assert!(matches!(StepPlan::new(&c, &o, &[bad]), Err(ModelError::BadBatch(_))));
+    assert!(StepPlan::new(&c, &o, &[s(&t[..8], 0, &[3, 1])]).is_ok());
+}
+
+/// The engine holds a `Box<dyn ModelBackend>`: the CUDA backend is `Send` (the emulator is not, as
+/// `lora_device::Emulator` records graphs in non-`Send` closures; tests call `DeviceBackend::step`).
+#[cfg(feature = "gpu")]
+#[allow(dead_code)]
+fn the_cuda_backend_is_a_model_backend() {
+    fn model<T: lora_model::ModelBackend>() {}
+    model::<DeviceBackend<lora_device::Cuda>>();
+}
