@@ -207,6 +207,11 @@ fn body<B: Backend>(dev: B, big: bool) {
         let got = out.logits.as_ref().expect("logits");
         check(what, got, want);
         assert_eq!(out.token, Some(argmax(got)), "{what}: device token is not the argmax of its logits");
+        let best = argmax(want);
+        let second = want.iter().enumerate().filter(|(i, _)| *i != best as usize).fold(f32::MIN, |m, (_, v)| m.max(*v));
+        if want[best as usize] - second > 0.25 {
+            assert_eq!(out.token, Some(best), "{what}: greedy token differs from the reference's (clear margin)");
+        }
     };
     // Step 1: A's whole prompt, B's first chunk (no sample).
     let t = Instant::now();
