@@ -4,12 +4,14 @@
 //! - [`weights`]: the weights in host memory, bf16, Hugging Face layout ([`ModelWeights`]).
 //! - [`exec`]: the contract between the engine and a model backend ([`ModelBackend`]): ragged batches
 //!   of prefill chunks and decode tokens over a paged KV cache, adapters by id, sampling on the backend.
+//! - [`device`]: the forward pass on a `lora_device::Backend` (CUDA or the SIMT emulator): [`device::DeviceBackend`].
 //! - [`error`]: [`ModelError`], the crate's one error type.
 
 pub mod chat;
 pub mod config;
 pub mod cpu;
 pub mod dequant;
+pub mod device;
 pub mod error;
 pub mod exec;
 pub mod fetch;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Crates whose tests and examples go into the bundle.
-const GPU_CRATES: &[&str] = &["lora-device", "lora-gemm", "lora-graph"];
+const GPU_CRATES: &[&str] = &["lora-device", "lora-gemm", "lora-graph", "lora-model"];
 /// The demo: an example of `lora-gemm`, shipped as `lora-demo` (not among the benchmarks).
 const DEMO: &str = "lora_demo";
 const LIMIT: u64 = 60 << 20;

@@ -1,0 +1,220 @@
+//! The device side of one forward (eager): the launches of a [`StepPlan`] on the backend's stream, then
+//! the copy back of the sampled tokens (and logits when asked). See the parent module for the order.
+
+use half::bf16;
+use lora_device::{Backend, DenseGemm, DevSlice, DeviceBuffer};
+use lora_gemm::model::{
+    launch_argmax_bf16, launch_decode_attention, launch_embedding, launch_prefill_attention, launch_rmsnorm,
+    launch_rope_kv_write, launch_sample, launch_silu_mul, DecodeBuffers, DecodeShape, PrefillBuffers, PrefillShape,
+    RopeArgs,
+};
+
+use super::plan::StepPlan;
+use super::{dev_err, DeviceBackend};
+use crate::error::ModelError;
+use crate::exec::SeqOutput;
+
+/// `len` elements of `b` from `at`, or a null view when empty.
+fn view<T>(b: &DeviceBuffer<T>, at: usize, len: usize) -> Result<DevSlice<T>, ModelError> {
+    if len == 0 {
+        return Ok(DevSlice::null());
+    }
+    b.at(at, len).map_err(dev_err)
+}
+
+impl<B: Backend> DeviceBackend<B> {
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ + beta · y`, rows of stride `k`, `n` (`w` dense).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: DevSlice<u16>,
+        w: DevSlice<u16>,
+        y: DevSlice<u16>,
+        beta: f32,
+    ) -> Result<(), ModelError> {
+        let g = DenseGemm { m, n, k, x, ldx: k, w, ldw: k, y, ldy: n, alpha: 1.0, beta };
+        self.dev.gemm(self.dev.stream(), &g).map_err(dev_err)
+    }
+
+    /// Grow a scratch buffer to at least `len` elements.
+    fn grow<T: bytemuck::Pod>(dev: &B, b: &mut DeviceBuffer<T>, len: usize) -> Result<(), ModelError> {
+        if b.len() < len {
+            *b = dev.alloc_zeroed(len.next_power_of_two()).map_err(dev_err)?;
+        }
+        Ok(())
+    }
+
+    /// Run a validated plan.
+    pub(super) fn run(&mut self, p: &StepPlan) -> Result<Vec<SeqOutput>, ModelError> {
+        if p.batch == 0 {
+            return Ok(Vec::new());
+        }
+        let c = self.config.clone();
+        let (t, h, inter, vocab) = (p.tokens as usize, c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (hd, nq, nkv) = (c.head_dim as u32, c.num_heads as u32, c.num_kv_heads as u32);
+        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let qkvw = qd + 2 * kvd;
+        let ps = self.opts.page_size;
+        let sm = self.dev.sm_count();
+        let dplan = if p.n_decode > 0 {
+            let shape = DecodeShape {
+                batch: p.n_decode,
+                n_q: nq,
+                n_kv: nkv,
+                head_dim: hd,
+                page_size: ps,
+                max_context: p.decode_ctx,
+            };
+            let plan = shape.plan(sm).map_err(dev_err)?;
+            if plan.splits > 1 {
+                let n = shape.partial_elems(plan.splits);
+                Self::grow(&self.dev, &mut self.s.part_o, n)?;
+                Self::grow(&self.dev, &mut self.s.part_ml, 2 * n / hd as usize)?;
+            }
+            Some((shape, plan))
+        } else {
+            None
+        };
+        Self::grow(&self.dev, &mut self.s.meta, p.meta.len())?;
+        let st = self.dev.stream();
+        let dev = &self.dev;
+        let s = &self.s;
+        dev.copy_to_device(st, &p.meta, view(&s.meta, 0, p.meta.len())?).map_err(dev_err)?;
+        let meta = |at: usize, len: usize| view(&s.meta, at, len);
+        let rows = |b: &DeviceBuffer<u16>, width: usize| view(b, 0, t * width);
+        let (resid, xn, delta) = (rows(&s.resid, h)?, rows(&s.xn, h)?, rows(&s.delta, h)?);
+        let (qkv, attn, gu, act) =
+            (rows(&s.qkv, qkvw)?, rows(&s.attn, qd)?, rows(&s.gu, 2 * inter)?, rows(&s.act, inter)?);
+        let (h32, t32) = (h as u32, p.tokens);
+        let ids = meta(p.ids_at, t)?;
+        launch_embedding(dev, st, t32, h32, self.embed.slice(), h32, vocab as u32, ids, resid, h32).map_err(dev_err)?;
+        let nd = p.n_decode as usize;
+        for (l, w) in self.layers.iter().enumerate() {
+            let (x, r) = if l == 0 { (resid, DevSlice::null()) } else { (delta, resid) };
+            launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, x, h32, r, h32, w.attn_norm.slice(), xn, h32)
+                .map_err(dev_err)?;
+            let mut beta = 0.0;
+            if let Some(b) = &w.qkv_bias {
+                self.gemm(t, qkvw, 1, view(&s.ones, 0, t)?, b.slice(), qkv, 0.0)?;
+                beta = 1.0;
+            }
+            self.gemm(t, qkvw, h, xn, w.qkv.slice(), qkv, beta)?;
+            let rope = RopeArgs {
+                tokens: t32,
+                q: qkv,
+                ldq: qkvw as u32,
+                k: qkv.skip(qd).map_err(dev_err)?,
+                ldk: qkvw as u32,
+                v: qkv.skip(qd + kvd).map_err(dev_err)?,
+                ldv: qkvw as u32,
+                positions: meta(p.pos_at, t)?,
+                inv_freq: self.inv_freq.slice(),
+                slots: meta(p.slot_at, t)?,
+                n_q: nq,
+                n_kv: nkv,
+                head_dim: hd,
+                page_size: ps,
+                k_cache: w.k_cache.slice(),
+                v_cache: w.v_cache.slice(),
+            };
+            launch_rope_kv_write(dev, st, &rope).map_err(dev_err)?;
+            let scale = 1.0 / (hd as f32).sqrt();
+            if let Some((shape, plan)) = &dplan {
+                let b = DecodeBuffers {
+                    q: qkv,
+                    ldq: qkvw as u32,
+                    k_cache: w.k_cache.slice(),
+                    v_cache: w.v_cache.slice(),
+                    page_table: meta(p.dpt_at, nd * p.ld_pt as usize)?,
+                    ld_pt: p.ld_pt,
+                    seq_lens: meta(p.dlen_at, nd)?,
+                    part_o: s.part_o.slice(),
+                    part_ml: s.part_ml.slice(),
+                    out: attn,
+                    ldo: qd as u32,
+                };
+                launch_decode_attention(dev, st, shape, plan, &b, scale).map_err(dev_err)?;
+            }
+            if p.n_prefill > 0 {
+                let np = p.n_prefill as usize;
+                let shape = PrefillShape {
+                    num_seqs: p.n_prefill,
+                    max_qlen: p.prefill_max_q,
+                    total_rows: p.tokens - p.n_decode,
+                    max_context: p.prefill_ctx,
+                    n_q: nq,
+                    n_kv: nkv,
+                    head_dim: hd,
+                    page_size: ps,
+                };
+                let b = PrefillBuffers {
+                    q: qkv.skip(nd * qkvw).map_err(dev_err)?,
+                    ldq: qkvw as u32,
+                    q_start: meta(p.qstart_at, np + 1)?,
+                    k_cache: w.k_cache.slice(),
+                    v_cache: w.v_cache.slice(),
+                    page_table: meta(p.ppt_at, np * p.ld_pt as usize)?,
+                    ld_pt: p.ld_pt,
+                    kv_lens: meta(p.plen_at, np)?,
+                    out: attn.skip(nd * qd).map_err(dev_err)?,
+                    ldo: qd as u32,
+                };
+                launch_prefill_attention(dev, st, &shape, &b, scale).map_err(dev_err)?;
+            }
+            self.gemm(t, h, qd, attn, w.o.slice(), delta, 0.0)?;
+            launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, delta, h32, resid, h32, w.mlp_norm.slice(), xn, h32)
+                .map_err(dev_err)?;
+            self.gemm(t, 2 * inter, h, xn, w.gate_up.slice(), gu, 0.0)?;
+            launch_silu_mul(dev, st, t32, inter as u32, gu, 2 * inter as u32, act, inter as u32).map_err(dev_err)?;
+            self.gemm(t, h, inter, act, w.down.slice(), delta, 0.0)?;
+        }
+        let (x, r) = if self.layers.is_empty() { (resid, DevSlice::null()) } else { (delta, resid) };
+        launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, x, h32, r, h32, self.final_norm.slice(), xn, h32)
+            .map_err(dev_err)?;
+        let ns = p.n_sampled() as usize;
+        let mut out = vec![SeqOutput::default(); p.batch];
+        if ns == 0 {
+            dev.sync(st).map_err(dev_err)?;
+            return Ok(out);
+        }
+        let (xs, logits) = (view(&s.xs, 0, ns * h)?, view(&s.logits, 0, ns * vocab)?);
+        launch_embedding(dev, st, ns as u32, h32, xn, h32, t32, meta(p.gather_at, ns)?, xs, h32).map_err(dev_err)?;
+        self.gemm(ns, vocab, h, xs, self.lm_head_w(), logits, 0.0)?;
+        let tokens = view(&s.tokens, 0, ns)?;
+        let want = p.sampled.iter().any(|(_, r)| r.want_logits);
+        let mut host_logits = Vec::new();
+        if p.greedy {
+            launch_argmax_bf16(dev, st, ns as u32, vocab as u32, logits, vocab as u32, tokens).map_err(dev_err)?;
+            if want {
+                host_logits = vec![0u16; ns * vocab];
+                dev.copy_to_host(st, logits, &mut host_logits).map_err(dev_err)?;
+            }
+        } else {
+            // No bf16 → f32 cast kernel yet: the logits make one round trip so `sample_tokens` (f32) samples
+            // them on the device.
+            host_logits = vec![0u16; ns * vocab];
+            dev.copy_to_host(st, logits, &mut host_logits).map_err(dev_err)?;
+            dev.sync(st).map_err(dev_err)?;
+            let f: Vec<f32> = host_logits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+            let lf = view(&s.logits_f32, 0, ns * vocab)?;
+            dev.copy_to_device(st, &f, lf).map_err(dev_err)?;
+            let params = view(&s.params, 0, ns)?;
+            dev.copy_to_device(st, &p.params, params).map_err(dev_err)?;
+            launch_sample(dev, st, ns as u32, vocab as u32, lf, vocab as u32, params, tokens).map_err(dev_err)?;
+        }
+        let mut toks = vec![0u32; ns];
+        dev.copy_to_host(st, tokens, &mut toks).map_err(dev_err)?;
+        dev.sync(st).map_err(dev_err)?;
+        for (j, (i, r)) in p.sampled.iter().enumerate() {
+            out[*i].token = Some(toks[j]);
+            if r.want_logits {
+                let row = &host_logits[j * vocab..(j + 1) * vocab];
+                out[*i].logits = Some(row.iter().map(|&b| bf16::from_bits(b).to_f32()).collect());
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,310 @@
+//! The forward pass on a [`lora_device::Backend`] — the CUDA GPU, or the SIMT emulator running the same
+//! kernels in CI: [`DeviceBackend`] implements [`ModelBackend`].
+//!
+//! [`DeviceBackend::new`] uploads the weights once (q/k/v fused into one `[q + 2·kv, hidden]` matrix,
+//! gate/up into one `[2·inter, hidden]`), allocates one paged KV cache per layer (`abi::KvLayout`:
+//! `[page][kv_head][slot][head_dim]`) and the scratch rows of `max_batch_tokens` tokens. A forward
+//! ([`plan`] on the host, then [`forward`] on the device) validates the batch, builds every per-token
+//! index on the host, makes one H2D copy, and launches: embedding gather → per layer rmsnorm(+residual),
+//! qkv GEMM (+ Qwen2 bias), rope + KV write, decode attention for the one-token sequences and prefill
+//! attention for the chunks, o GEMM, rmsnorm(+residual), gate_up GEMM, silu·mul, down GEMM → final norm,
+//! a gather of the sampled rows, lm_head only for them, argmax (or `sample_tokens`) on the device; only the
+//! sampled tokens come back (and logits when asked).
+//!
+//! Not yet: LoRA adapters (`max_loras` must be 0: `add_adapter` refuses), CUDA-graph capture.
+
+mod forward;
+mod plan;
+
+use std::sync::Arc;
+
+use half::bf16;
+use lora_device::{Backend, DevSlice, DeviceBuffer};
+use lora_graph::adapter::LoraAdapter;
+use lora_kernels::abi::SampleParams;
+use lora_slots::SlotManager;
+
+use crate::config::{ModelConfig, RopeScaling};
+use crate::error::ModelError;
+use crate::exec::{AdapterId, AdapterStats, KvLayout, ModelBackend, SeqInput, SeqOutput};
+use crate::weights::{ModelWeights, Tensor};
+
+pub use plan::StepPlan;
+
+/// Capacities of a [`DeviceBackend`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceOptions {
+    /// KV pages per layer.
+    pub num_pages: u32,
+    /// Tokens per page.
+    pub page_size: u32,
+    /// Adapter slots on the device (0: base model only; LoRA is not wired in yet).
+    pub max_loras: usize,
+    /// Largest adapter rank.
+    pub max_lora_rank: u32,
+    /// Host adapter cache budget.
+    pub host_cache_bytes: u64,
+    /// Most tokens in one forward (sizes the scratch rows).
+    pub max_batch_tokens: usize,
+    /// Most sequences in one forward.
+    pub max_seqs: usize,
+}
+
+/// One layer's device weights and KV cache.
+struct Layer {
+    attn_norm: DeviceBuffer<u16>,
+    qkv: DeviceBuffer<u16>,
+    qkv_bias: Option<DeviceBuffer<u16>>,
+    o: DeviceBuffer<u16>,
+    mlp_norm: DeviceBuffer<u16>,
+    gate_up: DeviceBuffer<u16>,
+    down: DeviceBuffer<u16>,
+    k_cache: DeviceBuffer<u16>,
+    v_cache: DeviceBuffer<u16>,
+}
+
+/// Scratch rows of one forward (`max_batch_tokens` rows each, `max_seqs` for the sampled rows).
+struct Scratch {
+    resid: DeviceBuffer<u16>,
+    xn: DeviceBuffer<u16>,
+    qkv: DeviceBuffer<u16>,
+    attn: DeviceBuffer<u16>,
+    delta: DeviceBuffer<u16>,
+    gu: DeviceBuffer<u16>,
+    act: DeviceBuffer<u16>,
+    ones: DeviceBuffer<u16>,
+    xs: DeviceBuffer<u16>,
+    logits: DeviceBuffer<u16>,
+    logits_f32: DeviceBuffer<f32>,
+    params: DeviceBuffer<SampleParams>,
+    tokens: DeviceBuffer<u32>,
+    /// Per-step indices (grown on demand).
+    meta: DeviceBuffer<u32>,
+    /// Split-decode partials (grown on demand).
+    part_o: DeviceBuffer<f32>,
+    part_ml: DeviceBuffer<f32>,
+}
+
+/// A model on a device (see the module docs).
+pub struct DeviceBackend<B: Backend> {
+    dev: B,
+    config: ModelConfig,
+    opts: DeviceOptions,
+    layers: Vec<Layer>,
+    embed: DeviceBuffer<u16>,
+    lm_head: Option<DeviceBuffer<u16>>,
+    final_norm: DeviceBuffer<u16>,
+    inv_freq: DeviceBuffer<f32>,
+    s: Scratch,
+    slots: SlotManager<AdapterId>,
+    steps: u64,
+}
+
+pub(crate) fn dev_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Backend(e.to_string())
+}
+
+fn bits(t: &Tensor) -> Vec<u16> {
+    t.data.iter().map(|v| v.to_bits()).collect()
+}
+
+fn cat(ts: &[&Tensor]) -> Vec<u16> {
+    ts.iter().flat_map(|t| t.data.iter().map(|v| v.to_bits())).collect()
+}
+
+/// RoPE inverse frequencies (`head_dim / 2` f32), with Hugging Face's linear and llama3 scaling.
+pub fn rope_inv_freq(c: &ModelConfig) -> Vec<f32> {
+    let d = c.head_dim;
+    (0..d / 2)
+        .map(|i| {
+            let f = (c.rope_theta as f64).powf(-(2.0 * i as f64) / d as f64);
+            let f = match &c.rope_scaling {
+                None => f,
+                Some(RopeScaling::Linear { factor }) => f / *factor as f64,
+                Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position }) => {
+                    let (fac, lo, hi, old) = (
+                        *factor as f64,
+                        *low_freq_factor as f64,
+                        *high_freq_factor as f64,
+                        *original_max_position as f64,
+                    );
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    let (lo_wl, hi_wl) = (old / lo, old / hi);
+                    if wavelen < hi_wl {
+                        f
+                    } else if wavelen > lo_wl {
+                        f / fac
+                    } else {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        (1.0 - smooth) * f / fac + smooth * f
+                    }
+                }
+            };
+            f as f32
+        })
+        .collect()
+}
+
+impl<B: Backend> DeviceBackend<B> {
+    /// Uploads `weights` to `dev` and allocates the KV cache and scratch of `opts`.
+    pub fn new(dev: B, weights: &ModelWeights, opts: DeviceOptions) -> Result<Self, ModelError> {
+        let c = weights.config.clone();
+        if !matches!(c.head_dim, 64 | 128) {
+            return Err(ModelError::Unsupported(format!(
+                "device backend: head_dim {} (the kernels need 64 or 128)",
+                c.head_dim
+            )));
+        }
+        if c.num_kv_heads == 0 || !c.num_heads.is_multiple_of(c.num_kv_heads) || c.group_size() > 8 {
+            return Err(ModelError::Unsupported(format!(
+                "device backend: {} heads over {} KV heads",
+                c.num_heads, c.num_kv_heads
+            )));
+        }
+        if !c.hidden_size.is_multiple_of(8) || !c.intermediate_size.is_multiple_of(8) {
+            return Err(ModelError::Unsupported(
+                "device backend: hidden and intermediate sizes must be multiples of 8".into(),
+            ));
+        }
+        if opts.max_loras > 0 {
+            return Err(ModelError::Unsupported(
+                "device backend: LoRA adapters are not wired in yet (max_loras must be 0)".into(),
+            ));
+        }
+        if opts.num_pages == 0 || opts.page_size == 0 || opts.max_batch_tokens == 0 || opts.max_seqs == 0 {
+            return Err(ModelError::Unsupported(format!("device backend: empty capacity {opts:?}")));
+        }
+        let up = |v: &[u16]| dev.upload(v).map_err(dev_err);
+        let kv_elems = opts.num_pages as usize * opts.page_size as usize * c.num_kv_heads * c.head_dim;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in &weights.layers {
+            layers.push(Layer {
+                attn_norm: up(&bits(&l.attn_norm))?,
+                qkv: up(&cat(&[&l.q, &l.k, &l.v]))?,
+                qkv_bias: match &l.qkv_bias {
+                    Some([a, b, cc]) => Some(up(&cat(&[a, b, cc]))?),
+                    None => None,
+                },
+                o: up(&bits(&l.o))?,
+                mlp_norm: up(&bits(&l.mlp_norm))?,
+                gate_up: up(&cat(&[&l.gate, &l.up]))?,
+                down: up(&bits(&l.down))?,
+                k_cache: dev.alloc_zeroed(kv_elems).map_err(dev_err)?,
+                v_cache: dev.alloc_zeroed(kv_elems).map_err(dev_err)?,
+            });
+        }
+        let (t, s) = (opts.max_batch_tokens, opts.max_seqs);
+        let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+        let z16 = |n: usize| dev.alloc_zeroed::<u16>(n).map_err(dev_err);
+        let scratch = Scratch {
+            resid: z16(t * h)?,
+            xn: z16(t * h)?,
+            qkv: z16(t * (q + 2 * kv))?,
+            attn: z16(t * q)?,
+            delta: z16(t * h)?,
+            gu: z16(t * 2 * i)?,
+            act: z16(t * i)?,
+            ones: up(&vec![bf16::ONE.to_bits(); t])?,
+            xs: z16(s * h)?,
+            logits: z16(s * c.vocab_size)?,
+            logits_f32: dev.alloc_zeroed(s * c.vocab_size).map_err(dev_err)?,
+            params: dev.alloc_zeroed(s).map_err(dev_err)?,
+            tokens: dev.alloc_zeroed(s).map_err(dev_err)?,
+            meta: dev.alloc_zeroed(1024).map_err(dev_err)?,
+            part_o: dev.alloc_zeroed(1).map_err(dev_err)?,
+            part_ml: dev.alloc_zeroed(1).map_err(dev_err)?,
+        };
+        let embed = up(&bits(&weights.embed))?;
+        let lm_head = match &weights.lm_head {
+            Some(t) => Some(up(&bits(t))?),
+            None => None,
+        };
+        let final_norm = up(&bits(&weights.final_norm))?;
+        let inv_freq = dev.upload(&rope_inv_freq(&c)).map_err(dev_err)?;
+        let slots = SlotManager::new(opts.max_loras)?;
+        Ok(DeviceBackend {
+            dev,
+            config: c,
+            opts,
+            layers,
+            embed,
+            lm_head,
+            final_norm,
+            inv_freq,
+            s: scratch,
+            slots,
+            steps: 0,
+        })
+    }
+
+    /// The device.
+    pub fn dev(&self) -> &B {
+        &self.dev
+    }
+
+    /// The capacities it was built with.
+    pub fn options(&self) -> &DeviceOptions {
+        &self.opts
+    }
+
+    /// Forwards run so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// [`ModelBackend::forward`], for any backend (the trait also needs `Send`).
+    pub fn step(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<SeqOutput>, ModelError> {
+        let plan = StepPlan::new(&self.config, &self.opts, batch)?;
+        let out = self.run(&plan)?;
+        self.steps += 1;
+        Ok(out)
+    }
+
+    fn lm_head_w(&self) -> DevSlice<u16> {
+        self.lm_head.as_ref().unwrap_or(&self.embed).slice()
+    }
+}
+
+impl<B: Backend> ModelBackend for DeviceBackend<B>
+where
+    Self: Send,
+{
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        KvLayout { num_pages: self.opts.num_pages, page_size: self.opts.page_size }
+    }
+
+    fn max_lora_rank(&self) -> u32 {
+        self.opts.max_lora_rank
+    }
+
+    fn add_adapter(&mut self, id: AdapterId, _adapter: Arc<LoraAdapter>) -> Result<Vec<AdapterId>, ModelError> {
+        Err(ModelError::Adapter {
+            adapter: format!("id {id}"),
+            reason: "the device backend does not run LoRA adapters yet".into(),
+        })
+    }
+
+    fn remove_adapter(&mut self, id: AdapterId) -> Result<(), ModelError> {
+        Err(ModelError::UnknownAdapter(id))
+    }
+
+    fn has_adapter(&self, _id: AdapterId) -> bool {
+        false
+    }
+
+    fn slots(&self) -> &SlotManager<AdapterId> {
+        &self.slots
+    }
+
+    fn adapter_stats(&self) -> AdapterStats {
+        AdapterStats::default()
+    }
+
+    fn forward(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<SeqOutput>, ModelError> {
+        self.step(batch)
+    }
+}
