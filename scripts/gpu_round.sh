@@ -13,17 +13,17 @@ export PATH="/usr/local/cuda/bin:$PATH"
 step() { echo "== $1 ($(date -u +%H:%M:%S))"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 step tests
-OUT="$L" timeout 240 bash "$B/run.sh" tests > "$L/tests.txt" 2>&1; echo "rc=$?" >> "$L/tests.txt"
+OUT="$L" timeout 200 bash "$B/run.sh" tests > "$L/tests.txt" 2>&1; echo "rc=$?" >> "$L/tests.txt"
 step bench_step
-timeout 90 "$B/bench/lora-graph--bench_step" > "$L/bench_step.txt" 2>&1; echo "rc=$?" >> "$L/bench_step.txt"
+timeout 70 "$B/bench/lora-graph--bench_step" > "$L/bench_step.txt" 2>&1; echo "rc=$?" >> "$L/bench_step.txt"
 step attention
-OUT="$L" timeout 150 bash "$B/run.sh" attention > "$L/attention.txt" 2>&1; echo "rc=$?" >> "$L/attention.txt"
+OUT="$L" timeout 120 bash "$B/run.sh" attention > "$L/attention.txt" 2>&1; echo "rc=$?" >> "$L/attention.txt"
 step memcheck
-timeout 90 compute-sanitizer --tool memcheck --print-limit 20 "$B/tests/lora-gemm--device_model_kernels" --test-threads=1 gpu > "$L/memcheck.txt" 2>&1; echo "rc=$?" >> "$L/memcheck.txt"
+timeout 70 compute-sanitizer --tool memcheck --print-limit 20 "$B/tests/lora-gemm--device_model_kernels" --test-threads=1 gpu > "$L/memcheck.txt" 2>&1; echo "rc=$?" >> "$L/memcheck.txt"
 step racecheck
-timeout 60 compute-sanitizer --tool racecheck --print-limit 20 "$B/tests/lora-gemm--device_model_kernels" --test-threads=1 gpu > "$L/racecheck.txt" 2>&1; echo "rc=$?" >> "$L/racecheck.txt"
+timeout 50 compute-sanitizer --tool racecheck --print-limit 20 "$B/tests/lora-gemm--device_model_kernels" --test-threads=1 prefill > "$L/racecheck.txt" 2>&1; echo "rc=$?" >> "$L/racecheck.txt"
 step bench_layer
-timeout 60 "$B/bench/lora-gemm--bench_layer" > "$L/bench_layer.txt" 2>&1; echo "rc=$?" >> "$L/bench_layer.txt"
+timeout 40 "$B/bench/lora-gemm--bench_layer" > "$L/bench_layer.txt" 2>&1; echo "rc=$?" >> "$L/bench_layer.txt"
 tar czf "$OUTDIR/logs.tgz" -C "$L" .
 step summary
 grep -E "^SUITE|bundle tests|panicked|FAILED" "$L/tests.txt" | head -40
