@@ -148,9 +148,9 @@ fn graph_replay_matches_eager_and_reference_over_200_steps<B: Backend>(dev: B, l
     let shapes = model.rt.plan.shapes.clone();
     let bases = model.rt.plan.group_module_base.clone();
     let (mut checked, mut over_capacity, mut uploads, mut base_only) = (0, 0, 0, 0);
-    // 200 steps on the GPU; 60 on the emulator in `cargo test` (about a second each there);
-    // `GRAPH_STEPS=200` runs the full mix on the emulator too.
-    let default_steps = if name == "emulator" { 60 } else { 200 };
+    // 200 steps on every backend (about a second each on the emulator, at its smaller shapes);
+    // `GRAPH_STEPS=N` changes the count (e.g. for a quick local run).
+    let default_steps = 200;
     let steps: usize = std::env::var("GRAPH_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(default_steps);
     for step in 0..steps {
         if step % 40 == 39 {
