@@ -194,6 +194,13 @@ impl<T> PinnedBuffer<T> {
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
+    /// The first `len` elements, or an error when the buffer is shorter (the check every pinned upload makes).
+    pub fn prefix(&self, len: usize) -> Result<&[T], DeviceError> {
+        self.as_slice()
+            .get(..len)
+            .ok_or_else(|| DeviceError::Invalid(format!("{len} elements past a pinned buffer of {}", self.len)))
+    }
+
     /// Write access (order it after pending copies from this buffer).
     pub fn as_mut_slice(&mut self) -> &mut [T] {
         // SAFETY: `new`'s contract; `&mut self` makes this the only host reference.

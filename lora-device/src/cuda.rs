@@ -190,10 +190,7 @@ impl Backend for Cuda {
         len: usize,
         dst: DevSlice<T>,
     ) -> Result<(), DeviceError> {
-        let src = src
-            .as_slice()
-            .get(..len)
-            .ok_or_else(|| DeviceError::Invalid(format!("{len} elements past a pinned buffer of {}", src.len())))?;
+        let src = src.prefix(len)?;
         let dst = dst.at(0, len)?;
         if len == 0 {
             return Ok(());

@@ -359,10 +359,7 @@ impl Backend for Emulator {
         len: usize,
         dst: DevSlice<T>,
     ) -> Result<(), DeviceError> {
-        let src = src
-            .as_slice()
-            .get(..len)
-            .ok_or_else(|| DeviceError::Invalid(format!("{len} elements past a pinned buffer of {}", src.len())))?;
+        let src = src.prefix(len)?;
         self.copy_to_device(stream, src, dst)
     }
 

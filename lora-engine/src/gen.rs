@@ -86,11 +86,7 @@ fn values(seed: u64, n: usize, scale: f32, offset: f32) -> Vec<bf16> {
     let mut s = seed;
     (0..n)
         .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
+            let z = lora_model::sampling::splitmix64(&mut s);
             let unit = (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
             bf16::from_f32(offset + scale * unit)
         })

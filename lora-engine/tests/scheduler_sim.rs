@@ -16,10 +16,7 @@ const VOCAB: u64 = 50;
 const STOP: u32 = 0;
 
 fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    lora_model::sampling::splitmix64(&mut z)
 }
 
 /// The fake model: next token after `ctx` under `adapter`.

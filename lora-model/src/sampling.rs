@@ -23,12 +23,19 @@
 use crate::error::ModelError;
 use crate::exec::SamplingParams;
 
-/// SplitMix64's step: golden-ratio increment, then the finaliser.
-fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+/// One step of the SplitMix64 generator: adds the golden-ratio increment to `state` and returns the
+/// finalised new state. The one copy of SplitMix64 in the crate (random weights, test data, the draw).
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// SplitMix64's output for state `x` (the step without keeping the state).
+fn mix(mut x: u64) -> u64 {
+    splitmix64(&mut x)
 }
 
 /// The uniform draw in `[0, 1)` of a request with `seed` for its `draw`-th generated token.
