@@ -308,7 +308,8 @@ fn bad_batches_are_refused() {
     }
     let mut a = s(&t[..1], 0, &[0]);
     a.adapter = Some(3);
-    assert!(matches!(StepPlan::new(&c, &o, &[a]), Err(ModelError::UnknownAdapter(3))));
+    // Adapter ids are checked by the backend (tests/device_lora.rs), not the plan.
+    assert!(StepPlan::new(&c, &o, &[a]).is_ok());
     let mut bad = s(&t[..1], 0, &[0]);
     bad.sample = Some(SampleRequest {
         params: SamplingParams { temperature: f32::NAN, ..SamplingParams::greedy() },

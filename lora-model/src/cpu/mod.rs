@@ -12,7 +12,7 @@ mod kv;
 mod linalg;
 mod rope;
 mod validate;
-mod weights;
+pub(crate) mod weights;
 
 use std::sync::Arc;
 

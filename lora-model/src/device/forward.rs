@@ -8,9 +8,11 @@ use lora_gemm::model::{
     launch_rope_kv_write, launch_sample, launch_silu_mul, DecodeBuffers, DecodeShape, PrefillBuffers, PrefillShape,
     RopeArgs,
 };
+use lora_graph::runtime::GroupIo;
+use lora_graph::GraphError;
 
 use super::plan::StepPlan;
-use super::{dev_err, DeviceBackend};
+use super::{dev_err, graph_err, Dev, DeviceBackend};
 use crate::error::ModelError;
 use crate::exec::SeqOutput;
 
@@ -36,7 +38,37 @@ impl<B: Backend> DeviceBackend<B> {
         beta: f32,
     ) -> Result<(), ModelError> {
         let g = DenseGemm { m, n, k, x, ldx: k, w, ldw: k, y, ldy: n, alpha: 1.0, beta };
-        self.dev.gemm(self.dev.stream(), &g).map_err(dev_err)
+        let d = self.dev.get();
+        d.gemm(d.stream(), &g).map_err(dev_err)
+    }
+
+    /// A group's `base` GEMM (which writes `y`), with the group's LoRA beside it when the step uses LoRA
+    /// (`bucket`): `x`, `y` are the full scratch rows (the runtime's capacity), strides `ldx`, `ldy`.
+    #[allow(clippy::too_many_arguments)]
+    fn group(
+        &self,
+        bucket: Option<u32>,
+        layer: usize,
+        group: usize,
+        x: &DeviceBuffer<u16>,
+        ldx: usize,
+        y: &DeviceBuffer<u16>,
+        ldy: usize,
+        base: impl FnOnce() -> Result<(), ModelError>,
+    ) -> Result<(), ModelError> {
+        let (Some(bucket), Dev::Lora(l)) = (bucket, &self.dev) else {
+            return base();
+        };
+        let io = GroupIo { x: x.slice(), ldx: ldx as u32, y: y.slice(), ldy: ldy as u32 };
+        let mut err = None;
+        let r = l.rt.launch_group(l.rt.stream(), &l.branch, bucket, layer as u32, group, io, || {
+            base().map_err(|e| {
+                let m = e.to_string();
+                err = Some(e);
+                GraphError::BadStep(m)
+            })
+        });
+        r.map_err(|e| err.take().unwrap_or_else(|| graph_err(e)))
     }
 
     /// Grow a scratch buffer to at least `len` elements.
@@ -48,7 +80,7 @@ impl<B: Backend> DeviceBackend<B> {
     }
 
     /// Run a validated plan.
-    pub(super) fn run(&mut self, p: &StepPlan) -> Result<Vec<SeqOutput>, ModelError> {
+    pub(super) fn run(&mut self, p: &StepPlan, bucket: Option<u32>) -> Result<Vec<SeqOutput>, ModelError> {
         if p.batch == 0 {
             return Ok(Vec::new());
         }
@@ -58,7 +90,7 @@ impl<B: Backend> DeviceBackend<B> {
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let qkvw = qd + 2 * kvd;
         let ps = self.opts.page_size;
-        let sm = self.dev.sm_count();
+        let sm = self.dev.get().sm_count();
         let dplan = if p.n_decode > 0 {
             let shape = DecodeShape {
                 batch: p.n_decode,
@@ -71,16 +103,16 @@ impl<B: Backend> DeviceBackend<B> {
             let plan = shape.plan(sm).map_err(dev_err)?;
             if plan.splits > 1 {
                 let n = shape.partial_elems(plan.splits);
-                Self::grow(&self.dev, &mut self.s.part_o, n)?;
-                Self::grow(&self.dev, &mut self.s.part_ml, 2 * n / hd as usize)?;
+                Self::grow(self.dev.get(), &mut self.s.part_o, n)?;
+                Self::grow(self.dev.get(), &mut self.s.part_ml, 2 * n / hd as usize)?;
             }
             Some((shape, plan))
         } else {
             None
         };
-        Self::grow(&self.dev, &mut self.s.meta, p.meta.len())?;
-        let st = self.dev.stream();
-        let dev = &self.dev;
+        Self::grow(self.dev.get(), &mut self.s.meta, p.meta.len())?;
+        let dev = self.dev.get();
+        let st = dev.stream();
         let s = &self.s;
         dev.copy_to_device(st, &p.meta, view(&s.meta, 0, p.meta.len())?).map_err(dev_err)?;
         let meta = |at: usize, len: usize| view(&s.meta, at, len);
@@ -91,17 +123,22 @@ impl<B: Backend> DeviceBackend<B> {
         let (h32, t32) = (h as u32, p.tokens);
         let ids = meta(p.ids_at, t)?;
         launch_embedding(dev, st, t32, h32, self.embed.slice(), h32, vocab as u32, ids, resid, h32).map_err(dev_err)?;
+        if let (Some(_), Dev::Lora(l)) = (bucket, &self.dev) {
+            l.rt.launch_prep(st).map_err(graph_err)?;
+        }
         let nd = p.n_decode as usize;
         for (l, w) in self.layers.iter().enumerate() {
             let (x, r) = if l == 0 { (resid, DevSlice::null()) } else { (delta, resid) };
             launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, x, h32, r, h32, w.attn_norm.slice(), xn, h32)
                 .map_err(dev_err)?;
-            let mut beta = 0.0;
-            if let Some(b) = &w.qkv_bias {
-                self.gemm(t, qkvw, 1, view(&s.ones, 0, t)?, b.slice(), qkv, 0.0)?;
-                beta = 1.0;
-            }
-            self.gemm(t, qkvw, h, xn, w.qkv.slice(), qkv, beta)?;
+            self.group(bucket, l, 0, &s.xn, h, &s.qkv, qkvw, || {
+                let mut beta = 0.0;
+                if let Some(b) = &w.qkv_bias {
+                    self.gemm(t, qkvw, 1, view(&s.ones, 0, t)?, b.slice(), qkv, 0.0)?;
+                    beta = 1.0;
+                }
+                self.gemm(t, qkvw, h, xn, w.qkv.slice(), qkv, beta)
+            })?;
             let rope = RopeArgs {
                 tokens: t32,
                 q: qkv,
@@ -164,12 +201,16 @@ impl<B: Backend> DeviceBackend<B> {
                 };
                 launch_prefill_attention(dev, st, &shape, &b, scale).map_err(dev_err)?;
             }
-            self.gemm(t, h, qd, attn, w.o.slice(), delta, 0.0)?;
+            self.group(bucket, l, 1, &s.attn, qd, &s.delta, h, || self.gemm(t, h, qd, attn, w.o.slice(), delta, 0.0))?;
             launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, delta, h32, resid, h32, w.mlp_norm.slice(), xn, h32)
                 .map_err(dev_err)?;
-            self.gemm(t, 2 * inter, h, xn, w.gate_up.slice(), gu, 0.0)?;
+            self.group(bucket, l, 2, &s.xn, h, &s.gu, 2 * inter, || {
+                self.gemm(t, 2 * inter, h, xn, w.gate_up.slice(), gu, 0.0)
+            })?;
             launch_silu_mul(dev, st, t32, inter as u32, gu, 2 * inter as u32, act, inter as u32).map_err(dev_err)?;
-            self.gemm(t, h, inter, act, w.down.slice(), delta, 0.0)?;
+            self.group(bucket, l, 3, &s.act, inter, &s.delta, h, || {
+                self.gemm(t, h, inter, act, w.down.slice(), delta, 0.0)
+            })?;
         }
         let (x, r) = if self.layers.is_empty() { (resid, DevSlice::null()) } else { (delta, resid) };
         launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, x, h32, r, h32, self.final_norm.slice(), xn, h32)

@@ -11,7 +11,12 @@
 //! a gather of the sampled rows, lm_head only for them, argmax (or `sample_tokens`) on the device; only the
 //! sampled tokens come back (and logits when asked).
 //!
-//! Not yet: LoRA adapters (`max_loras` must be 0: `add_adapter` refuses), CUDA-graph capture.
+//! LoRA (`max_loras > 0`): a [`LoraRuntime`] for the groups qkv, o, gate_up, down owns the device; a step
+//! whose requests use adapters makes one `prepare_step` (requests in the device's row order: decode
+//! first), one prep launch, and per layer and group the group's LoRA beside its base GEMM
+//! ([`LoraRuntime::launch_group`]) on the same rows. Base-only steps launch no LoRA.
+//!
+//! Not yet: CUDA-graph capture.
 
 mod forward;
 mod plan;
@@ -19,12 +24,17 @@ mod plan;
 use std::sync::Arc;
 
 use half::bf16;
-use lora_device::{Backend, DevSlice, DeviceBuffer};
+use lora_device::{Backend, Branch, DevSlice, DeviceBuffer};
+use lora_gemm::plan::{Capacity, ModuleGroup, ModuleSpec};
 use lora_graph::adapter::LoraAdapter;
+use lora_graph::buckets::Buckets;
+use lora_graph::runtime::{LoraRuntime, RuntimeConfig, StepRequest};
+use lora_graph::GraphError;
 use lora_kernels::abi::SampleParams;
 use lora_slots::SlotManager;
 
 use crate::config::{ModelConfig, RopeScaling};
+use crate::cpu::weights::{adapter_bytes, check_adapter};
 use crate::error::ModelError;
 use crate::exec::{AdapterId, AdapterStats, KvLayout, ModelBackend, SeqInput, SeqOutput};
 use crate::weights::{ModelWeights, Tensor};
@@ -38,7 +48,7 @@ pub struct DeviceOptions {
     pub num_pages: u32,
     /// Tokens per page.
     pub page_size: u32,
-    /// Adapter slots on the device (0: base model only; LoRA is not wired in yet).
+    /// Adapter slots on the device (0: base model only).
     pub max_loras: usize,
     /// Largest adapter rank.
     pub max_lora_rank: u32,
@@ -85,9 +95,30 @@ struct Scratch {
     part_ml: DeviceBuffer<f32>,
 }
 
+/// The LoRA side: the runtime (which owns the device) and the branch its shrink runs on.
+pub(crate) struct Lora<B: Backend> {
+    pub(crate) branch: Branch<B>,
+    pub(crate) rt: LoraRuntime<AdapterId, B>,
+}
+
+/// The device: owned directly (base model only), or through the LoRA runtime.
+pub(crate) enum Dev<B: Backend> {
+    Plain(B),
+    Lora(Box<Lora<B>>),
+}
+
+impl<B: Backend> Dev<B> {
+    pub(crate) fn get(&self) -> &B {
+        match self {
+            Dev::Plain(d) => d,
+            Dev::Lora(l) => l.rt.dev(),
+        }
+    }
+}
+
 /// A model on a device (see the module docs).
 pub struct DeviceBackend<B: Backend> {
-    dev: B,
+    dev: Dev<B>,
     config: ModelConfig,
     opts: DeviceOptions,
     layers: Vec<Layer>,
@@ -97,7 +128,50 @@ pub struct DeviceBackend<B: Backend> {
     inv_freq: DeviceBuffer<f32>,
     s: Scratch,
     slots: SlotManager<AdapterId>,
+    /// Registered adapters and their bytes (for [`AdapterStats`]).
+    registered: std::collections::BTreeMap<AdapterId, u64>,
+    uploads: u64,
     steps: u64,
+}
+
+/// A LoRA runtime error as a model error.
+pub(crate) fn graph_err(e: GraphError) -> ModelError {
+    match e {
+        GraphError::Slots(e) => ModelError::Slots(e),
+        e => ModelError::Backend(e.to_string()),
+    }
+}
+
+/// The runtime configuration of a model and its options.
+fn runtime_config(c: &ModelConfig, o: &DeviceOptions) -> Result<RuntimeConfig, ModelError> {
+    let (h, q, kv, i) = (
+        c.hidden_size as u32,
+        (c.num_heads * c.head_dim) as u32,
+        (c.num_kv_heads * c.head_dim) as u32,
+        c.intermediate_size as u32,
+    );
+    let groups = vec![
+        ModuleGroup::new(
+            "qkv",
+            vec![ModuleSpec::new("q", h, q), ModuleSpec::new("k", h, kv), ModuleSpec::new("v", h, kv)],
+        ),
+        ModuleGroup::new("o", vec![ModuleSpec::new("o", q, h)]),
+        ModuleGroup::new("gate_up", vec![ModuleSpec::new("gate", h, i), ModuleSpec::new("up", h, i)]),
+        ModuleGroup::new("down", vec![ModuleSpec::new("down", i, h)]),
+    ];
+    let t = o.max_batch_tokens as u32;
+    Ok(RuntimeConfig {
+        capacity: Capacity {
+            max_tokens: t,
+            num_slots: o.max_loras as u32,
+            max_rank: o.max_lora_rank,
+            max_reqs: o.max_seqs as u32,
+        },
+        num_layers: c.num_layers as u32,
+        groups,
+        buckets: Buckets::default_for(t).map_err(graph_err)?,
+        host_cache_bytes: o.host_cache_bytes,
+    })
 }
 
 pub(crate) fn dev_err(e: impl std::fmt::Display) -> ModelError {
@@ -166,15 +240,18 @@ impl<B: Backend> DeviceBackend<B> {
                 "device backend: hidden and intermediate sizes must be multiples of 8".into(),
             ));
         }
-        if opts.max_loras > 0 {
-            return Err(ModelError::Unsupported(
-                "device backend: LoRA adapters are not wired in yet (max_loras must be 0)".into(),
-            ));
-        }
         if opts.num_pages == 0 || opts.page_size == 0 || opts.max_batch_tokens == 0 || opts.max_seqs == 0 {
             return Err(ModelError::Unsupported(format!("device backend: empty capacity {opts:?}")));
         }
-        let up = |v: &[u16]| dev.upload(v).map_err(dev_err);
+        let dev = if opts.max_loras > 0 {
+            let rt = LoraRuntime::new(dev, runtime_config(&c, &opts)?).map_err(graph_err)?;
+            let branch = Branch::new(rt.dev()).map_err(dev_err)?;
+            Dev::Lora(Box::new(Lora { branch, rt }))
+        } else {
+            Dev::Plain(dev)
+        };
+        let d = dev.get();
+        let up = |v: &[u16]| d.upload(v).map_err(dev_err);
         let kv_elems = opts.num_pages as usize * opts.page_size as usize * c.num_kv_heads * c.head_dim;
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in &weights.layers {
@@ -189,13 +266,13 @@ impl<B: Backend> DeviceBackend<B> {
                 mlp_norm: up(&bits(&l.mlp_norm))?,
                 gate_up: up(&cat(&[&l.gate, &l.up]))?,
                 down: up(&bits(&l.down))?,
-                k_cache: dev.alloc_zeroed(kv_elems).map_err(dev_err)?,
-                v_cache: dev.alloc_zeroed(kv_elems).map_err(dev_err)?,
+                k_cache: d.alloc_zeroed(kv_elems).map_err(dev_err)?,
+                v_cache: d.alloc_zeroed(kv_elems).map_err(dev_err)?,
             });
         }
         let (t, s) = (opts.max_batch_tokens, opts.max_seqs);
         let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
-        let z16 = |n: usize| dev.alloc_zeroed::<u16>(n).map_err(dev_err);
+        let z16 = |n: usize| d.alloc_zeroed::<u16>(n).map_err(dev_err);
         let scratch = Scratch {
             resid: z16(t * h)?,
             xn: z16(t * h)?,
@@ -207,12 +284,12 @@ impl<B: Backend> DeviceBackend<B> {
             ones: up(&vec![bf16::ONE.to_bits(); t])?,
             xs: z16(s * h)?,
             logits: z16(s * c.vocab_size)?,
-            logits_f32: dev.alloc_zeroed(s * c.vocab_size).map_err(dev_err)?,
-            params: dev.alloc_zeroed(s).map_err(dev_err)?,
-            tokens: dev.alloc_zeroed(s).map_err(dev_err)?,
-            meta: dev.alloc_zeroed(1024).map_err(dev_err)?,
-            part_o: dev.alloc_zeroed(1).map_err(dev_err)?,
-            part_ml: dev.alloc_zeroed(1).map_err(dev_err)?,
+            logits_f32: d.alloc_zeroed(s * c.vocab_size).map_err(dev_err)?,
+            params: d.alloc_zeroed(s).map_err(dev_err)?,
+            tokens: d.alloc_zeroed(s).map_err(dev_err)?,
+            meta: d.alloc_zeroed(1024).map_err(dev_err)?,
+            part_o: d.alloc_zeroed(1).map_err(dev_err)?,
+            part_ml: d.alloc_zeroed(1).map_err(dev_err)?,
         };
         let embed = up(&bits(&weights.embed))?;
         let lm_head = match &weights.lm_head {
@@ -220,7 +297,7 @@ impl<B: Backend> DeviceBackend<B> {
             None => None,
         };
         let final_norm = up(&bits(&weights.final_norm))?;
-        let inv_freq = dev.upload(&rope_inv_freq(&c)).map_err(dev_err)?;
+        let inv_freq = d.upload(&rope_inv_freq(&c)).map_err(dev_err)?;
         let slots = SlotManager::new(opts.max_loras)?;
         Ok(DeviceBackend {
             dev,
@@ -233,13 +310,15 @@ impl<B: Backend> DeviceBackend<B> {
             inv_freq,
             s: scratch,
             slots,
+            registered: Default::default(),
+            uploads: 0,
             steps: 0,
         })
     }
 
     /// The device.
     pub fn dev(&self) -> &B {
-        &self.dev
+        self.dev.get()
     }
 
     /// The capacities it was built with.
@@ -255,9 +334,80 @@ impl<B: Backend> DeviceBackend<B> {
     /// [`ModelBackend::forward`], for any backend (the trait also needs `Send`).
     pub fn step(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<SeqOutput>, ModelError> {
         let plan = StepPlan::new(&self.config, &self.opts, batch)?;
-        let out = self.run(&plan)?;
+        if let Some(a) = batch.iter().filter_map(|s| s.adapter).find(|a| !self.registered.contains_key(a)) {
+            return Err(ModelError::UnknownAdapter(a));
+        }
+        let mut bucket = None;
+        if let (Dev::Lora(l), true) = (&mut self.dev, batch.iter().any(|s| s.adapter.is_some())) {
+            let reqs: Vec<_> = plan
+                .order
+                .iter()
+                .map(|&i| StepRequest { adapter: batch[i].adapter, tokens: batch[i].tokens.len() as u32 })
+                .collect();
+            let p = l.rt.prepare_step(&reqs).map_err(graph_err)?;
+            self.uploads += p.uploads as u64;
+            bucket = p.uses_lora.then_some(p.bucket);
+        }
+        let out = self.run(&plan, bucket);
+        if let (Dev::Lora(l), Some(_)) = (&self.dev, bucket) {
+            l.rt.finish_step().map_err(graph_err)?;
+        }
         self.steps += 1;
-        Ok(out)
+        out
+    }
+
+    /// [`ModelBackend::add_adapter`]: validated, then registered with the LoRA runtime (host memory).
+    pub fn add_adapter(&mut self, id: AdapterId, adapter: Arc<LoraAdapter>) -> Result<Vec<AdapterId>, ModelError> {
+        let refuse = |reason: String| ModelError::Adapter { adapter: format!("id {id}"), reason };
+        let Dev::Lora(l) = &mut self.dev else {
+            return Err(refuse("the device backend was built without adapter slots (max_loras 0)".into()));
+        };
+        if self.registered.contains_key(&id) {
+            return Err(refuse("an adapter is already registered under this id (remove it first)".into()));
+        }
+        check_adapter(&adapter, &self.config, self.opts.max_lora_rank).map_err(refuse)?;
+        let evicted = l.rt.register(id, &adapter).map_err(|e| refuse(e.to_string()))?;
+        for e in &evicted {
+            self.registered.remove(e);
+        }
+        self.registered.insert(id, adapter_bytes(&adapter));
+        Ok(evicted)
+    }
+
+    /// [`ModelBackend::remove_adapter`].
+    pub fn remove_adapter(&mut self, id: AdapterId) -> Result<(), ModelError> {
+        let Dev::Lora(l) = &mut self.dev else {
+            return Err(ModelError::UnknownAdapter(id));
+        };
+        if !self.registered.contains_key(&id) {
+            return Err(ModelError::UnknownAdapter(id));
+        }
+        l.rt.unregister(id).map_err(graph_err)?;
+        self.registered.remove(&id);
+        Ok(())
+    }
+
+    /// [`ModelBackend::has_adapter`].
+    pub fn has_adapter(&self, id: AdapterId) -> bool {
+        self.registered.contains_key(&id)
+    }
+
+    /// [`ModelBackend::slots`]: the runtime's slots (empty without LoRA).
+    pub fn slots(&self) -> &SlotManager<AdapterId> {
+        match &self.dev {
+            Dev::Lora(l) => l.rt.slots(),
+            Dev::Plain(_) => &self.slots,
+        }
+    }
+
+    /// [`ModelBackend::adapter_stats`] (slot evictions are not counted yet).
+    pub fn adapter_stats(&self) -> AdapterStats {
+        AdapterStats {
+            host_adapters: self.registered.len(),
+            host_bytes: self.registered.values().sum(),
+            uploads: self.uploads,
+            evictions: 0,
+        }
     }
 
     fn lm_head_w(&self) -> DevSlice<u16> {
@@ -281,27 +431,24 @@ where
         self.opts.max_lora_rank
     }
 
-    fn add_adapter(&mut self, id: AdapterId, _adapter: Arc<LoraAdapter>) -> Result<Vec<AdapterId>, ModelError> {
-        Err(ModelError::Adapter {
-            adapter: format!("id {id}"),
-            reason: "the device backend does not run LoRA adapters yet".into(),
-        })
+    fn add_adapter(&mut self, id: AdapterId, adapter: Arc<LoraAdapter>) -> Result<Vec<AdapterId>, ModelError> {
+        DeviceBackend::add_adapter(self, id, adapter)
     }
 
     fn remove_adapter(&mut self, id: AdapterId) -> Result<(), ModelError> {
-        Err(ModelError::UnknownAdapter(id))
+        DeviceBackend::remove_adapter(self, id)
     }
 
-    fn has_adapter(&self, _id: AdapterId) -> bool {
-        false
+    fn has_adapter(&self, id: AdapterId) -> bool {
+        DeviceBackend::has_adapter(self, id)
     }
 
     fn slots(&self) -> &SlotManager<AdapterId> {
-        &self.slots
+        DeviceBackend::slots(self)
     }
 
     fn adapter_stats(&self) -> AdapterStats {
-        AdapterStats::default()
+        DeviceBackend::adapter_stats(self)
     }
 
     fn forward(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<SeqOutput>, ModelError> {

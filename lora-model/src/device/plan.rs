@@ -58,6 +58,8 @@ pub struct StepPlan {
     pub greedy: bool,
     /// Sequences in the batch.
     pub batch: usize,
+    /// Batch index of each sequence in row order (decode first).
+    pub order: Vec<usize>,
 }
 
 fn bad<T>(m: String) -> Result<T, ModelError> {
@@ -97,9 +99,6 @@ impl StepPlan {
             }
             if let Some(p) = s.pages[..need as usize].iter().find(|&&p| p >= o.num_pages) {
                 return bad(format!("sequence {i}: page {p} outside the cache's {} pages", o.num_pages));
-            }
-            if let Some(a) = s.adapter {
-                return Err(ModelError::UnknownAdapter(a));
             }
             if let Some(r) = &s.sample {
                 let p = &r.params;
@@ -183,6 +182,7 @@ impl StepPlan {
         p.plen_at = put(&plen);
         p.ppt_at = put(&ppt);
         p.meta = meta;
+        p.order = order;
         Ok(p)
     }
 
