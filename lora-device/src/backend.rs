@@ -159,6 +159,11 @@ pub trait Backend {
     unsafe fn replay(&self, graph: &Self::Graph, stream: &Self::Stream) -> Result<(), DeviceError>;
     /// Free device memory in bytes, when the backend knows it.
     fn free_memory(&self) -> Result<Option<usize>, DeviceError>;
+    /// Makes the device current on the calling thread (CUDA: the context; the emulator: nothing). A
+    /// backend built on one thread and driven from another (the engine's step thread) calls it first.
+    fn bind_thread(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
 
     /// A buffer holding a copy of `data` (synchronous).
     fn upload<T: Pod>(&self, data: &[T]) -> Result<DeviceBuffer<T>, DeviceError> {

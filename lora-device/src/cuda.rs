@@ -315,4 +315,7 @@ impl Backend for Cuda {
     fn free_memory(&self) -> Result<Option<usize>, DeviceError> {
         Ok(Some(self.ctx.mem_get_info()?.0))
     }
+    fn bind_thread(&self) -> Result<(), DeviceError> {
+        Ok(self.ctx.bind_to_thread()?)
+    }
 }

@@ -88,6 +88,7 @@ fn opts(max_loras: usize, pages: u32) -> DeviceOptions {
         host_cache_bytes: 1 << 30,
         max_batch_tokens: 64,
         max_seqs: 8,
+        graphs: false,
     }
 }
 

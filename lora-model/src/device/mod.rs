@@ -58,6 +58,9 @@ pub struct DeviceOptions {
     pub max_batch_tokens: usize,
     /// Most sequences in one forward.
     pub max_seqs: usize,
+    /// Replay decode-only greedy steps as CUDA graphs, one per batch bucket (captured on first use);
+    /// `false`: every step runs eagerly. Tokens are the same either way.
+    pub graphs: bool,
 }
 
 /// One layer's device weights and KV cache.
@@ -333,6 +336,7 @@ impl<B: Backend> DeviceBackend<B> {
 
     /// [`ModelBackend::forward`], for any backend (the trait also needs `Send`).
     pub fn step(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<SeqOutput>, ModelError> {
+        self.dev.get().bind_thread().map_err(dev_err)?;
         let plan = StepPlan::new(&self.config, &self.opts, batch)?;
         if let Some(a) = batch.iter().filter_map(|s| s.adapter).find(|a| !self.registered.contains_key(a)) {
             return Err(ModelError::UnknownAdapter(a));
@@ -453,5 +457,15 @@ where
 
     fn forward(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<SeqOutput>, ModelError> {
         self.step(batch)
+    }
+}
+
+#[cfg(test)]
+mod send_check {
+    /// The engine moves its backend onto the step thread: the CUDA one must be `Send`.
+    #[allow(dead_code)]
+    fn cuda_backend_is_send() {
+        fn send<T: Send>() {}
+        send::<super::DeviceBackend<lora_device::Cuda>>();
     }
 }
