@@ -125,6 +125,11 @@ impl<T> DeviceBuffer<T> {
         DeviceBuffer { view: DevSlice::from_raw(addr, len), _mem: mem }
     }
 
+    /// A buffer of no elements that owns nothing (a placeholder until the real one is allocated).
+    pub fn empty() -> Self {
+        DeviceBuffer { view: DevSlice::null(), _mem: Box::new(()) }
+    }
+
     /// The whole buffer as a view.
     pub fn slice(&self) -> DevSlice<T> {
         self.view

@@ -89,6 +89,7 @@ fn opts(max_loras: usize, pages: u32) -> DeviceOptions {
         max_batch_tokens: 64,
         max_seqs: 8,
         graphs: false,
+        kv_memory_share: 0.9,
     }
 }
 

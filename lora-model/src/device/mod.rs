@@ -44,8 +44,13 @@ pub use plan::StepPlan;
 /// Capacities of a [`DeviceBackend`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeviceOptions {
-    /// KV pages per layer.
+    /// KV pages per layer; 0: as many as fit in [`DeviceOptions::kv_memory_share`] of the device memory
+    /// left free after the weights, the LoRA runtime and the scratch rows (the chosen count is in
+    /// [`DeviceBackend::options`] and the backend's `kv_layout`).
     pub num_pages: u32,
+    /// Share of the free device memory the KV cache takes when `num_pages` is 0 (vLLM's
+    /// `gpu_memory_utilization`, applied to what is left after the weights).
+    pub kv_memory_share: f32,
     /// Tokens per page.
     pub page_size: u32,
     /// Adapter slots on the device (0: base model only).
@@ -224,7 +229,7 @@ pub fn rope_inv_freq(c: &ModelConfig) -> Vec<f32> {
 
 impl<B: Backend> DeviceBackend<B> {
     /// Uploads `weights` to `dev` and allocates the KV cache and scratch of `opts`.
-    pub fn new(dev: B, weights: &ModelWeights, opts: DeviceOptions) -> Result<Self, ModelError> {
+    pub fn new(dev: B, weights: &ModelWeights, mut opts: DeviceOptions) -> Result<Self, ModelError> {
         let c = weights.config.clone();
         if !matches!(c.head_dim, 64 | 128) {
             return Err(ModelError::Unsupported(format!(
@@ -243,7 +248,7 @@ impl<B: Backend> DeviceBackend<B> {
                 "device backend: hidden and intermediate sizes must be multiples of 8".into(),
             ));
         }
-        if opts.num_pages == 0 || opts.page_size == 0 || opts.max_batch_tokens == 0 || opts.max_seqs == 0 {
+        if opts.page_size == 0 || opts.max_batch_tokens == 0 || opts.max_seqs == 0 {
             return Err(ModelError::Unsupported(format!("device backend: empty capacity {opts:?}")));
         }
         let dev = if opts.max_loras > 0 {
@@ -255,7 +260,6 @@ impl<B: Backend> DeviceBackend<B> {
         };
         let d = dev.get();
         let up = |v: &[u16]| d.upload(v).map_err(dev_err);
-        let kv_elems = opts.num_pages as usize * opts.page_size as usize * c.num_kv_heads * c.head_dim;
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in &weights.layers {
             layers.push(Layer {
@@ -269,8 +273,8 @@ impl<B: Backend> DeviceBackend<B> {
                 mlp_norm: up(&bits(&l.mlp_norm))?,
                 gate_up: up(&cat(&[&l.gate, &l.up]))?,
                 down: up(&bits(&l.down))?,
-                k_cache: d.alloc_zeroed(kv_elems).map_err(dev_err)?,
-                v_cache: d.alloc_zeroed(kv_elems).map_err(dev_err)?,
+                k_cache: DeviceBuffer::empty(),
+                v_cache: DeviceBuffer::empty(),
             });
         }
         let (t, s) = (opts.max_batch_tokens, opts.max_seqs);
@@ -301,6 +305,31 @@ impl<B: Backend> DeviceBackend<B> {
         };
         let final_norm = up(&bits(&weights.final_norm))?;
         let inv_freq = d.upload(&rope_inv_freq(&c)).map_err(dev_err)?;
+        // The KV cache last, so that `num_pages: 0` can take what the rest left free; one page more than
+        // the engine sees: the graphs' padding rows write their K/V there.
+        let page_elems = opts.page_size as usize * c.num_kv_heads * c.head_dim;
+        if opts.num_pages == 0 {
+            let free = d.free_memory().map_err(dev_err)?.ok_or_else(|| {
+                ModelError::Unsupported("device backend: num_pages 0 needs a device that reports free memory".into())
+            })?;
+            let share = opts.kv_memory_share;
+            if !(share > 0.0 && share <= 1.0) {
+                return Err(ModelError::Unsupported(format!("device backend: kv_memory_share {share} (0 < share ≤ 1)")));
+            }
+            let page_bytes = 2 * 2 * c.num_layers.max(1) * page_elems;
+            let pages = (free as f64 * share as f64 / page_bytes as f64) as u64;
+            opts.num_pages = pages.saturating_sub(1).min(u32::MAX as u64 / 2) as u32;
+            if opts.num_pages == 0 {
+                return Err(ModelError::Unsupported(format!(
+                    "device backend: no room for a KV page ({free} bytes free, {page_bytes} bytes per page)"
+                )));
+            }
+        }
+        let kv_elems = (opts.num_pages as usize + 1) * page_elems;
+        for l in &mut layers {
+            l.k_cache = d.alloc_zeroed(kv_elems).map_err(dev_err)?;
+            l.v_cache = d.alloc_zeroed(kv_elems).map_err(dev_err)?;
+        }
         let slots = SlotManager::new(opts.max_loras)?;
         Ok(DeviceBackend {
             dev,
