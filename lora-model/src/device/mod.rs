@@ -24,7 +24,7 @@ mod plan;
 use std::sync::Arc;
 
 use half::bf16;
-use lora_device::{Backend, Branch, DevSlice, DeviceBuffer};
+use lora_device::{Branch, DevSlice, DeviceBuffer};
 use lora_gemm::plan::{Capacity, ModuleGroup, ModuleSpec};
 use lora_graph::adapter::LoraAdapter;
 use lora_graph::buckets::Buckets;
@@ -39,6 +39,7 @@ use crate::error::ModelError;
 use crate::exec::{AdapterId, AdapterStats, KvLayout, ModelBackend, SeqInput, SeqOutput};
 use crate::weights::{ModelWeights, Tensor};
 
+pub use lora_device::{Backend, Cuda, Emulator};
 pub use plan::StepPlan;
 
 /// Capacities of a [`DeviceBackend`].
