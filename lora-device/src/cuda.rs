@@ -110,6 +110,10 @@ pub struct CudaStepGraph {
     graph: CudaGraph,
 }
 
+// SAFETY: a CUDA graph and its executable are driver handles usable from any thread on which their context
+// is current (`Backend::bind_thread`); this value owns them alone and launches them only through `&Cuda`.
+unsafe impl Send for CudaStepGraph {}
+
 impl Backend for Cuda {
     type Stream = Arc<CudaStream>;
     type Event = CudaEvent;

@@ -5,8 +5,8 @@ use half::bf16;
 use lora_device::{Backend, DenseGemm, DevSlice, DeviceBuffer};
 use lora_gemm::model::{
     launch_argmax_bf16, launch_decode_attention, launch_embedding, launch_prefill_attention, launch_rmsnorm,
-    launch_rope_kv_write, launch_sample, launch_silu_mul, DecodeBuffers, DecodeShape, PrefillBuffers, PrefillShape,
-    RopeArgs,
+    launch_rope_kv_write, launch_sample, launch_silu_mul, DecodeBuffers, DecodePlan, DecodeShape, PrefillBuffers,
+    PrefillShape, RopeArgs,
 };
 use lora_graph::runtime::GroupIo;
 use lora_graph::GraphError;
@@ -72,50 +72,77 @@ impl<B: Backend> DeviceBackend<B> {
     }
 
     /// Grow a scratch buffer to at least `len` elements.
-    fn grow<T: bytemuck::Pod>(dev: &B, b: &mut DeviceBuffer<T>, len: usize) -> Result<(), ModelError> {
+    pub(super) fn grow<T: bytemuck::Pod>(dev: &B, b: &mut DeviceBuffer<T>, len: usize) -> Result<bool, ModelError> {
         if b.len() < len {
             *b = dev.alloc_zeroed(len.next_power_of_two()).map_err(dev_err)?;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
-    /// Run a validated plan.
+    /// The decode attention shape and plan of a step (`None` without decode rows), with the split
+    /// partials grown to fit; returns whether a partial buffer was reallocated (captured graphs that used
+    /// the old one are then stale).
+    pub(super) fn decode_plan(
+        &mut self,
+        p: &StepPlan,
+    ) -> Result<(Option<(DecodeShape, DecodePlan)>, bool), ModelError> {
+        if p.n_decode == 0 {
+            return Ok((None, false));
+        }
+        let c = &self.config;
+        let shape = DecodeShape {
+            batch: p.n_decode,
+            n_q: c.num_heads as u32,
+            n_kv: c.num_kv_heads as u32,
+            head_dim: c.head_dim as u32,
+            page_size: self.opts.page_size,
+            max_context: p.decode_ctx,
+        };
+        let plan = shape.plan(self.dev.get().sm_count()).map_err(dev_err)?;
+        let mut grew = false;
+        if plan.splits > 1 {
+            let n = shape.partial_elems(plan.splits);
+            grew |= Self::grow(self.dev.get(), &mut self.s.part_o, n)?;
+            grew |= Self::grow(self.dev.get(), &mut self.s.part_ml, 2 * n / c.head_dim)?;
+        }
+        Ok((Some((shape, plan)), grew))
+    }
+
+    /// Run a validated plan eagerly.
     pub(super) fn run(&mut self, p: &StepPlan, bucket: Option<u32>) -> Result<Vec<SeqOutput>, ModelError> {
         if p.batch == 0 {
             return Ok(Vec::new());
         }
-        let c = self.config.clone();
+        let (dplan, _) = self.decode_plan(p)?;
+        Self::grow(self.dev.get(), &mut self.s.meta, p.meta.len())?;
+        let dev = self.dev.get();
+        let st = dev.stream();
+        dev.copy_to_device(st, &p.meta, view(&self.s.meta, 0, p.meta.len())?).map_err(dev_err)?;
+        self.launch_forward(p, dplan.as_ref(), &self.s.meta, bucket)?;
+        self.finish(p)
+    }
+
+    /// Every launch of a forward after its indices are on the device in `meta`: embedding, the layers,
+    /// the final norm, and for the sampled rows the gather, lm_head and (greedy steps) the argmax into
+    /// `s.tokens`. No copy and no host synchronization: this is what a graph captures.
+    pub(super) fn launch_forward(
+        &self,
+        p: &StepPlan,
+        dplan: Option<&(DecodeShape, DecodePlan)>,
+        meta_buf: &DeviceBuffer<u32>,
+        bucket: Option<u32>,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
         let (t, h, inter, vocab) = (p.tokens as usize, c.hidden_size, c.intermediate_size, c.vocab_size);
         let (hd, nq, nkv) = (c.head_dim as u32, c.num_heads as u32, c.num_kv_heads as u32);
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let qkvw = qd + 2 * kvd;
         let ps = self.opts.page_size;
-        let sm = self.dev.get().sm_count();
-        let dplan = if p.n_decode > 0 {
-            let shape = DecodeShape {
-                batch: p.n_decode,
-                n_q: nq,
-                n_kv: nkv,
-                head_dim: hd,
-                page_size: ps,
-                max_context: p.decode_ctx,
-            };
-            let plan = shape.plan(sm).map_err(dev_err)?;
-            if plan.splits > 1 {
-                let n = shape.partial_elems(plan.splits);
-                Self::grow(self.dev.get(), &mut self.s.part_o, n)?;
-                Self::grow(self.dev.get(), &mut self.s.part_ml, 2 * n / hd as usize)?;
-            }
-            Some((shape, plan))
-        } else {
-            None
-        };
-        Self::grow(self.dev.get(), &mut self.s.meta, p.meta.len())?;
         let dev = self.dev.get();
         let st = dev.stream();
         let s = &self.s;
-        dev.copy_to_device(st, &p.meta, view(&s.meta, 0, p.meta.len())?).map_err(dev_err)?;
-        let meta = |at: usize, len: usize| view(&s.meta, at, len);
+        let meta = |at: usize, len: usize| view(meta_buf, at, len);
         let rows = |b: &DeviceBuffer<u16>, width: usize| view(b, 0, t * width);
         let (resid, xn, delta) = (rows(&s.resid, h)?, rows(&s.xn, h)?, rows(&s.delta, h)?);
         let (qkv, attn, gu, act) =
@@ -159,7 +186,7 @@ impl<B: Backend> DeviceBackend<B> {
             };
             launch_rope_kv_write(dev, st, &rope).map_err(dev_err)?;
             let scale = 1.0 / (hd as f32).sqrt();
-            if let Some((shape, plan)) = &dplan {
+            if let Some((shape, plan)) = dplan {
                 let b = DecodeBuffers {
                     q: qkv,
                     ldq: qkvw as u32,
@@ -216,19 +243,38 @@ impl<B: Backend> DeviceBackend<B> {
         launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, x, h32, r, h32, self.final_norm.slice(), xn, h32)
             .map_err(dev_err)?;
         let ns = p.n_sampled() as usize;
+        if ns == 0 {
+            return Ok(());
+        }
+        let (xs, logits) = (view(&s.xs, 0, ns * h)?, view(&s.logits, 0, ns * vocab)?);
+        launch_embedding(dev, st, ns as u32, h32, xn, h32, t32, meta(p.gather_at, ns)?, xs, h32).map_err(dev_err)?;
+        self.gemm(ns, vocab, h, xs, self.lm_head_w(), logits, 0.0)?;
+        if p.greedy {
+            let tokens = view(&s.tokens, 0, ns)?;
+            launch_argmax_bf16(dev, st, ns as u32, vocab as u32, logits, vocab as u32, tokens).map_err(dev_err)?;
+        }
+        Ok(())
+    }
+
+    /// After [`Self::launch_forward`]: sample (non-greedy steps), copy the tokens (and logits when asked)
+    /// back, wait for the stream, and map the rows back to the batch's order.
+    pub(super) fn finish(&self, p: &StepPlan) -> Result<Vec<SeqOutput>, ModelError> {
+        let c = &self.config;
+        let vocab = c.vocab_size;
+        let dev = self.dev.get();
+        let st = dev.stream();
+        let s = &self.s;
+        let ns = p.n_sampled() as usize;
         let mut out = vec![SeqOutput::default(); p.batch];
         if ns == 0 {
             dev.sync(st).map_err(dev_err)?;
             return Ok(out);
         }
-        let (xs, logits) = (view(&s.xs, 0, ns * h)?, view(&s.logits, 0, ns * vocab)?);
-        launch_embedding(dev, st, ns as u32, h32, xn, h32, t32, meta(p.gather_at, ns)?, xs, h32).map_err(dev_err)?;
-        self.gemm(ns, vocab, h, xs, self.lm_head_w(), logits, 0.0)?;
+        let logits = view(&s.logits, 0, ns * vocab)?;
         let tokens = view(&s.tokens, 0, ns)?;
         let want = p.sampled.iter().any(|(_, r)| r.want_logits);
         let mut host_logits = Vec::new();
         if p.greedy {
-            launch_argmax_bf16(dev, st, ns as u32, vocab as u32, logits, vocab as u32, tokens).map_err(dev_err)?;
             if want {
                 host_logits = vec![0u16; ns * vocab];
                 dev.copy_to_host(st, logits, &mut host_logits).map_err(dev_err)?;

@@ -16,9 +16,11 @@
 //! first), one prep launch, and per layer and group the group's LoRA beside its base GEMM
 //! ([`LoraRuntime::launch_group`]) on the same rows. Base-only steps launch no LoRA.
 //!
-//! Not yet: CUDA-graph capture.
+//! Decode-only greedy steps run padded to a bucket, replayed as CUDA graphs with
+//! [`DeviceOptions::graphs`] ([`graphs`]); prefill and mixed steps run eagerly through the same code.
 
 mod forward;
+mod graphs;
 mod plan;
 
 use std::sync::Arc;
@@ -39,6 +41,7 @@ use crate::error::ModelError;
 use crate::exec::{AdapterId, AdapterStats, KvLayout, ModelBackend, SeqInput, SeqOutput};
 use crate::weights::{ModelWeights, Tensor};
 
+pub use graphs::GraphStats;
 pub use lora_device::{Backend, Cuda, Emulator};
 pub use plan::StepPlan;
 
@@ -141,6 +144,11 @@ pub struct DeviceBackend<B: Backend> {
     registered: std::collections::BTreeMap<AdapterId, u64>,
     uploads: u64,
     steps: u64,
+    /// Batch buckets of the padded decode steps (the LoRA runtime's).
+    buckets: Buckets,
+    /// Indices of the padded decode steps (a buffer of its own: graphs hold its address).
+    graph_meta: DeviceBuffer<u32>,
+    graphs: graphs::DecodeGraphs<B::Graph>,
 }
 
 /// A LoRA runtime error as a model error.
@@ -149,6 +157,12 @@ pub(crate) fn graph_err(e: GraphError) -> ModelError {
         GraphError::Slots(e) => ModelError::Slots(e),
         e => ModelError::Backend(e.to_string()),
     }
+}
+
+/// Rows of the per-sequence scratch: `max_seqs` rounded up to its decode bucket (padded decode steps).
+fn seq_rows(o: &DeviceOptions) -> Result<usize, ModelError> {
+    let t = o.max_batch_tokens as u32;
+    Ok(Buckets::default_for(t).and_then(|b| b.choose((o.max_seqs as u32).min(t))).map_err(graph_err)? as usize)
 }
 
 /// The runtime configuration of a model and its options.
@@ -174,7 +188,7 @@ fn runtime_config(c: &ModelConfig, o: &DeviceOptions) -> Result<RuntimeConfig, M
             max_tokens: t,
             num_slots: o.max_loras as u32,
             max_rank: o.max_lora_rank,
-            max_reqs: o.max_seqs as u32,
+            max_reqs: seq_rows(o)? as u32,
         },
         num_layers: c.num_layers as u32,
         groups,
@@ -278,7 +292,7 @@ impl<B: Backend> DeviceBackend<B> {
                 v_cache: DeviceBuffer::empty(),
             });
         }
-        let (t, s) = (opts.max_batch_tokens, opts.max_seqs);
+        let (t, s) = (opts.max_batch_tokens, seq_rows(&opts)?);
         let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
         let z16 = |n: usize| d.alloc_zeroed::<u16>(n).map_err(dev_err);
         let scratch = Scratch {
@@ -315,7 +329,9 @@ impl<B: Backend> DeviceBackend<B> {
             })?;
             let share = opts.kv_memory_share;
             if !(share > 0.0 && share <= 1.0) {
-                return Err(ModelError::Unsupported(format!("device backend: kv_memory_share {share} (0 < share ≤ 1)")));
+                return Err(ModelError::Unsupported(format!(
+                    "device backend: kv_memory_share {share} (0 < share ≤ 1)"
+                )));
             }
             let page_bytes = 2 * 2 * c.num_layers.max(1) * page_elems;
             let pages = (free as f64 * share as f64 / page_bytes as f64) as u64;
@@ -332,6 +348,8 @@ impl<B: Backend> DeviceBackend<B> {
             l.v_cache = d.alloc_zeroed(kv_elems).map_err(dev_err)?;
         }
         let slots = SlotManager::new(opts.max_loras)?;
+        let buckets = Buckets::default_for(opts.max_batch_tokens as u32).map_err(graph_err)?;
+        let graph_meta = d.alloc_zeroed(1024).map_err(dev_err)?;
         Ok(DeviceBackend {
             dev,
             config: c,
@@ -346,6 +364,9 @@ impl<B: Backend> DeviceBackend<B> {
             registered: Default::default(),
             uploads: 0,
             steps: 0,
+            buckets,
+            graph_meta,
+            graphs: Default::default(),
         })
     }
 
@@ -367,22 +388,42 @@ impl<B: Backend> DeviceBackend<B> {
     /// [`ModelBackend::forward`], for any backend (the trait also needs `Send`).
     pub fn step(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<SeqOutput>, ModelError> {
         self.dev.get().bind_thread().map_err(dev_err)?;
-        let plan = StepPlan::new(&self.config, &self.opts, batch)?;
+        let mut plan = StepPlan::new(&self.config, &self.opts, batch)?;
         if let Some(a) = batch.iter().filter_map(|s| s.adapter).find(|a| !self.registered.contains_key(a)) {
             return Err(ModelError::UnknownAdapter(a));
         }
+        let mut decode = None;
+        if StepPlan::is_greedy_decode(batch) {
+            let rows = self.buckets.choose(batch.len() as u32).map_err(graph_err)?;
+            let ld_pt = graphs::decode_ld_pt(batch, self.opts.page_size);
+            plan = StepPlan::decode_padded(&self.config, &self.opts, batch, rows, ld_pt)?;
+            decode = Some((rows, ld_pt));
+        }
         let mut bucket = None;
         if let (Dev::Lora(l), true) = (&mut self.dev, batch.iter().any(|s| s.adapter.is_some())) {
+            // Padding rows (indices past the batch) are one base-model token each.
             let reqs: Vec<_> = plan
                 .order
                 .iter()
-                .map(|&i| StepRequest { adapter: batch[i].adapter, tokens: batch[i].tokens.len() as u32 })
+                .map(|&i| StepRequest {
+                    adapter: batch.get(i).and_then(|s| s.adapter),
+                    tokens: batch.get(i).map_or(1, |s| s.tokens.len() as u32),
+                })
                 .collect();
             let p = l.rt.prepare_step(&reqs).map_err(graph_err)?;
             self.uploads += p.uploads as u64;
             bucket = p.uses_lora.then_some(p.bucket);
         }
-        let out = self.run(&plan, bucket);
+        let out = match decode {
+            Some((rows, ld_pt)) => {
+                let key = graphs::GraphKey { bucket: rows, ld_pt, lora: bucket.is_some() };
+                self.run_decode(&plan, key, bucket).map(|mut o| {
+                    o.truncate(batch.len());
+                    o
+                })
+            }
+            None => self.run(&plan, bucket),
+        };
         if let (Dev::Lora(l), Some(_)) = (&self.dev, bucket) {
             l.rt.finish_step().map_err(graph_err)?;
         }

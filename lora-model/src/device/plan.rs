@@ -69,6 +69,58 @@ fn bad<T>(m: String) -> Result<T, ModelError> {
 impl StepPlan {
     /// Validate `batch` and lay out its indices.
     pub fn new(c: &ModelConfig, o: &DeviceOptions, batch: &[SeqInput<'_>]) -> Result<Self, ModelError> {
+        Self::build(c, o, batch, 1)
+    }
+
+    /// Whether `batch` (validated by [`StepPlan::new`]) is a decode-only greedy step: one token per
+    /// sequence, each sampled greedily without logits — the steps [`StepPlan::decode_padded`] lays out.
+    pub fn is_greedy_decode(batch: &[SeqInput<'_>]) -> bool {
+        !batch.is_empty()
+            && batch.iter().all(|s| {
+                s.tokens.len() == 1
+                    && s.sample
+                        .as_ref()
+                        .is_some_and(|r| !r.want_logits && (r.params.temperature <= 0.0 || r.params.top_k == 1))
+            })
+    }
+
+    /// The layout of a greedy decode step (see [`StepPlan::is_greedy_decode`]) padded to `bucket` rows and
+    /// page tables of `ld_pt` entries, so that every step of the same `(bucket, ld_pt)` has the same shape
+    /// and offsets — one captured graph each. Padding rows read token 0 at position 0 and write their K/V
+    /// into the padding page (`o.num_pages`, allocated beside the cache); their tokens are dropped. The
+    /// decode split count is planned for a context of `ld_pt` pages.
+    pub fn decode_padded(
+        c: &ModelConfig,
+        o: &DeviceOptions,
+        batch: &[SeqInput<'_>],
+        bucket: u32,
+        ld_pt: u32,
+    ) -> Result<Self, ModelError> {
+        let pad_page = [o.num_pages];
+        let pad_sample = SampleRequest { params: Default::default(), draw: 0, want_logits: false };
+        let mut padded = batch.to_vec();
+        while padded.len() < bucket as usize {
+            padded.push(SeqInput {
+                tokens: &[0],
+                start_pos: 0,
+                pages: &pad_page,
+                adapter: None,
+                sample: Some(pad_sample.clone()),
+            });
+        }
+        let o = DeviceOptions { num_pages: o.num_pages + 1, max_seqs: o.max_seqs.max(bucket as usize), ..o.clone() };
+        let mut p = Self::build(c, &o, &padded, ld_pt)?;
+        if p.ld_pt != ld_pt || p.n_decode != bucket {
+            return bad(format!(
+                "decode step of {} sequences does not fit bucket {bucket} × {ld_pt} pages",
+                batch.len()
+            ));
+        }
+        p.decode_ctx = ld_pt * o.page_size;
+        Ok(p)
+    }
+
+    fn build(c: &ModelConfig, o: &DeviceOptions, batch: &[SeqInput<'_>], min_ld_pt: u32) -> Result<Self, ModelError> {
         let ps = o.page_size;
         if batch.len() > o.max_seqs {
             return bad(format!("{} sequences, at most {}", batch.len(), o.max_seqs));
@@ -77,7 +129,7 @@ impl StepPlan {
         if total > o.max_batch_tokens {
             return bad(format!("{total} tokens, at most {}", o.max_batch_tokens));
         }
-        let mut ld_pt = 1u32;
+        let mut ld_pt = min_ld_pt.max(1);
         for (i, s) in batch.iter().enumerate() {
             if s.tokens.is_empty() {
                 return bad(format!("sequence {i}: no tokens"));
