@@ -17,6 +17,9 @@ use lora_device::Backend;
 use lora_model::device::{DeviceBackend, DeviceOptions};
 use lora_model::{ModelWeights, SampleRequest, SamplingParams, SeqInput};
 
+/// (batch size, widest context, any adapter) of a decode step.
+type StepShape = (usize, u32, bool);
+
 fn opts(graphs: bool) -> DeviceOptions {
     DeviceOptions {
         num_pages: 64,
@@ -39,7 +42,7 @@ fn run<B: Backend>(
     prompts: &[Vec<u32>],
     adapters: &[Option<u32>],
     new: &[usize],
-) -> (Vec<Vec<u32>>, Vec<(usize, u32, bool)>) {
+) -> (Vec<Vec<u32>>, Vec<StepShape>) {
     let greedy = |draw| Some(SampleRequest { params: SamplingParams::greedy(), draw, want_logits: false });
     let pages: Vec<Vec<u32>> = (0..prompts.len()).map(|i| (i as u32 * 8..i as u32 * 8 + 8).collect()).collect();
     let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
