@@ -152,6 +152,7 @@ pub struct LoraRuntime<A: Copy + Eq + Hash + Debug, B: Backend> {
     packer: StepPacker,
     staging: Vec<(PinnedBuffer<u32>, B::Event)>,
     staging_next: usize,
+    evictions: u64,
     step_done: B::Event,
     upload_done: B::Event,
     batch: Vec<Option<A>>,
@@ -258,6 +259,7 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
             entries_per_slot,
             staging,
             staging_next: 0,
+            evictions: 0,
             step_done,
             upload_done,
             batch: Vec::with_capacity(cap.max_reqs as usize),
@@ -299,6 +301,22 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
     /// The slot manager (read-only: residency, pins are managed through the runtime).
     pub fn slots(&self) -> &SlotManager<A> {
         &self.slots
+    }
+
+    /// Adapters evicted from device slots so far (to make room for others).
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Pins (`true`) or unpins a resident adapter in its slot ([`SlotManager::pin`]): a pinned adapter is
+    /// never evicted. Refused (nothing changed) when the adapter has no slot or the pin limit is reached.
+    pub fn set_pinned(&mut self, id: A, pinned: bool) -> Result<(), GraphError> {
+        if pinned {
+            self.slots.pin(id)?;
+        } else {
+            self.slots.unpin(id)?;
+        }
+        Ok(())
     }
 
     /// Register (or replace, when not resident) an adapter: validated against the model, packed, pinned.
@@ -353,6 +371,7 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
         self.batch.clear();
         self.batch.extend(reqs.iter().map(|r| r.adapter));
         let assignment = self.slots.assign(&self.batch)?;
+        self.evictions += assignment.evicted().count() as u64;
         self.req_slots.clear();
         self.req_slots.extend_from_slice(assignment.slots());
         for c in assignment.changes() {

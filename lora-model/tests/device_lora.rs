@@ -155,6 +155,17 @@ fn mixed_body<B: Backend>(dev: B, big: bool) {
     assert!(matches!(m.remove_adapter(1), Err(ModelError::UnknownAdapter(1))));
     let out = m.step(&[seq(&t, 0, 1, &pg, Some(3))]).unwrap();
     assert!(out[0].token.is_some());
+    // Pinning: a pinned adapter stays while a new one evicts the other resident; evictions are counted.
+    let resident: Vec<u32> = (1..=3).filter(|&id| m.slots().slot_of(id).is_some()).collect();
+    assert_eq!(resident, [2, 3], "adapters 2 and 3 hold the two slots");
+    m.set_pinned(3, true).unwrap();
+    m.add_adapter(4, Arc::new(adapter(&c, 8, 44))).unwrap();
+    let ev = m.adapter_stats().evictions;
+    m.step(&[seq(&t, 0, 1, &pg, Some(4))]).unwrap();
+    assert!(m.slots().slot_of(3).is_some() && m.slots().slot_of(2).is_none(), "the pinned adapter was evicted");
+    assert_eq!(m.adapter_stats().evictions, ev + 1);
+    assert!(matches!(m.set_pinned(9, true), Err(ModelError::UnknownAdapter(9))));
+    m.set_pinned(3, false).unwrap();
     println!("mixed body: {:.2?}", t0.elapsed());
 }
 

@@ -475,13 +475,27 @@ impl<B: Backend> DeviceBackend<B> {
         }
     }
 
-    /// [`ModelBackend::adapter_stats`] (slot evictions are not counted yet).
+    /// [`ModelBackend::adapter_stats`].
     pub fn adapter_stats(&self) -> AdapterStats {
         AdapterStats {
             host_adapters: self.registered.len(),
             host_bytes: self.registered.values().sum(),
             uploads: self.uploads,
-            evictions: 0,
+            evictions: match &self.dev {
+                Dev::Lora(l) => l.rt.evictions(),
+                Dev::Plain(_) => 0,
+            },
+        }
+    }
+
+    /// [`ModelBackend::set_pinned`]: pins or unpins a resident adapter in its slot.
+    pub fn set_pinned(&mut self, id: AdapterId, pinned: bool) -> Result<(), ModelError> {
+        if !self.registered.contains_key(&id) {
+            return Err(ModelError::UnknownAdapter(id));
+        }
+        match &mut self.dev {
+            Dev::Lora(l) => l.rt.set_pinned(id, pinned).map_err(graph_err),
+            Dev::Plain(_) => Err(ModelError::UnknownAdapter(id)),
         }
     }
 
@@ -524,6 +538,10 @@ where
 
     fn adapter_stats(&self) -> AdapterStats {
         DeviceBackend::adapter_stats(self)
+    }
+
+    fn set_pinned(&mut self, id: AdapterId, pinned: bool) -> Result<(), ModelError> {
+        DeviceBackend::set_pinned(self, id, pinned)
     }
 
     fn forward(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<SeqOutput>, ModelError> {
