@@ -1,33 +1,48 @@
 #!/usr/bin/env bash
-# One GPU round on the lent machine, in one call: every bundle test suite (GPU arms), the benchmarks
-# (bench_step, bench_layer, bench_attention) with PyTorch's SDPA as the peer in the same run, and
-# compute-sanitizer (memcheck, racecheck) on the model kernels. Expects the bundle of
-# `cargo xtask gpu-bundle` at target/gpu-bundle (carried); writes every log into $OUT/logs.tgz and
-# prints the short results last. Usage: bash scripts/gpu_round.sh
+# One GPU round on the lent machine, in two calls of ≤ 10 minutes each (files of the first call stay on a
+# warm machine): `checks` — every bundle test suite (GPU arms: device layer, LoRA groups, model kernels,
+# device forward, LoRA on the device, decode graphs, the engine on CUDA), SmolLM2-135M on the GPU against
+# the transformers reference (scripts/gpu/smollm2.sh: needs target/smol-a and target/smol-b carried in
+# earlier calls), the skinny decode GEMM benchmark and compute-sanitizer (memcheck, racecheck) on the new
+# kernels and the graph-replayed forward; `serving` — the engine's reference table on the Llama-3.1-8B
+# shape (scripts/gpu/engine_bench.sh) and the HTTP serving benchmark (scripts/gpu/serve_bench.sh).
+# Expects the bundle of `cargo xtask gpu-bundle` at target/gpu-bundle (carried in the `checks` call);
+# writes every log into $OUT/<phase>-logs.tgz, the JSON results into $OUT, and prints the short results.
+# Usage: bash scripts/gpu_round.sh checks|serving
 set -u
+PHASE="${1:-checks}"
 B="$(pwd)/target/gpu-bundle"
 L="$(mktemp -d)"
 OUTDIR="${OUT:-/tmp/gpu-round-out}"; mkdir -p "$OUTDIR"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export PATH="/usr/local/cuda/bin:$PATH"
 step() { echo "== $1 ($(date -u +%H:%M:%S))"; }
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
-step tests
-OUT="$L" timeout 200 bash "$B/run.sh" tests > "$L/tests.txt" 2>&1; echo "rc=$?" >> "$L/tests.txt"
-step bench_step
-timeout 70 "$B/bench/lora-graph--bench_step" > "$L/bench_step.txt" 2>&1; echo "rc=$?" >> "$L/bench_step.txt"
-step attention
-OUT="$L" timeout 120 bash "$B/run.sh" attention > "$L/attention.txt" 2>&1; echo "rc=$?" >> "$L/attention.txt"
-step memcheck
-timeout 70 compute-sanitizer --tool memcheck --print-limit 20 "$B/tests/lora-gemm--device_model_kernels" --test-threads=1 gpu > "$L/memcheck.txt" 2>&1; echo "rc=$?" >> "$L/memcheck.txt"
-step racecheck
-timeout 50 compute-sanitizer --tool racecheck --print-limit 20 "$B/tests/lora-gemm--device_model_kernels" --test-threads=1 prefill > "$L/racecheck.txt" 2>&1; echo "rc=$?" >> "$L/racecheck.txt"
-step bench_layer
-timeout 40 "$B/bench/lora-gemm--bench_layer" > "$L/bench_layer.txt" 2>&1; echo "rc=$?" >> "$L/bench_layer.txt"
-tar czf "$OUTDIR/logs.tgz" -C "$L" .
-step summary
-grep -E "^SUITE|bundle tests|panicked|FAILED" "$L/tests.txt" | head -40
-tail -n 25 "$L/bench_step.txt"
-tail -n 60 "$L/attention.txt"
-grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|rc=" "$L/memcheck.txt" "$L/racecheck.txt"
-tail -n 12 "$L/bench_layer.txt"
+run() { # name timeout command...
+  local name="$1" t="$2"; shift 2
+  step "$name"
+  timeout "$t" "$@" > "$L/$name.txt" 2>&1; echo "rc=$?" >> "$L/$name.txt"
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem --format=csv,noheader
+case "$PHASE" in
+checks)
+  OUT="$L" run tests 230 bash "$B/run.sh" tests
+  run smollm2 100 bash scripts/gpu/smollm2.sh "$B" "$L"
+  run skinny 110 bash scripts/gpu/skinny.sh "$B" "$L"
+  run memcheck_graphs 90 compute-sanitizer --tool memcheck --print-limit 20 "$B/tests/lora-model--device_graphs" --test-threads=1 gpu
+  step summary
+  grep -E "^SUITE|bundle tests|panicked|FAILED|SKIP" "$L/tests.txt" | head -60
+  tail -n 30 "$L/smollm2.txt"
+  tail -n 50 "$L/skinny.txt"
+  grep -E "ERROR SUMMARY|test result|rc=" "$L/memcheck_graphs.txt"
+  ;;
+serving)
+  run engine_bench 370 bash scripts/gpu/engine_bench.sh "$B" "$L"
+  run serve_bench 200 bash scripts/gpu/serve_bench.sh "$B" "$L"
+  cp "$L"/*.json "$OUTDIR"/ 2>/dev/null
+  step summary
+  tail -n 40 "$L/engine_bench.txt"
+  tail -n 40 "$L/serve_bench.txt"
+  ;;
+*) echo "unknown phase $PHASE (checks | serving)"; exit 2 ;;
+esac
+tar czf "$OUTDIR/$PHASE-logs.tgz" -C "$L" .
