@@ -10,6 +10,7 @@
 //!   [`lora_device::Backend`], with the plan's geometry and the kernels' typed argument structs.
 //! - [`model`]: the model kernels' launches over any backend (norm, RoPE + KV write, decode attention and
 //!   its merge, prefill attention, SiLU·mul, embedding, argmax, sampling) and the pure decode split planner.
+//! - [`skinny`]: the skinny decode projection `x · Wᵀ` (≤ 64 tokens): pure planner and launch.
 //! - [`step`]: the packed per-step input (requests, token offsets, pointer-table updates).
 //!
 //! Buffers, streams, launches, dense GEMMs and graphs live one layer down, in `lora-device`.
@@ -20,6 +21,7 @@ pub mod model;
 pub mod plan;
 pub mod reference;
 pub mod reorder;
+pub mod skinny;
 pub mod step;
 
 pub use error::GemmError;

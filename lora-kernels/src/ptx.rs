@@ -53,11 +53,19 @@ pub enum Kernel {
     PrefillAttentionD64,
     /// [`crate::kernels::model::prefill::prefill_attention_d128`].
     PrefillAttentionD128,
+    /// [`crate::kernels::model::skinny::skinny_gemm_m8`] (decode projection, ≤ 8 tokens).
+    SkinnyM8,
+    /// [`crate::kernels::model::skinny::skinny_gemm_m16`] (≤ 16 tokens).
+    SkinnyM16,
+    /// [`crate::kernels::model::skinny::skinny_gemm_m32`] (≤ 32 tokens).
+    SkinnyM32,
+    /// [`crate::kernels::model::skinny::skinny_gemm_m64`] (≤ 64 tokens).
+    SkinnyM64,
 }
 
 impl Kernel {
     /// All kernels, in PTX order of definition.
-    pub const ALL: [Kernel; 23] = [
+    pub const ALL: [Kernel; 27] = [
         Kernel::SmokeMma,
         Kernel::ProbeWarpOps,
         Kernel::Prep,
@@ -81,6 +89,10 @@ impl Kernel {
         Kernel::SampleTokens,
         Kernel::PrefillAttentionD64,
         Kernel::PrefillAttentionD128,
+        Kernel::SkinnyM8,
+        Kernel::SkinnyM16,
+        Kernel::SkinnyM32,
+        Kernel::SkinnyM64,
     ];
 
     /// The PTX entry name (the Rust function name, unmangled).
@@ -109,6 +121,10 @@ impl Kernel {
             Kernel::SampleTokens => "sample_tokens",
             Kernel::PrefillAttentionD64 => "prefill_attention_d64",
             Kernel::PrefillAttentionD128 => "prefill_attention_d128",
+            Kernel::SkinnyM8 => "skinny_gemm_m8",
+            Kernel::SkinnyM16 => "skinny_gemm_m16",
+            Kernel::SkinnyM32 => "skinny_gemm_m32",
+            Kernel::SkinnyM64 => "skinny_gemm_m64",
         }
     }
 }
@@ -141,6 +157,10 @@ impl Kernel {
                 | Kernel::SampleTokens
                 | Kernel::PrefillAttentionD64
                 | Kernel::PrefillAttentionD128
+                | Kernel::SkinnyM8
+                | Kernel::SkinnyM16
+                | Kernel::SkinnyM32
+                | Kernel::SkinnyM64
         )
     }
 

@@ -1,7 +1,7 @@
 //! The model kernels of a Llama-family forward pass (besides the GEMMs): RMSNorm fused with the residual
 //! add (`norm`), RoPE fused with the paged KV-cache write (`rope`), split-KV decode attention and its merge
 //! (`decode`), causal paged varlen prefill attention on tensor cores (`prefill`), the small ones (`small`: SiLU·mul, embedding gather, greedy argmax) and the sampler (`sample`: temperature,
-//! top-k, top-p, seeded). bf16 storage, f32
+//! top-k, top-p, seeded) and the skinny decode projection (`skinny`: `x · Wᵀ` for ≤ 64 tokens). bf16 storage, f32
 //! math everywhere. Each file documents its thread mapping, launch geometry and safety contract; the cache
 //! layout is [`crate::abi::KvLayout`].
 
@@ -10,6 +10,7 @@ pub mod norm;
 pub mod prefill;
 pub mod rope;
 pub mod sample;
+pub mod skinny;
 pub mod small;
 
 use crate::dsl::*;
