@@ -68,6 +68,9 @@ pub enum EngineError {
         /// What went wrong.
         reason: String,
     },
+    /// `--device cuda` (or auto, on a driver error) could not open a GPU.
+    #[error("{0}")]
+    NoDevice(String),
     /// The engine has shut down (or its step thread is gone).
     #[error("the engine has shut down")]
     ShutDown,

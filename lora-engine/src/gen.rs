@@ -93,6 +93,36 @@ fn values(seed: u64, n: usize, scale: f32, offset: f32) -> Vec<bf16> {
         .collect()
 }
 
+/// Values per chunk of [`values_bytes`]: the first chunk is [`values`]' stream, so a tensor of at most
+/// this many values is the same either way.
+const CHUNK: usize = 1 << 20;
+
+/// [`values`] as little-endian bytes, chunks of [`CHUNK`] values generated on every core (chunk `k > 0`
+/// has its own seed), so an 8B checkpoint is not bound by one core.
+fn values_bytes(seed: u64, n: usize, scale: f32, offset: f32) -> Vec<u8> {
+    let mut out = vec![0u8; n * 2];
+    let chunks: Vec<(usize, &mut [u8])> = out.chunks_mut(CHUNK * 2).enumerate().collect();
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(chunks.len()).max(1);
+    let mut lanes: Vec<Vec<(usize, &mut [u8])>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, c) in chunks {
+        lanes[i % threads].push((i, c));
+    }
+    std::thread::scope(|scope| {
+        for lane in lanes {
+            scope.spawn(move || {
+                for (k, chunk) in lane {
+                    let s = if k == 0 { seed } else { name_seed(seed, &format!("chunk{k}")) };
+                    let vals = values(s, chunk.len() / 2, scale, offset);
+                    for (dst, v) in chunk.chunks_exact_mut(2).zip(vals) {
+                        dst.copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+            });
+        }
+    });
+    out
+}
+
 fn name_seed(seed: u64, name: &str) -> u64 {
     name.bytes().fold(seed ^ 0xC0FF_EE00_D15E_A5E5, |h, b| (h ^ u64::from(b)).wrapping_mul(0x1000_0000_01B3))
 }
@@ -115,8 +145,7 @@ impl View for LazyTensor {
     }
     fn data(&self) -> Cow<'_, [u8]> {
         let n = self.shape.iter().product();
-        let bytes: Vec<u8> =
-            values(self.seed, n, self.scale, self.offset).iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes = values_bytes(self.seed, n, self.scale, self.offset);
         if let Some(p) = &self.progress {
             p.inc(bytes.len() as u64);
         }

@@ -10,11 +10,14 @@
 //!   recompute, FCFS with aging (a slot-blocked request waits at most `starvation_steps` before nothing
 //!   passes it; the oldest waiting request is admitted within `starvation_steps + 2 * max_model_len`
 //!   steps when no preemption happens).
+//! - [`backend`]: the backend an engine runs on — the CUDA GPU or the CPU reference backend
+//!   (`--device auto|cpu|cuda`), sized from one set of options.
 //! - [`gen`]: random-weight checkpoints (HF format) and PEFT adapters for tests and benchmarks.
 //!
 //! `docs/engine.md` follows a request from admission to its last token.
 
 pub mod api;
+pub mod backend;
 pub mod engine;
 pub mod error;
 pub mod gen;

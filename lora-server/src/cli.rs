@@ -1,10 +1,12 @@
 //! The command line, in vLLM's names where vLLM has one (`--model`, `--lora-modules name=path`,
 //! `--max-loras`, `--max-lora-rank`, `--max-cpu-loras`, `--host`, `--port`, `--api-key`,
-//! `--served-model-name`, `--max-num-seqs`, `--max-num-batched-tokens`, `--max-model-len`).
+//! `--served-model-name`, `--max-num-seqs`, `--max-num-batched-tokens`, `--max-model-len`, `--device`,
+//! `--enforce-eager`, `--gpu-memory-utilization`).
 
 use std::path::PathBuf;
 
 use clap::Parser;
+use lora_engine::backend::DeviceKind;
 
 use crate::error::ServerError;
 
@@ -78,13 +80,22 @@ pub struct Args {
     /// Longest prompt + completion (default: the model's context, capped by the KV cache).
     #[arg(long)]
     pub max_model_len: Option<usize>,
-    /// KV cache pages (default: enough for --max-num-seqs sequences of 1024 tokens, at least one
-    /// --max-model-len sequence).
+    /// KV cache pages (default on the CPU: about 512 MiB, at least one --max-model-len sequence; on the
+    /// GPU: as many as --gpu-memory-utilization of the memory left after the weights holds).
     #[arg(long)]
     pub kv_pages: Option<u32>,
     /// Tokens per KV page.
     #[arg(long, default_value_t = 16)]
     pub page_size: u32,
+    /// Backend: auto (CUDA device 0 when there is one, else the CPU), cpu, cuda (an error without a GPU).
+    #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
+    pub device: DeviceKind,
+    /// Run every GPU step eagerly (no CUDA graphs for decode-only steps).
+    #[arg(long)]
+    pub enforce_eager: bool,
+    /// Share of the GPU memory left after the weights that the KV cache takes (without --kv-pages).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f32,
     /// Where the default model is cached (default: $XDG_CACHE_HOME/lora-serve or ~/.cache/lora-serve).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -148,6 +159,11 @@ mod tests {
         assert_eq!(mods[1], LoraModule { name: "fr".into(), path: "/a/french".into() });
         assert_eq!((a.max_loras, a.port, a.host.as_str()), (2, 9000, "127.0.0.1"));
         assert_eq!(a.api_key.as_deref(), Some("k"));
+        assert_eq!((a.device, a.enforce_eager, a.gpu_memory_utilization), (DeviceKind::Auto, false, 0.9));
+        let a = Args::try_parse_from(["s", "--device", "cpu", "--enforce-eager", "--gpu-memory-utilization", "0.5"])
+            .unwrap();
+        assert_eq!((a.device, a.enforce_eager, a.gpu_memory_utilization), (DeviceKind::Cpu, true, 0.5));
+        assert!(Args::try_parse_from(["s", "--device", "tpu"]).is_err());
     }
 
     #[test]

@@ -1,15 +1,16 @@
 //! Starting the server from the command line: choosing the model (`--model`, else SmolLM2-135M-Instruct
 //! fetched into the cache, else the generated tiny model, saying why), sizing the KV cache and the
-//! adapter host cache, starting the engine on a backend (the CPU backend today; the GPU backend plugs in
-//! at [`start_engine`]), and loading the adapters (`--lora-modules`, or the demo adapters with the
+//! adapter host cache, starting the engine on the backend `--device` chooses (the GPU through
+//! `lora_engine::backend`, else the CPU backend; on the GPU the KV cache is sized from free memory and
+//! `max_model_len` follows the pages it got), and loading the adapters (`--lora-modules`, or the demo adapters with the
 //! default model).
 
 use std::path::{Path, PathBuf};
 
 use lora_engine::api::EngineConfig;
+use lora_engine::backend::{build_backend, BackendOptions};
 use lora_engine::engine::{Engine, EngineHandle};
 use lora_model::chat::ChatTemplate;
-use lora_model::cpu::{CpuBackend, CpuOptions};
 use lora_model::tokenizer::Tokenizer;
 use lora_model::{ModelConfig, ModelWeights};
 
@@ -126,21 +127,37 @@ pub fn kv_sizing(args: &Args, c: &ModelConfig) -> Result<(u32, usize), ServerErr
     Ok((pages, max_model_len))
 }
 
-/// Starts the engine on the CPU backend. (The GPU backend, when built, is chosen here.)
+/// Starts the engine on the backend `--device` chooses (the CPU backend's KV pages from [`kv_sizing`],
+/// the GPU's from free memory unless `--kv-pages` is given); `max_model_len` fits the pages it got.
 pub fn start_engine(args: &Args, weights: &ModelWeights) -> Result<(Engine, EngineConfig), ServerError> {
     let c = &weights.config;
-    let (num_pages, max_model_len) = kv_sizing(args, c)?;
+    let (cpu_pages, cpu_max_model_len) = kv_sizing(args, c)?;
     let cpu_loras = args.max_cpu_loras.unwrap_or(4 * args.max_loras).max(args.max_loras).max(1);
     let host_cache_bytes = adapter_bytes(c, args.max_lora_rank) * cpu_loras as u64;
-    let options = CpuOptions {
-        num_pages,
+    let options = BackendOptions {
+        device: args.device,
+        num_pages: args.kv_pages,
+        cpu_default_pages: cpu_pages,
         page_size: args.page_size,
         max_loras: args.max_loras,
         max_lora_rank: args.max_lora_rank,
         host_cache_bytes,
         threads: 0,
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        graphs: !args.enforce_eager,
+        gpu_memory_utilization: args.gpu_memory_utilization,
     };
-    let backend = CpuBackend::new(weights, options).map_err(|e| ServerError::Startup(format!("CPU backend: {e}")))?;
+    let built = build_backend(weights, &options).map_err(|e| ServerError::Startup(format!("backend: {e}")))?;
+    let kv = built.info.kv;
+    let max_model_len = if built.info.kind == "cpu" {
+        cpu_max_model_len
+    } else {
+        args.max_model_len.unwrap_or(c.max_position).min(kv.num_pages as usize * kv.page_size as usize)
+    };
+    if max_model_len == 0 {
+        return Err(ServerError::Startup("the KV cache leaves no room for a sequence".into()));
+    }
     let cfg = EngineConfig {
         max_loras: args.max_loras,
         max_lora_rank: args.max_lora_rank,
@@ -150,13 +167,14 @@ pub fn start_engine(args: &Args, weights: &ModelWeights) -> Result<(Engine, Engi
         max_model_len,
     };
     tracing::info!(
-        "engine: CPU backend, {num_pages} KV pages of {} tokens, max_model_len {max_model_len}, {} adapter slots, host cache for {cpu_loras} adapters of rank {}",
-        args.page_size,
+        "engine: {}, {} KV pages of {} tokens, max_model_len {max_model_len}, {} adapter slots, host cache for {cpu_loras} adapters of rank {}",
+        built.info.describe(),
+        kv.num_pages,
+        kv.page_size,
         args.max_loras,
         args.max_lora_rank
     );
-    let engine =
-        Engine::start(Box::new(backend), cfg.clone()).map_err(|e| ServerError::Startup(format!("engine: {e}")))?;
+    let engine = Engine::start(built.backend, cfg.clone()).map_err(|e| ServerError::Startup(format!("engine: {e}")))?;
     Ok((engine, cfg))
 }
 

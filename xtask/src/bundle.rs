@@ -2,7 +2,9 @@
 //!
 //! The GPU machine has a driver, CUDA 13 and cuBLAS but no Rust toolchain, so this builds the GPU test
 //! binaries (`cargo test --release --features gpu --no-run`), the GPU benchmarks (the `examples` of the
-//! GPU crates, built with `--features gpu`) and the demo (`lora-gemm`'s example `lora_demo`) in release mode, copies them into `target/gpu-bundle/`
+//! GPU crates, built with `--features gpu`), the demo (`lora-gemm`'s example `lora_demo`) and the release
+//! binaries `lora-engine` and `lora-server` (into `bin/`, with `scripts/gpu/engine_bench.sh`) in release
+//! mode (symbols stripped), copies them into `target/gpu-bundle/`
 //! (at most 60 MiB, checked), and writes `run.sh`, which runs every suite there with one summary line each
 //! and a final `N passed, N failed` line, then the benchmarks, keeping logs under `$OUT` when that is set.
 
@@ -11,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Crates whose tests and examples go into the bundle.
-const GPU_CRATES: &[&str] = &["lora-device", "lora-gemm", "lora-graph", "lora-model"];
+const GPU_CRATES: &[&str] = &["lora-device", "lora-gemm", "lora-graph", "lora-model", "lora-engine"];
+/// Release binaries shipped in `bin/` (`cargo build --release -p lora-engine -p lora-server`).
+const BINS: &[(&str, &str)] = &[("lora-engine", "lora-engine"), ("lora-server", "lora-server")];
 /// The demo: an example of `lora-gemm`, shipped as `lora-demo` (not among the benchmarks).
 const DEMO: &str = "lora_demo";
 const LIMIT: u64 = 60 << 20;
@@ -21,6 +25,7 @@ pub fn run(root: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(out.join("tests"))?;
     std::fs::create_dir_all(out.join("bench"))?;
+    std::fs::create_dir_all(out.join("bin"))?;
 
     let mut pkgs = Vec::new();
     for c in GPU_CRATES {
@@ -40,6 +45,15 @@ pub fn run(root: &Path) -> Result<()> {
     if demo.is_empty() {
         bail!("the demo example {DEMO} was not built");
     }
+    let bin_pkgs: Vec<String> = BINS.iter().flat_map(|(p, _)| ["-p".to_string(), p.to_string()]).collect();
+    let bins = artifacts(root, &["build", "--release", "--bins"], &bin_pkgs, |kind| kind == "bin")?;
+    for (pkg, bin) in BINS {
+        let Some((_, path)) = bins.iter().find(|(name, _)| name.ends_with(&format!("--{bin}"))) else {
+            bail!("the binary {bin} of {pkg} was not built");
+        };
+        copy(path, &out.join("bin").join(bin))?;
+    }
+    std::fs::copy(root.join("scripts/gpu/engine_bench.sh"), out.join("engine_bench.sh"))?;
     for (_, path) in &demo {
         copy(path, &out.join("lora-demo"))?;
     }
@@ -56,16 +70,19 @@ pub fn run(root: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(out.join("run.sh"), std::fs::Permissions::from_mode(0o755))?;
+        for f in ["run.sh", "engine_bench.sh"] {
+            std::fs::set_permissions(out.join(f), std::fs::Permissions::from_mode(0o755))?;
+        }
     }
     let size = dir_size(&out)?;
     if size > LIMIT {
         bail!("bundle is {} MiB, over the 60 MiB limit", size >> 20);
     }
     eprintln!(
-        "gpu-bundle: {} test suites, {} benchmarks, {:.1} MiB in {}",
+        "gpu-bundle: {} test suites, {} benchmarks, {} binaries, {:.1} MiB in {}",
         tests.len(),
         benches.len(),
+        BINS.len(),
         size as f64 / (1 << 20) as f64,
         out.display()
     );

@@ -1,5 +1,5 @@
 //! `generate`: a prompts file (one JSON object per line: `{"prompt": "...", "adapter": "name"|null,
-//! "max_tokens": n}`, optional `temperature`, `seed`) run offline through the engine on the CPU backend;
+//! "max_tokens": n}`, optional `temperature`, `seed`) run offline through the engine (on the backend `--device` chooses);
 //! outputs are printed as JSON lines in the input's order.
 
 use std::io::{BufRead, Write};
@@ -52,7 +52,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let model = load_model(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     spinner.finish_and_clear();
     tracing::info!(model = %model.name, layers = model.weights.config.num_layers, "model loaded");
-    let engine = a.engine.start(&model.weights)?;
+    let (engine, _) = a.engine.start(&model.weights)?;
     for spec in &a.loras {
         let Some((name, path)) = spec.split_once('=') else { bail!("--lora wants name=path, got `{spec}`") };
         let info = engine

@@ -1,13 +1,14 @@
-//! Arguments of the subcommands, and what they share: an engine over the CPU backend.
+//! Arguments of the subcommands, and what they share: an engine over the backend `--device` chooses.
 
 pub mod bench;
+pub mod bench_report;
 pub mod gen;
 pub mod generate;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use lora_engine::backend::{build_backend, BackendInfo, BackendOptions, DeviceKind};
 use lora_engine::{Engine, EngineConfig};
-use lora_model::cpu::{CpuBackend, CpuOptions};
 use lora_model::ModelWeights;
 
 /// Multi-LoRA serving engine tools.
@@ -25,13 +26,22 @@ pub enum Command {
     Gen(gen::GenArgs),
     /// Run a prompts file (one JSON per line) offline and print the outputs as JSON lines.
     Generate(generate::GenerateArgs),
-    /// Benchmark concurrent requests on the CPU backend.
+    /// Benchmark concurrent requests (one or several configurations over one loaded model).
     Bench(bench::BenchArgs),
 }
 
-/// Engine and CPU backend sizing.
+/// Engine and backend sizing.
 #[derive(Args, Debug, Clone)]
 pub struct EngineArgs {
+    /// Backend: auto (the GPU when there is one, else the CPU), cpu, cuda (an error without a GPU).
+    #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
+    pub device: DeviceKind,
+    /// Run every GPU step eagerly (no CUDA graphs for decode-only steps).
+    #[arg(long)]
+    pub enforce_eager: bool,
+    /// Share of the GPU memory left after the weights that the KV cache takes (when --num-pages is not given).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f32,
     /// Adapter slots (max_loras).
     #[arg(long, default_value_t = 4)]
     pub max_loras: usize,
@@ -41,9 +51,9 @@ pub struct EngineArgs {
     /// Host adapter cache, MiB.
     #[arg(long, default_value_t = 1024)]
     pub host_cache_mib: u64,
-    /// KV pages.
-    #[arg(long, default_value_t = 1024)]
-    pub num_pages: u32,
+    /// KV pages (default: 1024 on the CPU; on the GPU as many as --gpu-memory-utilization allows).
+    #[arg(long)]
+    pub num_pages: Option<u32>,
     /// Tokens per KV page.
     #[arg(long, default_value_t = 16)]
     pub page_size: u32,
@@ -62,32 +72,39 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
-    /// Starts an engine over a CPU backend of `weights`.
-    pub fn start(&self, weights: &ModelWeights) -> anyhow::Result<Engine> {
-        let host_cache_bytes = self.host_cache_mib << 20;
-        let backend = CpuBackend::new(
-            weights,
-            CpuOptions {
-                num_pages: self.num_pages,
-                page_size: self.page_size,
-                max_loras: self.max_loras,
-                max_lora_rank: self.max_lora_rank,
-                host_cache_bytes,
-                threads: self.threads,
-            },
-        )
-        .context("creating the CPU backend")?;
-        let kv_tokens = self.num_pages as usize * self.page_size as usize;
+    /// The backend options these flags give.
+    pub fn backend_options(&self) -> BackendOptions {
+        BackendOptions {
+            device: self.device,
+            num_pages: self.num_pages,
+            cpu_default_pages: 1024,
+            page_size: self.page_size,
+            max_loras: self.max_loras,
+            max_lora_rank: self.max_lora_rank,
+            host_cache_bytes: self.host_cache_mib << 20,
+            threads: self.threads,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            graphs: !self.enforce_eager,
+            gpu_memory_utilization: self.gpu_memory_utilization,
+        }
+    }
+
+    /// Starts an engine over the backend these flags choose for `weights`; returns what it runs on.
+    pub fn start(&self, weights: &ModelWeights) -> anyhow::Result<(Engine, BackendInfo)> {
+        let built = build_backend(weights, &self.backend_options()).context("creating the backend")?;
+        let kv = built.info.kv;
+        let kv_tokens = kv.num_pages as usize * kv.page_size as usize;
         let max_model_len = self.max_model_len.unwrap_or(kv_tokens.min(weights.config.max_position));
         let cfg = EngineConfig {
             max_loras: self.max_loras,
             max_lora_rank: self.max_lora_rank,
-            host_cache_bytes,
+            host_cache_bytes: self.host_cache_mib << 20,
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_model_len,
         };
-        Ok(Engine::start(Box::new(backend), cfg)?)
+        Ok((Engine::start(built.backend, cfg)?, built.info))
     }
 }
 
