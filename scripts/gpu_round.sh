@@ -25,10 +25,10 @@ run() { # name timeout command...
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem --format=csv,noheader
 case "$PHASE" in
 checks)
-  OUT="$L" run tests 230 bash "$B/run.sh" tests
-  run smollm2 100 bash scripts/gpu/smollm2.sh "$B" "$L"
-  run skinny 110 bash scripts/gpu/skinny.sh "$B" "$L"
-  run memcheck_graphs 90 compute-sanitizer --tool memcheck --print-limit 20 "$B/tests/lora-model--device_graphs" --test-threads=1 gpu
+  OUT="$L" run tests 200 bash "$B/run.sh" tests
+  run smollm2 90 bash scripts/gpu/smollm2.sh "$B" "$L"
+  run skinny 180 bash scripts/gpu/skinny.sh "$B" "$L"
+  run memcheck_graphs 60 compute-sanitizer --tool memcheck --print-limit 20 "$B/tests/lora-model--device_graphs" --test-threads=1 gpu
   step summary
   grep -E "^SUITE|bundle tests|panicked|FAILED|SKIP" "$L/tests.txt" | head -60
   tail -n 30 "$L/smollm2.txt"
