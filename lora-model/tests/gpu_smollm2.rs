@@ -423,6 +423,11 @@ fn check_all<B: Backend>(
     let again = free_running(&mut graphs, &seqs, region, n, false);
     let again_tokens: Vec<&[u32]> = again.iter().map(|r| &r.tokens[..]).collect();
     fails.extend(check_same("graphs replay vs eager", &names, &again_tokens, &batched.iter().collect::<Vec<_>>()));
+    let gs = graphs.graph_stats();
+    println!("graphs: {} captured, {} replays, {} held", gs.captures, gs.replays, gs.held);
+    if gs.replays == 0 {
+        fails.push(format!("graphs: true replayed no graph ({gs:?})"));
+    }
     assert!(fails.is_empty(), "{} failures:\n{}", fails.len(), fails.join("\n"));
 }
 
