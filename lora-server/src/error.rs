@@ -52,6 +52,9 @@ pub enum ServerError {
     /// Unload of an adapter that running or waiting requests use.
     #[error("the adapter `{0}` is in use by running or waiting requests")]
     AdapterInUse(String),
+    /// The request body is over the size limit (or could not be read).
+    #[error("the request body is too large: {0}")]
+    PayloadTooLarge(String),
     /// Missing or wrong API key.
     #[error("invalid or missing API key (send `Authorization: Bearer <key>`)")]
     Unauthorized,
@@ -99,6 +102,7 @@ impl ServerError {
             | ServerError::AdapterExists(_) => StatusCode::BAD_REQUEST,
             ServerError::ModelNotFound(_) | ServerError::AdapterNotFound(_) => StatusCode::NOT_FOUND,
             ServerError::AdapterInUse(_) => StatusCode::CONFLICT,
+            ServerError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServerError::Unauthorized => StatusCode::UNAUTHORIZED,
             ServerError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ServerError::Engine(_) | ServerError::Startup(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -125,6 +129,7 @@ impl ServerError {
                 ("invalid_request_error", Some("lora_path".into()), Some("invalid_adapter"))
             }
             ServerError::AdapterInUse(_) => ("conflict_error", Some("lora_name".into()), Some("adapter_in_use")),
+            ServerError::PayloadTooLarge(_) => ("invalid_request_error", None, Some("payload_too_large")),
             ServerError::Unauthorized => ("authentication_error", None, Some("invalid_api_key")),
             ServerError::ShuttingDown => ("service_unavailable_error", None, Some("shutting_down")),
             ServerError::Engine(_) | ServerError::Startup(_) => ("internal_server_error", None, None),
@@ -173,6 +178,7 @@ mod tests {
         assert_eq!(ServerError::Unauthorized.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(ServerError::UnsupportedField("logit_bias".into()).status(), StatusCode::BAD_REQUEST);
         assert_eq!(ServerError::AdapterInUse("a".into()).status(), StatusCode::CONFLICT);
+        assert_eq!(ServerError::PayloadTooLarge("x".into()).status(), StatusCode::PAYLOAD_TOO_LARGE);
         let body = serde_json::to_value(ServerError::UnsupportedField("logit_bias".into()).body()).unwrap();
         assert_eq!(body["error"]["param"], "logit_bias");
         assert_eq!(body["error"]["type"], "invalid_request_error");

@@ -11,6 +11,7 @@
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`error`]: [`ServerError`] and the OpenAI error body.
 
+pub mod bench;
 pub mod cli;
 pub mod error;
 pub mod generate;

@@ -1,10 +1,12 @@
 //! The HTTP routes: the OpenAI endpoints, vLLM's adapter endpoints, `/health` and `/metrics`, the
-//! bearer-key check on every `/v1` route, OpenAI-style 404s for unknown paths, and the error counter.
+//! bearer-key check on every `/v1` route, OpenAI-style 404s for unknown paths and 413s for bodies over
+//! the limit (axum's default, 2 MiB), and the error counter.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -36,12 +38,31 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    generate(state, body, Endpoint::Completions).await
+/// A body as bytes, or the OpenAI-style error for one that could not be read: 413 for one over the
+/// limit (axum's own rejection is plain text), 400 otherwise.
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ServerError> {
+    body.map_err(|rejection| {
+        let text = rejection.body_text();
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ServerError::PayloadTooLarge(text)
+        } else {
+            ServerError::InvalidJson(format!("cannot read the body: {text}"))
+        }
+    })
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    generate(state, body, Endpoint::Chat).await
+async fn completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match read_body(body) {
+        Ok(body) => generate(state, body, Endpoint::Completions).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat_completions(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match read_body(body) {
+        Ok(body) => generate(state, body, Endpoint::Chat).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Compares in time independent of where the first difference is.
@@ -145,8 +166,9 @@ fn string_fields(body: &[u8], fields: &[&str]) -> Result<Vec<String>, ServerErro
 
 /// `POST /v1/load_lora_adapter {"lora_name", "lora_path"}`: loads a PEFT folder (vLLM's shape; the
 /// answer is plain text as vLLM's is).
-async fn load_adapter(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn load_adapter(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let result: Result<String, ServerError> = async {
+        let body = read_body(body)?;
         let f = string_fields(&body, &["lora_name", "lora_path"])?;
         let (name, path) = (f[0].clone(), f[1].clone());
         if name == state.base_name {
@@ -174,8 +196,9 @@ async fn load_adapter(State(state): State<Arc<AppState>>, body: Bytes) -> Respon
 }
 
 /// `POST /v1/unload_lora_adapter {"lora_name"}`: 404 when unknown, 409 while requests use it.
-async fn unload_adapter(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn unload_adapter(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     let result: Result<String, ServerError> = async {
+        let body = read_body(body)?;
         let f = string_fields(&body, &["lora_name"])?;
         let name = f[0].clone();
         let st = state.clone();
