@@ -10,6 +10,9 @@
 # Inputs: the checkpoint at /tmp/llama8b (or /tmp/llama8b/model, gen's layout) and an adapter under
 #   /tmp/llama8b-adapters (written by scripts/gpu/engine_bench.sh); generated here when missing (not
 #   counted in the budget below: ~16 GB written, a minute or two).
+# Overrides for a smoke run elsewhere: SERVE_BENCH_MODEL, SERVE_BENCH_ADAPTER (folders),
+#   SERVE_BENCH_DEVICE (cuda), SERVE_BENCH_VOCAB (128000: prompt ids are drawn below it),
+#   SERVE_BENCH_LEN_DIV (1: input and output lengths are divided by it), SERVE_BENCH_MAX_MODEL_LEN (4096).
 #
 # Budget, ≤ 4 minutes on one H200 (estimates from an 8B bf16 decode step of ~8 ms at batch 1, ~12 ms at
 # 16 and ~25 ms at 64, prefill ~2k tokens per step at ~60 ms; every step is capped by `timeout`, so a
@@ -41,17 +44,19 @@ for bin in lora-server lora-serve-bench; do
 done
 
 # The checkpoint: /tmp/llama8b itself, or gen's layout /tmp/llama8b/model.
-MODEL=""
-for m in /tmp/llama8b /tmp/llama8b/model; do
-  if [ -f "$m/config.json" ]; then MODEL="$m"; break; fi
-done
+MODEL="${SERVE_BENCH_MODEL:-}"
+if [ -z "$MODEL" ]; then
+  for m in /tmp/llama8b /tmp/llama8b/model; do
+    if [ -f "$m/config.json" ]; then MODEL="$m"; break; fi
+  done
+fi
 if [ -z "$MODEL" ]; then
   step "no checkpoint at /tmp/llama8b: lora-engine gen --shape llama-3.1-8b --out /tmp/llama8b"
   "$B/lora-engine" gen --shape llama-3.1-8b --out /tmp/llama8b >> "$TXT" 2>&1 || { echo "gen failed" | tee -a "$TXT"; exit 2; }
   MODEL=/tmp/llama8b/model
 fi
 # One adapter: the first PEFT folder under /tmp/llama8b-adapters (gen writes OUT/adapters/adapter-{i}).
-ADAPTER="$(find /tmp/llama8b-adapters /tmp/llama8b/adapters -name adapter_config.json 2>/dev/null | sort | head -n 1)"
+ADAPTER="$(find ${SERVE_BENCH_ADAPTER:-/tmp/llama8b-adapters /tmp/llama8b/adapters} -name adapter_config.json 2>/dev/null | sort | head -n 1)"
 if [ -z "$ADAPTER" ]; then
   step "no adapter: lora-engine gen --shape llama-3.1-8b --out /tmp/llama8b-adapters --no-model --adapters 1"
   "$B/lora-engine" gen --shape llama-3.1-8b --out /tmp/llama8b-adapters --no-model --adapters 1 >> "$TXT" 2>&1
@@ -65,13 +70,13 @@ echo "model $MODEL, adapter lora0=$ADAPTER" | tee -a "$TXT"
 HELP="$("$B/lora-server" --help 2>&1)"
 EXTRA=()
 has() { grep -q -- "$1" <<< "$HELP"; }
-has "--device" && EXTRA+=(--device cuda)
+has "--device" && EXTRA+=(--device "${SERVE_BENCH_DEVICE:-cuda}")
 has "--gpu-memory-utilization" && EXTRA+=(--gpu-memory-utilization 0.9)
 echo "lora-server extra flags: ${EXTRA[*]:-none}" | tee -a "$TXT"
 
 step "start lora-server"
 "$B/lora-server" --model "$MODEL" --served-model-name base --lora-modules "lora0=$ADAPTER" \
-  --host 127.0.0.1 --port "$PORT" --max-model-len 4096 --max-num-seqs 64 \
+  --host 127.0.0.1 --port "$PORT" --max-model-len "${SERVE_BENCH_MAX_MODEL_LEN:-4096}" --max-num-seqs 64 \
   --max-num-batched-tokens "${SERVE_BENCH_MAX_BATCHED:-2048}" --shutdown-timeout 2 "${EXTRA[@]}" \
   > "$SLOG" 2>&1 &
 SPID=$!
@@ -85,19 +90,30 @@ stop_server() {
 }
 trap stop_server EXIT
 
-# Waits for /health (the bench's own poll: no curl needed); gives up after 60 s or when the server died.
-if ! timeout 65 "$B/lora-serve-bench" --base-url "$URL" --model base --wait-for-server 60 --num-prompts 1 \
-    --concurrency 1 --input-len 16 --output-len 4 --warmup 0 >> "$TXT" 2>&1; then
-  echo "serve_bench: the server did not become healthy (or the first request failed); server log tail:" | tee -a "$TXT"
-  tail -n 40 "$SLOG" | tee -a "$TXT"
+# Waits for /health and one short request (the bench's own poll: no curl needed); gives up after 60 s
+# or as soon as the server process is gone.
+ready=0
+for _ in $(seq 1 12); do
+  if ! kill -0 "$SPID" 2>/dev/null; then break; fi
+  if timeout 10 "$B/lora-serve-bench" --base-url "$URL" --model base --wait-for-server 4 --num-prompts 1 \
+      --concurrency 1 --input-len 16 --output-len 4 --warmup 0 --vocab-size 250 >> "$TXT" 2>&1; then
+    ready=1; break
+  fi
+done
+if [ "$ready" != 1 ]; then
+  echo "serve_bench: the server did not become ready in 60 s (or exited); server log tail:" | tee -a "$TXT"
+  grep -v '^  ' "$SLOG" | tail -n 40 | tee -a "$TXT"
   exit 1
 fi
+echo "server ready" | tee -a "$TXT"
 
 # One level: NAME CONCURRENCY PROMPTS INPUT OUTPUT CAP_SECONDS.
 level() {
+  local div="${SERVE_BENCH_LEN_DIV:-1}"
+  set -- "$1" "$2" "$3" "$(($4 / div))" "$(($5 / div))" "$6"
   step "$1 concurrency $2: $3 prompts, $4 in / $5 out (cap $6 s)"
   timeout "$6" "$B/lora-serve-bench" --base-url "$URL" --model "$1" --concurrency "$2" --num-prompts "$3" \
-    --input-len "$4" --output-len "$5" --vocab-size 128000 --seed 1 --warmup 1 --request-timeout "$6" \
+    --input-len "$4" --output-len "$5" --vocab-size "${SERVE_BENCH_VOCAB:-128000}" --seed 1 --warmup 1 --request-timeout "$6" \
     --json "$JSON" >> "$TXT" 2>&1
   echo "rc=$?" >> "$TXT"
 }
