@@ -5,11 +5,14 @@
 #
 # Usage: bash scripts/gpu/serve_bench.sh BUNDLE_DIR OUT_DIR
 #   BUNDLE_DIR holds the binaries lora-server, lora-serve-bench (and lora-engine, for `gen` when the
-#   checkpoint is missing); OUT_DIR gets serve_bench.json (one JSON object per level, JSON lines),
+#   checkpoint or the adapter is missing) in bin/ (gzipped as `cargo xtask gpu-bundle` ships them:
+#   unpacked here) or at its top; OUT_DIR gets serve_bench.json (one JSON object per level, JSON lines),
 #   serve_bench.txt (the tables) and serve_bench_server.log.
-# Inputs: the checkpoint at /tmp/llama8b (or /tmp/llama8b/model, gen's layout) and an adapter under
-#   /tmp/llama8b-adapters (written by scripts/gpu/engine_bench.sh); generated here when missing (not
-#   counted in the budget below: ~16 GB written, a minute or two).
+# Inputs: the checkpoint at /tmp/llama8b/model (gen's layout, written by scripts/gpu/engine_bench.sh
+#   earlier in the round; /tmp/llama8b itself also works) and a PEFT adapter under /tmp/llama8b-adapters
+#   (engine_bench.sh makes its adapters in memory, so this script writes one rank-16 adapter there with
+#   `lora-engine gen --no-model --adapters 1`, a few seconds); the checkpoint is generated here when
+#   missing (not counted in the budget below: ~16 GB written, a minute or two).
 # Overrides for a smoke run elsewhere: SERVE_BENCH_MODEL, SERVE_BENCH_ADAPTER (folders),
 #   SERVE_BENCH_DEVICE (cuda), SERVE_BENCH_VOCAB (128000: prompt ids are drawn below it),
 #   SERVE_BENCH_LEN_DIV (1: input and output lengths are divided by it), SERVE_BENCH_MAX_MODEL_LEN (4096).
@@ -39,6 +42,11 @@ SLOG="$O/serve_bench_server.log"
 : > "$TXT"
 step() { echo "== serve_bench: $1 ($(date -u +%H:%M:%S))" | tee -a "$TXT"; }
 
+# The binaries: BUNDLE_DIR/bin/NAME (gunzipped in place when shipped as NAME.gz) or BUNDLE_DIR/NAME.
+for bin in lora-server lora-serve-bench lora-engine; do
+  if [ -e "$B/bin/$bin.gz" ]; then gzip -d -f "$B/bin/$bin.gz" && chmod +x "$B/bin/$bin"; fi
+done
+if [ -x "$B/bin/lora-server" ]; then B="$B/bin"; fi
 for bin in lora-server lora-serve-bench; do
   if [ ! -x "$B/$bin" ]; then echo "serve_bench: $B/$bin is missing (add it to the bundle)" | tee -a "$TXT"; exit 2; fi
 done
