@@ -3,7 +3,8 @@
 # Usage: engine_bench.sh BUNDLE_DIR OUT_DIR   (called by scripts/gpu_round.sh with the bundle and $OUT)
 #
 # 1. `lora-engine gen --shape llama-3.1-8b` writes the random-weight 8B checkpoint (HF safetensors, bf16,
-#    16.1 GB) to /tmp/llama8b/model (kept if already there).
+#    16.1 GB) to /tmp/llama8b/model and one rank-16 PEFT adapter to /tmp/llama8b/adapters/adapter-0 (for
+#    scripts/gpu/serve_bench.sh); kept if already there.
 # 2. Two `lora-engine bench` processes, each loading the model once and running several rows on fresh
 #    engines over the same host weights (16 concurrent requests, input 1600, output 600, greedy,
 #    ignore_eos, max_num_batched_tokens 2048); adapters are random rank-r LoRAs on all 7 modules, made in
@@ -28,6 +29,7 @@ mkdir -p "$out"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export RUST_LOG="${RUST_LOG:-info}"
 bin="$bundle/bin/lora-engine"
+[ -x "$bin" ] || bin="$bundle/lora-engine"   # the bundle, or its bin/ folder
 model_root="${LLAMA8B_DIR:-/tmp/llama8b}"
 json="$out/engine_bench.json"
 start=$(date +%s)
@@ -37,7 +39,7 @@ stamp() { echo "[engine_bench +$(( $(date +%s) - start ))s] $*"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader 2>&1 | tee "$out/engine_bench_gpu.txt"
 if [ ! -f "$model_root/model/model.safetensors" ]; then
   stamp "gen llama-3.1-8b → $model_root"
-  timeout 100 "$bin" gen --shape llama-3.1-8b --out "$model_root" >"$out/engine_bench_gen.log" 2>&1
+  timeout 100 "$bin" gen --shape llama-3.1-8b --out "$model_root" --adapters 1 --ranks 16 >"$out/engine_bench_gen.log" 2>&1
   grc=$?
   if [ "$grc" -ne 0 ]; then
     stamp "gen failed (rc $grc, 124 = timeout), see engine_bench_gen.log"; tail -n 20 "$out/engine_bench_gen.log"
