@@ -44,6 +44,7 @@ if [ ! -f "$model_root/model/model.safetensors" ]; then
   grc=$?
   if [ "$grc" -ne 0 ]; then
     stamp "gen failed (rc $grc, 124 = timeout), see engine_bench_gen.log"; tail -n 20 "$out/engine_bench_gen.log"
+    rm -rf "$model_root/model"   # never leave a partial checkpoint for the next run
     exit 1
   fi
 fi
