@@ -9,9 +9,10 @@
 #   unpacked here) or at its top; OUT_DIR gets serve_bench.json (one JSON object per level, JSON lines),
 #   serve_bench.txt (the tables) and serve_bench_server.log.
 # Inputs: the checkpoint at /tmp/llama8b/model (gen's layout, written by scripts/gpu/engine_bench.sh
-#   earlier in the round; /tmp/llama8b itself also works) and a PEFT adapter under /tmp/llama8b-adapters
-#   (engine_bench.sh makes its adapters in memory, so this script writes one rank-16 adapter there with
-#   `lora-engine gen --no-model --adapters 1`, a few seconds); the checkpoint is generated here when
+#   earlier in the round; /tmp/llama8b itself also works) and a PEFT adapter: the first under
+#   /tmp/llama8b-adapters or /tmp/llama8b/adapters (engine_bench.sh writes adapter-0 there); when there
+#   is none this script writes one rank-16 adapter to /tmp/llama8b-adapters with
+#   `lora-engine gen --no-model --adapters 1` (a few seconds); the checkpoint is generated here when
 #   missing (not counted in the budget below: ~16 GB written, a minute or two).
 # Overrides for a smoke run elsewhere: SERVE_BENCH_MODEL, SERVE_BENCH_ADAPTER (folders),
 #   SERVE_BENCH_DEVICE (cuda), SERVE_BENCH_VOCAB (128000: prompt ids are drawn below it),
