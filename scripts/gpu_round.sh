@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# One GPU round on the lent machine, in two calls of ≤ 10 minutes each (files of the first call stay on a
+# One GPU round on the lent machine, in three calls of ≤ 10 minutes each (files of earlier calls stay on a
 # warm machine): `checks` — every bundle test suite (GPU arms: device layer, LoRA groups, model kernels,
 # device forward, LoRA on the device, decode graphs, the engine on CUDA), SmolLM2-135M on the GPU against
 # the transformers reference (scripts/gpu/smollm2.sh: needs target/smol-a and target/smol-b carried in
 # earlier calls), the skinny decode GEMM benchmark and compute-sanitizer (memcheck, racecheck) on the new
-# kernels and the graph-replayed forward; `serving` — the engine's reference table on the Llama-3.1-8B
-# shape (scripts/gpu/engine_bench.sh) and the HTTP serving benchmark (scripts/gpu/serve_bench.sh).
+# kernels and the graph-replayed forward; `engine` — the engine's reference table on the Llama-3.1-8B
+# shape (scripts/gpu/engine_bench.sh); `serve` — the HTTP serving benchmark (scripts/gpu/serve_bench.sh,
+# on the checkpoint the engine phase wrote).
 # Expects the bundle of `cargo xtask gpu-bundle` at target/gpu-bundle (carried in the `checks` call);
 # writes every log into $OUT/<phase>-logs.tgz, the JSON results into $OUT, and prints the short results.
-# Usage: bash scripts/gpu_round.sh checks|serving
+# Usage: bash scripts/gpu_round.sh checks|engine|serve
 set -u
 PHASE="${1:-checks}"
 B="$(pwd)/target/gpu-bundle"
@@ -35,14 +36,18 @@ checks)
   tail -n 50 "$L/skinny.txt"
   grep -E "ERROR SUMMARY|test result|rc=" "$L/memcheck_graphs.txt"
   ;;
-serving)
-  run engine_bench 370 bash scripts/gpu/engine_bench.sh "$B" "$L"
-  run serve_bench 200 bash scripts/gpu/serve_bench.sh "$B" "$L"
+engine)
+  run engine_bench 420 bash scripts/gpu/engine_bench.sh "$B" "$L"
   cp "$L"/*.json "$OUTDIR"/ 2>/dev/null
   step summary
   tail -n 40 "$L/engine_bench.txt"
-  tail -n 40 "$L/serve_bench.txt"
   ;;
-*) echo "unknown phase $PHASE (checks | serving)"; exit 2 ;;
+serve)
+  run serve_bench 400 bash scripts/gpu/serve_bench.sh "$B" "$L"
+  cp "$L"/*.json "$OUTDIR"/ 2>/dev/null
+  step summary
+  tail -n 60 "$L/serve_bench.txt"
+  ;;
+*) echo "unknown phase $PHASE (checks | engine | serve)"; exit 2 ;;
 esac
 tar czf "$OUTDIR/$PHASE-logs.tgz" -C "$L" .
