@@ -151,8 +151,8 @@ fn artifacts(
 /// The wrapper's shell lines; the gzipped binary follows them.
 const SFX_HEAD: &str = r#"#!/bin/sh
 # Self-extracting executable of the GPU bundle: unpacks the gzipped binary below once and execs it.
-d="${TMPDIR:-/tmp}/lora-gpu-bundle-$(id -u)"
-x="$d/@NAME@-@HASH@"
+d="${TMPDIR:-/tmp}/lora-gpu-bundle-$(id -u)/@HASH@"
+x="$d/@NAME@"
 if [ ! -x "$x" ]; then
   mkdir -p "$d" && tail -n +@SKIP@ "$0" | gzip -cd > "$x.$$" && chmod 755 "$x.$$" && mv -f "$x.$$" "$x" || { echo "cannot unpack $0" >&2; exit 127; }
 fi
