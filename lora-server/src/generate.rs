@@ -280,7 +280,9 @@ fn sse_stream(run: Running) -> impl Stream<Item = Result<SseEvent, Infallible>> 
                     if piece.ending.is_some() {
                         st.phase = if st.run.params.include_usage { Phase::Usage } else { Phase::Done };
                     }
-                    if piece.text.is_empty() && finish.is_none() {
+                    // A token whose text is held back (an incomplete UTF-8 sequence, a special token) gets no
+                    // chunk of its own, unless the client asked for token ids: then every token is streamed.
+                    if piece.text.is_empty() && finish.is_none() && !(want_ids && piece.token.is_some()) {
                         continue;
                     }
                     if let Some(Ending::Failed(msg)) = &piece.ending {

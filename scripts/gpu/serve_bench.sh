@@ -102,15 +102,15 @@ trap stop_server EXIT
 # Waits for /health and one short request (the bench's own poll: no curl needed); gives up after 60 s
 # or as soon as the server process is gone.
 ready=0
-for _ in $(seq 1 12); do
+for _ in $(seq 1 40); do
   if ! kill -0 "$SPID" 2>/dev/null; then break; fi
   if timeout 10 "$B/lora-serve-bench" --base-url "$URL" --model base --wait-for-server 4 --num-prompts 1 \
-      --concurrency 1 --input-len 16 --output-len 4 --warmup 0 --vocab-size 250 >> "$TXT" 2>&1; then
+      --concurrency 1 --input-len 16 --output-len 4 --warmup 0 --vocab-size 250 --return-token-ids >> "$TXT" 2>&1; then
     ready=1; break
   fi
 done
 if [ "$ready" != 1 ]; then
-  echo "serve_bench: the server did not become ready in 60 s (or exited); server log tail:" | tee -a "$TXT"
+  echo "serve_bench: the server did not become ready in time (or exited); server log tail:" | tee -a "$TXT"
   grep -v '^  ' "$SLOG" | tail -n 40 | tee -a "$TXT"
   exit 1
 fi
@@ -122,7 +122,7 @@ level() {
   set -- "$1" "$2" "$3" "$(($4 / div))" "$(($5 / div))" "$6"
   step "$1 concurrency $2: $3 prompts, $4 in / $5 out (cap $6 s)"
   timeout "$6" "$B/lora-serve-bench" --base-url "$URL" --model "$1" --concurrency "$2" --num-prompts "$3" \
-    --input-len "$4" --output-len "$5" --vocab-size "${SERVE_BENCH_VOCAB:-128000}" --seed 1 --warmup 1 --request-timeout "$6" \
+    --input-len "$4" --output-len "$5" --vocab-size "${SERVE_BENCH_VOCAB:-128000}" --seed 1 --warmup 1 --return-token-ids --request-timeout "$6" \
     --json "$JSON" >> "$TXT" 2>&1
   echo "rc=$?" >> "$TXT"
 }
