@@ -35,10 +35,45 @@ impl LaunchDims {
     }
 }
 
-/// `Y[m, n] = alpha · X[m, k] · W[n, k]ᵀ + beta · Y` in bf16 (raw bits) with f32 accumulation, row-major
-/// with row strides `ldx`, `ldw`, `ldy` (elements) — the base model's projection.
+/// The element type of a dense GEMM's output: bf16 (raw bits, `u16`: the base model's projections) or
+/// `f32` (the lm_head's logits, so greedy decoding sees full-precision scores). Sealed: the two backends
+/// implement exactly these.
+pub trait GemmOut: Pod + private::Sealed {
+    /// Widen a stored element.
+    fn to_f32(self) -> f32;
+    /// Round an f32 result to the stored element.
+    fn from_f32(v: f32) -> Self;
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for u16 {}
+    impl Sealed for f32 {}
+}
+
+impl GemmOut for u16 {
+    fn to_f32(self) -> f32 {
+        lora_kernels::dsl::bf16_to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        lora_kernels::dsl::f32_to_bf16(v)
+    }
+}
+
+impl GemmOut for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+/// `Y[m, n] = alpha · X[m, k] · W[n, k]ᵀ + beta · Y` with bf16 (raw bits) inputs and f32 accumulation,
+/// row-major with row strides `ldx`, `ldw`, `ldy` (elements) — the base model's projection. `Y` is bf16
+/// (the default) or f32 ([`GemmOut`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DenseGemm {
+pub struct DenseGemm<Y = u16> {
     /// Rows of X and Y.
     pub m: usize,
     /// Rows of W, columns of Y.
@@ -54,7 +89,7 @@ pub struct DenseGemm {
     /// Row stride of W.
     pub ldw: usize,
     /// The output, updated in place.
-    pub y: DevSlice<u16>,
+    pub y: DevSlice<Y>,
     /// Row stride of Y.
     pub ldy: usize,
     /// Scale of the product.
@@ -63,21 +98,21 @@ pub struct DenseGemm {
     pub beta: f32,
 }
 
-impl DenseGemm {
+impl<Y> DenseGemm<Y> {
     /// Every operand holds the rows and columns the shape asks for.
     pub fn check(&self) -> Result<(), DeviceError> {
         let need = |rows: usize, cols: usize, ld: usize| if rows == 0 { 0 } else { (rows - 1) * ld + cols };
         let ops = [
-            ("X", self.x, self.m, self.k, self.ldx),
-            ("W", self.w, self.n, self.k, self.ldw),
-            ("Y", self.y, self.m, self.n, self.ldy),
+            ("X", self.x.len(), self.m, self.k, self.ldx),
+            ("W", self.w.len(), self.n, self.k, self.ldw),
+            ("Y", self.y.len(), self.m, self.n, self.ldy),
         ];
-        for (name, s, rows, cols, ld) in ops {
+        for (name, len, rows, cols, ld) in ops {
             if ld < cols {
                 return invalid(format!("GEMM {name}: row stride {ld} below {cols} columns"));
             }
-            if s.len() < need(rows, cols, ld) {
-                return invalid(format!("GEMM {name}: {rows}x{cols} (stride {ld}) does not fit {} elements", s.len()));
+            if len < need(rows, cols, ld) {
+                return invalid(format!("GEMM {name}: {rows}x{cols} (stride {ld}) does not fit {} elements", len));
             }
         }
         Ok(())
@@ -144,8 +179,8 @@ pub trait Backend {
     /// launch captured into a graph keeps that contract for every replay.
     unsafe fn launch<K: KernelArgs>(&self, stream: &Self::Stream, dims: LaunchDims, args: K)
         -> Result<(), DeviceError>;
-    /// A dense bf16 GEMM on `stream` (checked against the views' lengths).
-    fn gemm(&self, stream: &Self::Stream, g: &DenseGemm) -> Result<(), DeviceError>;
+    /// A dense GEMM with bf16 inputs on `stream` (checked against the views' lengths), bf16 or f32 out.
+    fn gemm<Y: GemmOut>(&self, stream: &Self::Stream, g: &DenseGemm<Y>) -> Result<(), DeviceError>;
 
     /// Start capturing `stream` (and every stream forked from it through an event) into a graph.
     fn begin_capture(&self, stream: &Self::Stream) -> Result<(), DeviceError>;

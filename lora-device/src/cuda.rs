@@ -19,7 +19,7 @@ use cudarc::driver::{
 use lora_kernels::args::{KernelArgs, Param};
 use lora_kernels::{Kernel, PTX};
 
-use crate::backend::{Backend, DenseGemm, LaunchDims};
+use crate::backend::{Backend, DenseGemm, GemmOut, LaunchDims};
 use crate::buffer::{DevSlice, DeviceBuffer, PinnedBuffer};
 use crate::error::{invalid, DeviceError};
 
@@ -257,7 +257,7 @@ impl Backend for Cuda {
         Ok(())
     }
 
-    fn gemm(&self, stream: &Arc<CudaStream>, g: &DenseGemm) -> Result<(), DeviceError> {
+    fn gemm<Y: GemmOut>(&self, stream: &Arc<CudaStream>, g: &DenseGemm<Y>) -> Result<(), DeviceError> {
         g.check()?;
         if g.m == 0 || g.n == 0 {
             return Ok(());
@@ -290,7 +290,7 @@ impl Backend for Cuda {
                 g.ldx as i32,
                 &beta as *const f32 as *const _,
                 g.y.addr() as *mut _,
-                cudaDataType::CUDA_R_16BF,
+                if std::mem::size_of::<Y>() == 4 { cudaDataType::CUDA_R_32F } else { cudaDataType::CUDA_R_16BF },
                 g.ldy as i32,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

@@ -16,11 +16,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytemuck::Pod;
 use lora_kernels::args::KernelArgs;
+use lora_kernels::dsl::bf16_to_f32;
 use lora_kernels::dsl::emu::LaunchConfig;
-use lora_kernels::dsl::{bf16_to_f32, f32_to_bf16};
 use lora_kernels::KernelError;
 
-use crate::backend::{Backend, DenseGemm, LaunchDims};
+use crate::backend::{Backend, DenseGemm, GemmOut, LaunchDims};
 use crate::buffer::{DevSlice, DeviceBuffer, PinnedBuffer};
 use crate::error::{invalid, DeviceError};
 
@@ -50,10 +50,13 @@ pub struct EmulatorStream(u32);
 #[derive(Debug)]
 pub struct EmulatorEvent(u32);
 
+/// A recorded dense GEMM (bf16 or f32 out), run on the emulator that recorded it.
+type GemmOp = Box<dyn Fn(&Emulator) -> Result<(), DeviceError>>;
+
 /// A recorded operation of a graph.
 enum Op {
     Launch(Box<dyn Fn() -> Result<(), KernelError>>),
-    Gemm(DenseGemm),
+    Gemm(GemmOp),
 }
 
 /// A captured emulator graph: the launches and GEMMs in the order they were enqueued.
@@ -194,15 +197,16 @@ impl Emulator {
     fn run(&self, op: &Op) -> Result<(), DeviceError> {
         match op {
             Op::Launch(f) => Ok(f()?),
-            Op::Gemm(g) => self.run_gemm(g),
+            Op::Gemm(run) => run(self),
         }
     }
 
-    fn run_gemm(&self, g: &DenseGemm) -> Result<(), DeviceError> {
+    fn run_gemm<Y: GemmOut>(&self, g: &DenseGemm<Y>) -> Result<(), DeviceError> {
         g.check()?;
-        for (s, name) in [(g.x, "GEMM X"), (g.w, "GEMM W"), (g.y, "GEMM Y")] {
+        for (s, name) in [(g.x, "GEMM X"), (g.w, "GEMM W")] {
             self.check(s, name)?;
         }
+        self.check(g.y, "GEMM Y")?;
         let (m, n, k) = (g.m, g.n, g.k);
         if m == 0 || n == 0 {
             return Ok(());
@@ -241,8 +245,8 @@ impl Emulator {
         for r in 0..m {
             for c in 0..n {
                 let at = r * g.ldy + c;
-                let old = if g.beta == 0.0 { 0.0 } else { g.beta * bf16_to_f32(y[at]) };
-                y[at] = f32_to_bf16(g.alpha * acc[r * n + c] + old);
+                let old = if g.beta == 0.0 { 0.0 } else { g.beta * y[at].to_f32() };
+                y[at] = Y::from_f32(g.alpha * acc[r * n + c] + old);
             }
         }
         Ok(())
@@ -391,9 +395,10 @@ impl Backend for Emulator {
         self.enqueue(stream, op, K::KERNEL.name())
     }
 
-    fn gemm(&self, stream: &EmulatorStream, g: &DenseGemm) -> Result<(), DeviceError> {
+    fn gemm<Y: GemmOut>(&self, stream: &EmulatorStream, g: &DenseGemm<Y>) -> Result<(), DeviceError> {
         g.check()?;
-        self.enqueue(stream, Op::Gemm(*g), "a GEMM")
+        let g = *g;
+        self.enqueue(stream, Op::Gemm(Box::new(move |e: &Emulator| e.run_gemm(&g))), "a GEMM")
     }
 
     fn begin_capture(&self, stream: &EmulatorStream) -> Result<(), DeviceError> {

@@ -17,7 +17,7 @@ pub mod emulator;
 pub mod error;
 pub mod testing;
 
-pub use backend::{Backend, Branch, DenseGemm, LaunchDims};
+pub use backend::{Backend, Branch, DenseGemm, GemmOut, LaunchDims};
 pub use buffer::{DevSlice, DeviceBuffer, PinnedBuffer};
 pub use cuda::Cuda;
 pub use emulator::Emulator;

@@ -5,16 +5,16 @@
 //! bounds checks are typed errors.
 
 use lora_device::testing::{Rng, TestBed};
-use lora_device::{device_test, Backend, Branch, DenseGemm, DevSlice, DeviceError, Emulator, LaunchDims};
+use lora_device::{device_test, Backend, Branch, DenseGemm, DevSlice, DeviceError, Emulator, GemmOut, LaunchDims};
 use lora_kernels::abi::NO_SLOT;
 use lora_kernels::dsl::{bf16_to_f32, f32_to_bf16};
 use lora_kernels::kernels::baseline::GatherRowsArgs;
 use lora_kernels::kernels::delta::AddDeltaArgs;
 
-/// One `Y = alpha·X·Wᵀ + beta·Y` case with strided rows; checks every element, including that the
-/// padding columns of Y past `n` are untouched.
+/// One `Y = alpha·X·Wᵀ + beta·Y` case with strided rows and output type `Y` (bf16 or f32); checks every
+/// element, including that the padding columns of Y past `n` are untouched, against `tol` (relative L2).
 #[allow(clippy::too_many_arguments)]
-fn gemm_case<B: Backend>(
+fn gemm_case<B: Backend, Y: GemmOut + PartialEq + std::fmt::Debug>(
     d: &TestBed<B>,
     m: usize,
     n: usize,
@@ -22,16 +22,17 @@ fn gemm_case<B: Backend>(
     ld: (usize, usize, usize),
     beta: f32,
     seed: u64,
+    tol: f64,
 ) {
     let (ldx, ldw, ldy) = ld;
     let mut rng = Rng(seed);
     let (x, xf) = rng.bf16_vec(m * ldx, 1.0);
     let (w, wf) = rng.bf16_vec(n * ldw, 1.0);
-    let (y0, y0f) = if beta == 0.0 {
+    let y0: Vec<Y> = if beta == 0.0 {
         // beta = 0: Y must not be read, so poison it (NaN) and require every written value finite.
-        (vec![0x7fc0u16; m * ldy], vec![f32::NAN; m * ldy])
+        vec![Y::from_f32(f32::NAN); m * ldy]
     } else {
-        rng.bf16_vec(m * ldy, 4.0)
+        rng.bf16_vec(m * ldy, 4.0).1.into_iter().map(Y::from_f32).collect()
     };
     let (px, pw, py) = (d.upload(&x).unwrap(), d.upload(&w).unwrap(), d.upload(&y0).unwrap());
     let g = DenseGemm { m, n, k, x: px, ldx, w: pw, ldw, y: py, ldy, alpha: 1.0, beta };
@@ -42,29 +43,38 @@ fn gemm_case<B: Backend>(
         for j in 0..ldy {
             let o = got[i * ldy + j];
             if j >= n {
-                assert_eq!(o, y0[i * ldy + j], "{}: padding Y[{i}][{j}] was written", d.name());
+                assert_eq!(
+                    o.to_f32().to_bits(),
+                    y0[i * ldy + j].to_f32().to_bits(),
+                    "{}: padding Y[{i}][{j}] was written",
+                    d.name()
+                );
                 continue;
             }
             let dot: f64 = (0..k).map(|p| xf[i * ldx + p] as f64 * wf[j * ldw + p] as f64).sum();
-            let r = if beta == 0.0 { dot } else { dot + beta as f64 * y0f[i * ldy + j] as f64 };
-            let o = bf16_to_f32(o) as f64;
+            let r = if beta == 0.0 { dot } else { dot + beta as f64 * y0[i * ldy + j].to_f32() as f64 };
+            let o = o.to_f32() as f64;
             assert!(o.is_finite(), "{}: Y[{i}][{j}] not written or not finite", d.name());
             num += (o - r).powi(2);
             den += r * r;
         }
     }
     let rel = (num / den).sqrt();
-    assert!(rel < 1e-2, "{}: gemm {m}x{n}x{k} rel error {rel}", d.name());
+    assert!(rel < tol, "{}: gemm {m}x{n}x{k} rel error {rel}", d.name());
 }
 
 device_test!(dense_gemm_matches_f64, |d, big| {
-    gemm_case(d, 37, 200, 96, (96, 96, 200), 0.0, 1);
-    gemm_case(d, 37, 200, 96, (96, 96, 200), 1.0, 2);
-    gemm_case(d, 37, 200, 96, (104, 112, 216), 0.0, 3);
-    gemm_case(d, 5, 64, 16, (16, 16, 64), 1.0, 6);
+    gemm_case::<_, u16>(d, 37, 200, 96, (96, 96, 200), 0.0, 1, 1e-2);
+    gemm_case::<_, u16>(d, 37, 200, 96, (96, 96, 200), 1.0, 2, 1e-2);
+    gemm_case::<_, u16>(d, 37, 200, 96, (104, 112, 216), 0.0, 3, 1e-2);
+    gemm_case::<_, u16>(d, 5, 64, 16, (16, 16, 64), 1.0, 6, 1e-2);
+    // f32 out (the logits): no output rounding, so the error is the f32 accumulation's alone.
+    gemm_case::<_, f32>(d, 37, 200, 96, (104, 112, 216), 0.0, 8, 1e-5);
+    gemm_case::<_, f32>(d, 5, 64, 16, (16, 16, 64), 1.0, 9, 1e-5);
     if big {
-        gemm_case(d, 1, 16, 4096, (4096, 4096, 16), 0.0, 5);
-        gemm_case(d, 5, 1024, 16, (16, 16, 1024), 1.0, 7);
+        gemm_case::<_, u16>(d, 1, 16, 4096, (4096, 4096, 16), 0.0, 5, 1e-2);
+        gemm_case::<_, u16>(d, 5, 1024, 16, (16, 16, 1024), 1.0, 7, 1e-2);
+        gemm_case::<_, f32>(d, 3, 49152, 576, (576, 576, 49160), 0.0, 10, 1e-5);
     }
     // A shape that does not fit its views is a typed error, not a launch.
     let x = d.upload(&[0u16; 8]).unwrap();

@@ -17,12 +17,9 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::hash::Hash;
 
-use lora_device::{Backend, Branch, DevSlice, DeviceBuffer, PinnedBuffer};
-use lora_gemm::launch::{
-    group_descs, launch_add_delta, launch_expand, launch_prep, launch_shrink, ExpandOut, Geometry, PrepInputs,
-    StepBuffers, Workspace,
-};
-use lora_gemm::plan::{plan_model, Capacity, ExpandMode, ModelPlan, ModuleGroup};
+use lora_device::{Backend, DevSlice, DeviceBuffer, PinnedBuffer};
+use lora_gemm::launch::{launch_prep, Geometry, PrepInputs, StepBuffers, Workspace};
+use lora_gemm::plan::{plan_model, Capacity, ModelPlan, ModuleGroup};
 use lora_gemm::step::StepPacker;
 use lora_kernels::abi::{GemmDesc, ModuleShape, SlotWeights, StepLayout, Tile};
 use lora_slots::{HostCache, SlotManager};
@@ -30,6 +27,8 @@ use lora_slots::{HostCache, SlotManager};
 use crate::adapter::{slot_elems, AdapterImage, LoraAdapter};
 use crate::buckets::Buckets;
 use crate::GraphError;
+
+mod group;
 
 /// What the runtime is sized for.
 #[derive(Clone, Debug)]
@@ -447,97 +446,6 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
         // empty step); every buffer is this runtime's.
         unsafe { launch_prep(&self.dev, stream, &self.plan.prep, &self.prep, &self.step_bufs) }?;
         Ok(())
-    }
-
-    fn group_args(&self, bucket: u32, layer: u32, group: usize) -> Result<(&Geometry, DevSlice<GemmDesc>), GraphError> {
-        let geoms = self.geometry.get(&bucket).ok_or_else(|| GraphError::BadStep(format!("no bucket {bucket}")))?;
-        let g = geoms.get(group).ok_or_else(|| GraphError::BadStep(format!("no group {group}")))?;
-        if layer >= self.cfg.num_layers {
-            return Err(GraphError::BadStep(format!("no layer {layer}")));
-        }
-        let base = self.plan.group_module_base[group];
-        let descs = group_descs(&self.step_bufs, g, layer, base, self.plan.shapes.len() as u32)?;
-        Ok((g, descs))
-    }
-
-    /// How the plan runs the expand of `bucket`'s groups.
-    pub fn expand_mode(&self, bucket: u32) -> Result<ExpandMode, GraphError> {
-        let g = self.geometry.get(&bucket).and_then(|g| g.first());
-        Ok(g.ok_or_else(|| GraphError::BadStep(format!("no bucket {bucket}")))?.expand_mode)
-    }
-
-    /// The LoRA work of a group that needs only the prep and `x`, for the parallel branch beside the base
-    /// GEMM: the shrink, and in [`ExpandMode::Delta`] the expand into the runtime's delta buffer.
-    pub fn launch_branch(
-        &self,
-        stream: &B::Stream,
-        bucket: u32,
-        layer: u32,
-        group: usize,
-        x: DevSlice<u16>,
-        ldx: u32,
-    ) -> Result<(), GraphError> {
-        let (g, descs) = self.group_args(bucket, layer, group)?;
-        let d = &self.dev;
-        // SAFETY: the prep of this step runs before on the step stream (the branch forks after it); the
-        // pointer table holds only uploaded slots' weights; the buffers are this runtime's (sizes checked).
-        unsafe {
-            launch_shrink(d, stream, g, &self.step_bufs, &self.ws, descs, x, ldx)?;
-            if g.expand_mode == ExpandMode::Delta {
-                let out = ExpandOut::Delta { delta: self.bufs.delta.slice(), ld_delta: self.plan.delta_ld };
-                launch_expand(d, stream, g, &self.step_bufs, &self.ws, descs, out)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The LoRA work of a group after the join (after the base GEMM wrote `y`): the direct expand, or in
-    /// [`ExpandMode::Delta`] the delta add.
-    pub fn launch_joined(
-        &self,
-        stream: &B::Stream,
-        bucket: u32,
-        layer: u32,
-        group: usize,
-        y: DevSlice<u16>,
-        ldy: u32,
-    ) -> Result<(), GraphError> {
-        let (g, descs) = self.group_args(bucket, layer, group)?;
-        let d = &self.dev;
-        // SAFETY: the group's branch work of this step ran before (joined into this stream).
-        unsafe {
-            match g.expand_mode {
-                ExpandMode::Direct => {
-                    launch_expand(d, stream, g, &self.step_bufs, &self.ws, descs, ExpandOut::Y { y, ldy })?
-                }
-                ExpandMode::Delta => {
-                    let delta = self.bufs.delta.slice();
-                    launch_add_delta(d, stream, g, &self.step_bufs, delta, self.plan.delta_ld, y, ldy)?
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// One group of a model step on `main`, LoRA placed as the plan says: fork `branch`, the branch work
-    /// ([`Self::launch_branch`]) on its side stream, `base` (the group's base GEMM, which writes `io.y`) on
-    /// `main`, join, then [`Self::launch_joined`]. Captured, this is a parallel branch of the graph.
-    #[allow(clippy::too_many_arguments)]
-    pub fn launch_group(
-        &self,
-        main: &B::Stream,
-        branch: &Branch<B>,
-        bucket: u32,
-        layer: u32,
-        group: usize,
-        io: GroupIo,
-        base: impl FnOnce() -> Result<(), GraphError>,
-    ) -> Result<(), GraphError> {
-        branch.fork(&self.dev, main)?;
-        self.launch_branch(branch.side(), bucket, layer, group, io.x, io.ldx)?;
-        base()?;
-        branch.join(&self.dev, main)?;
-        self.launch_joined(main, bucket, layer, group, io.y, io.ldy)
     }
 }
 

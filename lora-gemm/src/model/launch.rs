@@ -39,6 +39,46 @@ fn rows<T>(what: &str, s: &DevSlice<T>, rows: u32, cols: u32, ld: u32) -> Result
     Ok(())
 }
 
+/// A LoRA group's delta folded into the kernel that reads the group's output next (issue 10's item 4: no
+/// node after the join): the delta-mode expand's f32 rows (`delta`, stride `ld`, the group's output
+/// columns in order) and the prep's per-token slots (`tok_slot`; `NO_SLOT` rows take no delta).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraDelta {
+    /// The delta rows (f32).
+    pub delta: DevSlice<f32>,
+    /// Row stride of `delta`.
+    pub ld: u32,
+    /// One word per token: its slot, or `abi::NO_SLOT`.
+    pub tok_slot: DevSlice<u32>,
+}
+
+impl LoraDelta {
+    /// The views hold `n` rows of `cols` columns (and `n` slots).
+    fn check(&self, what: &str, n: u32, cols: u32) -> Result<(), GemmError> {
+        rows(&format!("{what} LoRA delta"), &self.delta, n, cols, self.ld)?;
+        rows(&format!("{what} LoRA tok_slot"), &self.tok_slot, 1, n, n)
+    }
+}
+
+/// The pointer fields of an optional delta (null pointers without one).
+fn fold_ptrs(d: Option<&LoraDelta>) -> (*const f32, u32, *const u32) {
+    match d {
+        Some(d) => (d.delta.ptr(), d.ld, d.tok_slot.ptr()),
+        None => (std::ptr::null(), 0, std::ptr::null()),
+    }
+}
+
+/// The f32 residual stream of `rmsnorm_residual` (rows of stride `ld`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Residual {
+    /// No residual: normalize `x` (+ delta) alone.
+    None,
+    /// The first norm of a step: `residual := x` (+ delta).
+    Start(DevSlice<f32>, u32),
+    /// `residual += x` (+ delta).
+    Add(DevSlice<f32>, u32),
+}
+
 /// Device buffers of one decode-attention launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeBuffers {
@@ -137,8 +177,9 @@ pub fn launch_decode_attention<B: Backend>(
     Ok(())
 }
 
-/// `rmsnorm_residual` over `rows` rows of `hidden`: with a non-null `residual`, `h = x + residual` is written
-/// back to `residual` first. bf16 rows with the given strides (elements).
+/// `rmsnorm_residual` over `n` rows of `hidden`: `h = x + delta + residual` as [`Residual`] says (the
+/// residual stream f32, written back), `out = rmsnorm(h) · weight`. bf16 `x`/`out` rows with the given
+/// strides (elements).
 #[allow(clippy::too_many_arguments)]
 pub fn launch_rmsnorm<B: Backend>(
     dev: &B,
@@ -148,8 +189,8 @@ pub fn launch_rmsnorm<B: Backend>(
     eps: f32,
     x: DevSlice<u16>,
     ldx: u32,
-    residual: DevSlice<u16>,
-    ldr: u32,
+    delta: Option<&LoraDelta>,
+    residual: Residual,
     weight: DevSlice<u16>,
     out: DevSlice<u16>,
     ldo: u32,
@@ -158,16 +199,29 @@ pub fn launch_rmsnorm<B: Backend>(
         return Ok(());
     }
     rows("rmsnorm x", &x, n, hidden, ldx)?;
-    if !residual.is_null() {
-        rows("rmsnorm residual", &residual, n, hidden, ldr)?;
+    if let Some(d) = delta {
+        d.check("rmsnorm", n, hidden)?;
+    }
+    let (res, ldr, accumulate) = match residual {
+        Residual::None => (DevSlice::null(), 0, 0),
+        Residual::Start(r, ld) => (r, ld, 0),
+        Residual::Add(r, ld) => (r, ld, 1),
+    };
+    if !res.is_null() {
+        rows("rmsnorm residual", &res, n, hidden, ldr)?;
     }
     rows("rmsnorm weight", &weight, 1, hidden, hidden)?;
     rows("rmsnorm out", &out, n, hidden, ldo)?;
+    let (dp, ld_delta, tok_slot) = fold_ptrs(delta);
     let args = RmsNormResidualArgs {
         x: x.ptr(),
         ldx,
-        residual: residual.ptr_mut(),
+        delta: dp,
+        ld_delta,
+        tok_slot,
+        residual: res.ptr_mut(),
         ldr,
+        accumulate,
         weight: weight.ptr(),
         out: out.ptr_mut(),
         ldo,
@@ -214,6 +268,8 @@ pub struct RopeArgs {
     pub k_cache: DevSlice<u16>,
     /// The layer's V cache.
     pub v_cache: DevSlice<u16>,
+    /// The qkv group's folded LoRA delta (columns q, then k, then v), if the step has one.
+    pub delta: Option<LoraDelta>,
 }
 
 /// Launch `rope_kv_write`: every slot must lie inside the caches (`slot < cache elements / (n_kv · head_dim)`).
@@ -230,6 +286,14 @@ pub fn launch_rope_kv_write<B: Backend>(dev: &B, stream: &B::Stream, r: &RopeArg
     rows("rope positions", &r.positions, 1, r.tokens, r.tokens)?;
     rows("rope slots", &r.slots, 1, r.tokens, r.tokens)?;
     rows("rope inv_freq", &r.inv_freq, 1, r.head_dim / 2, r.head_dim / 2)?;
+    let (qd, kvd) = (r.n_q * r.head_dim, r.n_kv * r.head_dim);
+    let (dq, ld_delta, tok_slot) = fold_ptrs(r.delta.as_ref());
+    let (mut dk, mut dv) = (std::ptr::null(), std::ptr::null());
+    if let Some(d) = &r.delta {
+        d.check("rope", r.tokens, qd + 2 * kvd)?;
+        // SAFETY: in bounds: the check above covers qd + 2·kvd columns of every row.
+        (dk, dv) = unsafe { (dq.add(qd as usize), dq.add((qd + kvd) as usize)) };
+    }
     let args = RopeKvWriteArgs {
         q: r.q.ptr_mut(),
         ldq: r.ldq,
@@ -237,6 +301,11 @@ pub fn launch_rope_kv_write<B: Backend>(dev: &B, stream: &B::Stream, r: &RopeArg
         ldk: r.ldk,
         v: r.v.ptr(),
         ldv: r.ldv,
+        dq,
+        dk,
+        dv,
+        ld_delta,
+        tok_slot,
         positions: r.positions.ptr(),
         inv_freq: r.inv_freq.ptr(),
         slots: r.slots.ptr(),
@@ -252,7 +321,8 @@ pub fn launch_rope_kv_write<B: Backend>(dev: &B, stream: &B::Stream, r: &RopeArg
     Ok(())
 }
 
-/// `out = silu(gate) · up` over `n` rows of the fused `[n, 2·inter]` gate_up output.
+/// `out = silu(gate) · up` over `n` rows of the fused `[n, 2·inter]` gate_up output (+ the gate_up
+/// group's folded LoRA delta).
 #[allow(clippy::too_many_arguments)]
 pub fn launch_silu_mul<B: Backend>(
     dev: &B,
@@ -261,6 +331,7 @@ pub fn launch_silu_mul<B: Backend>(
     inter: u32,
     gu: DevSlice<u16>,
     ld_in: u32,
+    delta: Option<&LoraDelta>,
     out: DevSlice<u16>,
     ldo: u32,
 ) -> Result<(), GemmError> {
@@ -269,7 +340,11 @@ pub fn launch_silu_mul<B: Backend>(
     }
     rows("silu_mul input", &gu, n, 2 * inter, ld_in)?;
     rows("silu_mul out", &out, n, inter, ldo)?;
-    let args = SiluMulArgs { gu: gu.ptr(), ld_in, inter, out: out.ptr_mut(), ldo };
+    if let Some(d) = delta {
+        d.check("silu_mul", n, 2 * inter)?;
+    }
+    let (dp, ld_delta, tok_slot) = fold_ptrs(delta);
+    let args = SiluMulArgs { gu: gu.ptr(), ld_in, delta: dp, ld_delta, tok_slot, inter, out: out.ptr_mut(), ldo };
     let dims = LaunchDims { grid: (inter.div_ceil(8).div_ceil(SMALL_THREADS), n, 1), block: SMALL_THREADS, shared: 0 };
     // SAFETY: both views checked above.
     unsafe { dev.launch(stream, dims, args) }?;

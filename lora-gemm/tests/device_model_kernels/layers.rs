@@ -6,14 +6,30 @@ use super::*;
 // rmsnorm_residual
 // ---------------------------------------------------------------------------------------------------
 
-fn rmsnorm_case<B: Backend>(d: &TestBed<B>, rows: usize, hidden: usize, ld: usize, fused: bool, seed: u64) {
+/// How a norm case uses the residual stream.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    NoResidual,
+    Start,
+    Add,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rmsnorm_case<B: Backend>(d: &TestBed<B>, rows: usize, hidden: usize, ld: usize, mode: Mode, fold: bool, seed: u64) {
     let mut rng = Rng(seed);
     let eps = 1e-5f32;
     let (x, _) = rng.bf16_vec(rows * ld, 2.0);
-    let (r, _) = rng.bf16_vec(rows * ld, 2.0);
+    let r: Vec<f32> = (0..rows * ld).map(|_| (rng.uniform() * 2.0 - 1.0) * 3.0).collect();
     let (w, _) = rng.bf16_vec(hidden, 1.5);
+    let hd = fold.then(|| HostDelta::new(&mut rng, rows, hidden, 0.5));
     let px = d.upload(&x).unwrap();
-    let pr = if fused { d.upload(&r).unwrap() } else { DevSlice::null() };
+    let pr = d.upload(&r).unwrap();
+    let residual = match mode {
+        Mode::NoResidual => Residual::None,
+        Mode::Start => Residual::Start(pr, ld as u32),
+        Mode::Add => Residual::Add(pr, ld as u32),
+    };
+    let pd = hd.as_ref().map(|h| h.upload(d));
     let pw = d.upload(&w).unwrap();
     let po = d.upload(&vec![POISON; rows * ld]).unwrap();
     launch_rmsnorm(
@@ -24,8 +40,8 @@ fn rmsnorm_case<B: Backend>(d: &TestBed<B>, rows: usize, hidden: usize, ld: usiz
         eps,
         px,
         ld as u32,
-        pr,
-        ld as u32,
+        pd.as_ref(),
+        residual,
         pw,
         po,
         ld as u32,
@@ -33,48 +49,51 @@ fn rmsnorm_case<B: Backend>(d: &TestBed<B>, rows: usize, hidden: usize, ld: usiz
     .unwrap();
     d.sync().unwrap();
     let out: Vec<u16> = d.download(po).unwrap();
+    let res: Vec<f32> = d.download(pr).unwrap();
     let (mut got, mut want) = (Vec::new(), Vec::new());
     for i in 0..rows {
-        // h = bf16(x + r) (the f32 sum of two bf16, rounded once), then the norm in f64.
-        let h: Vec<u16> = (0..hidden)
-            .map(|j| if fused { bf(bf16_to_f32(x[i * ld + j]) + bf16_to_f32(r[i * ld + j])) } else { x[i * ld + j] })
+        // h in f32 in the kernel's order: (x + δ) + r.
+        let h: Vec<f32> = (0..hidden)
+            .map(|j| {
+                let mut v = bf16_to_f32(x[i * ld + j]);
+                if let Some(hd) = &hd {
+                    v += hd.at(i, j);
+                }
+                if mode == Mode::Add {
+                    v += r[i * ld + j];
+                }
+                v
+            })
             .collect();
-        let ms = h.iter().map(|&v| fl(v) * fl(v)).sum::<f64>() / hidden as f64;
+        let ms = h.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / hidden as f64;
         let inv = 1.0 / (ms + eps as f64).sqrt();
         for j in 0..hidden {
-            want.push(fl(h[j]) * inv * fl(w[j]));
+            want.push(h[j] as f64 * inv * fl(w[j]));
             got.push(fl(out[i * ld + j]));
+            let stored = if mode == Mode::NoResidual { r[i * ld + j] } else { h[j] };
+            assert_eq!(res[i * ld + j].to_bits(), stored.to_bits(), "{}: residual[{i}][{j}] ({mode:?})", d.name());
         }
         for j in hidden..ld {
             assert_eq!(out[i * ld + j], POISON, "{}: rmsnorm wrote past the row (col {j})", d.name());
-        }
-    }
-    if fused {
-        let res: Vec<u16> = d.download(pr).unwrap();
-        for i in 0..rows {
-            for j in 0..hidden {
-                let h = bf(bf16_to_f32(x[i * ld + j]) + bf16_to_f32(r[i * ld + j]));
-                assert_eq!(res[i * ld + j], h, "{}: residual[{i}][{j}]", d.name());
-            }
-            for j in hidden..ld {
-                assert_eq!(res[i * ld + j], r[i * ld + j], "{}: residual padding [{i}][{j}] changed", d.name());
-            }
+            assert_eq!(res[i * ld + j].to_bits(), r[i * ld + j].to_bits(), "{}: residual padding [{i}][{j}]", d.name());
         }
     }
     let e = rel_l2("rmsnorm", &got, &want);
-    eprintln!("{}: rmsnorm rows {rows} hidden {hidden} fused {fused}: rel L2 error {e:.2e}", d.name());
+    eprintln!("{}: rmsnorm rows {rows} hidden {hidden} {mode:?} fold {fold}: rel L2 error {e:.2e}", d.name());
     assert!(e < 5e-3, "{}: rmsnorm rel error {e}", d.name());
 }
 
 device_test!(rmsnorm_residual_matches_f64, |d, big| {
-    rmsnorm_case(d, 3, 40, 48, true, 1);
-    rmsnorm_case(d, 2, 37, 37, true, 2); // odd width, unaligned rows: element path
-    rmsnorm_case(d, 1, 8, 8, false, 3);
-    rmsnorm_case(d, 2, 2100, 2104, false, 4); // several chunks per thread
+    rmsnorm_case(d, 3, 40, 48, Mode::Add, false, 1);
+    rmsnorm_case(d, 2, 37, 37, Mode::Add, true, 2); // odd width, unaligned rows: element path
+    rmsnorm_case(d, 1, 8, 8, Mode::NoResidual, false, 3);
+    rmsnorm_case(d, 2, 2100, 2104, Mode::Start, false, 4); // several chunks per thread
+    rmsnorm_case(d, 4, 96, 96, Mode::Start, true, 8);
+    rmsnorm_case(d, 3, 64, 72, Mode::NoResidual, true, 9);
     if big {
-        rmsnorm_case(d, 64, 4096, 4096, true, 5);
-        rmsnorm_case(d, 7, 576, 576, false, 6);
-        rmsnorm_case(d, 16, 8192, 8200, true, 7);
+        rmsnorm_case(d, 64, 4096, 4096, Mode::Add, true, 5);
+        rmsnorm_case(d, 7, 576, 576, Mode::NoResidual, false, 6);
+        rmsnorm_case(d, 16, 8192, 8200, Mode::Add, false, 7);
     }
 });
 
@@ -90,6 +109,7 @@ struct RopeCase {
     page_size: u32,
     num_pages: u32,
     max_pos: u32,
+    fold: bool,
 }
 
 fn rope_case<B: Backend>(d: &TestBed<B>, c: &RopeCase, seed: u64) {
@@ -97,6 +117,10 @@ fn rope_case<B: Backend>(d: &TestBed<B>, c: &RopeCase, seed: u64) {
     let (t, nq, nkv, hd) = (c.tokens, c.n_q, c.n_kv, c.hd);
     let ld = (nq + 2 * nkv) * hd + 8; // one fused qkv row, padded
     let (qkv, _) = rng.bf16_vec(t * ld, 2.0);
+    let hdel = c.fold.then(|| HostDelta::new(&mut rng, t, (nq + 2 * nkv) * hd, 0.5));
+    // The input a token's head sees: bf16 qkv + its delta (f32).
+    let input =
+        |tok: usize, col: usize| bf16_to_f32(qkv[tok * ld + col]) + hdel.as_ref().map_or(0.0, |h| h.at(tok, col));
     let half = hd / 2;
     let inv_freq: Vec<f32> = (0..half).map(|i| 500000f32.powf(-(2.0 * i as f32) / hd as f32)).collect();
     let layout = KvLayout { num_pages: c.num_pages, kv_heads: nkv as u32, page_size: c.page_size, head_dim: hd as u32 };
@@ -129,22 +153,25 @@ fn rope_case<B: Backend>(d: &TestBed<B>, c: &RopeCase, seed: u64) {
         page_size: c.page_size,
         k_cache: pk,
         v_cache: pv,
+        delta: hdel.as_ref().map(|h| h.upload(d)),
     };
     launch_rope_kv_write(d.dev(), d.stream(), &args).unwrap();
     d.sync().unwrap();
     let q_out: Vec<u16> = d.download(pq).unwrap();
     let kc: Vec<u16> = d.download(pk).unwrap();
     let vc: Vec<u16> = d.download(pv).unwrap();
-    let rot = |row: &[u16], pos: u32| -> Vec<f64> {
+    // The rotation of the head starting at column `at` of token `tok`'s row.
+    let rot = |tok: usize, at: usize, pos: u32| -> Vec<f64> {
+        let x = |i: usize| input(tok, at + i) as f64;
         (0..hd)
             .map(|j| {
                 let i = j % half;
                 let theta = ((pos as f32) * inv_freq[i]) as f64;
                 let (s, co) = theta.sin_cos();
                 if j < half {
-                    fl(row[i]) * co - fl(row[i + half]) * s
+                    x(i) * co - x(i + half) * s
                 } else {
-                    fl(row[i + half]) * co + fl(row[i]) * s
+                    x(i + half) * co + x(i) * s
                 }
             })
             .collect()
@@ -154,7 +181,7 @@ fn rope_case<B: Backend>(d: &TestBed<B>, c: &RopeCase, seed: u64) {
     for tok in 0..t {
         let row = &qkv[tok * ld..(tok + 1) * ld];
         for h in 0..nq {
-            let r = rot(&row[h * hd..(h + 1) * hd], positions[tok]);
+            let r = rot(tok, h * hd, positions[tok]);
             for j in 0..hd {
                 want.push(r[j]);
                 got.push(fl(q_out[tok * ld + h * hd + j]));
@@ -167,13 +194,14 @@ fn rope_case<B: Backend>(d: &TestBed<B>, c: &RopeCase, seed: u64) {
         }
         for h in 0..nkv {
             let at = layout.slot_row(slots[tok], h as u32);
-            let kr = rot(&row[(nq + h) * hd..(nq + h + 1) * hd], positions[tok]);
+            let kr = rot(tok, (nq + h) * hd, positions[tok]);
             for j in 0..hd {
                 want.push(kr[j]);
                 got.push(fl(kc[at + j]));
                 written[at + j] = true;
+                let v = bf(input(tok, (nq + nkv + h) * hd + j));
+                assert_eq!(vc[at + j], v, "{}: v row of token {tok} head {h} col {j}", d.name());
             }
-            assert_eq!(&vc[at..at + hd], &row[(nq + nkv + h) * hd..(nq + nkv + h + 1) * hd], "{}: v row", d.name());
         }
     }
     for (i, w) in written.iter().enumerate() {
@@ -182,22 +210,58 @@ fn rope_case<B: Backend>(d: &TestBed<B>, c: &RopeCase, seed: u64) {
         }
     }
     let e = rel_l2("rope", &got, &want);
-    eprintln!("{}: rope_kv_write t {t} heads {nq}/{nkv} hd {hd} page {}: rel L2 error {e:.2e}", d.name(), c.page_size);
+    eprintln!(
+        "{}: rope_kv_write t {t} heads {nq}/{nkv} hd {hd} page {} fold {}: rel L2 error {e:.2e}",
+        d.name(),
+        c.page_size,
+        c.fold
+    );
     assert!(e < 4e-3, "{}: rope rel error {e}", d.name());
 }
 
 device_test!(rope_kv_write_matches_f64, |d, big| {
-    rope_case(d, &RopeCase { tokens: 5, n_q: 9, n_kv: 3, hd: 64, page_size: 1, num_pages: 8, max_pos: 40 }, 11);
-    rope_case(d, &RopeCase { tokens: 4, n_q: 4, n_kv: 2, hd: 128, page_size: 3, num_pages: 3, max_pos: 3000 }, 12);
+    rope_case(
+        d,
+        &RopeCase { tokens: 5, n_q: 9, n_kv: 3, hd: 64, page_size: 1, num_pages: 8, max_pos: 40, fold: false },
+        11,
+    );
+    rope_case(
+        d,
+        &RopeCase { tokens: 4, n_q: 4, n_kv: 2, hd: 128, page_size: 3, num_pages: 3, max_pos: 3000, fold: true },
+        12,
+    );
+    rope_case(
+        d,
+        &RopeCase { tokens: 6, n_q: 9, n_kv: 3, hd: 64, page_size: 4, num_pages: 4, max_pos: 90, fold: true },
+        15,
+    );
     if big {
         rope_case(
             d,
-            &RopeCase { tokens: 300, n_q: 32, n_kv: 8, hd: 128, page_size: 16, num_pages: 64, max_pos: 8191 },
+            &RopeCase {
+                tokens: 300,
+                n_q: 32,
+                n_kv: 8,
+                hd: 128,
+                page_size: 16,
+                num_pages: 64,
+                max_pos: 8191,
+                fold: true,
+            },
             13,
         );
         rope_case(
             d,
-            &RopeCase { tokens: 64, n_q: 9, n_kv: 3, hd: 64, page_size: 1, num_pages: 100, max_pos: 131_000 },
+            &RopeCase {
+                tokens: 64,
+                n_q: 9,
+                n_kv: 3,
+                hd: 64,
+                page_size: 1,
+                num_pages: 100,
+                max_pos: 131_000,
+                fold: false,
+            },
             14,
         );
     }
@@ -207,19 +271,24 @@ device_test!(rope_kv_write_matches_f64, |d, big| {
 // silu_mul, embedding_gather, argmax
 // ---------------------------------------------------------------------------------------------------
 
-fn silu_case<B: Backend>(d: &TestBed<B>, rows: usize, inter: usize, seed: u64) {
+fn silu_case<B: Backend>(d: &TestBed<B>, rows: usize, inter: usize, fold: bool, seed: u64) {
     let mut rng = Rng(seed);
     let (ld_in, ldo) = (2 * inter + 4, inter + 8);
     let (gu, _) = rng.bf16_vec(rows * ld_in, 6.0);
+    let hdel = fold.then(|| HostDelta::new(&mut rng, rows, 2 * inter, 1.0));
+    let pd = hdel.as_ref().map(|h| h.upload(d));
     let pg = d.upload(&gu).unwrap();
     let po = d.upload(&vec![POISON; rows * ldo]).unwrap();
-    launch_silu_mul(d.dev(), d.stream(), rows as u32, inter as u32, pg, ld_in as u32, po, ldo as u32).unwrap();
+    launch_silu_mul(d.dev(), d.stream(), rows as u32, inter as u32, pg, ld_in as u32, pd.as_ref(), po, ldo as u32)
+        .unwrap();
     d.sync().unwrap();
     let out: Vec<u16> = d.download(po).unwrap();
     let (mut got, mut want) = (Vec::new(), Vec::new());
     for t in 0..rows {
         for j in 0..inter {
-            let (g, u) = (fl(gu[t * ld_in + j]), fl(gu[t * ld_in + inter + j]));
+            let dl = |c: usize| hdel.as_ref().map_or(0.0, |h| h.at(t, c));
+            let g = (bf16_to_f32(gu[t * ld_in + j]) + dl(j)) as f64;
+            let u = (bf16_to_f32(gu[t * ld_in + inter + j]) + dl(inter + j)) as f64;
             want.push(g / (1.0 + (-g).exp()) * u);
             got.push(fl(out[t * ldo + j]));
         }
@@ -228,16 +297,18 @@ fn silu_case<B: Backend>(d: &TestBed<B>, rows: usize, inter: usize, seed: u64) {
         }
     }
     let e = rel_l2("silu_mul", &got, &want);
-    eprintln!("{}: silu_mul rows {rows} inter {inter}: rel L2 error {e:.2e}", d.name());
+    eprintln!("{}: silu_mul rows {rows} inter {inter} fold {fold}: rel L2 error {e:.2e}", d.name());
     assert!(e < 5e-3, "{}: silu_mul rel error {e}", d.name());
 }
 
 device_test!(silu_mul_matches_f64, |d, big| {
-    silu_case(d, 3, 20, 41);
-    silu_case(d, 2, 1030, 42);
+    silu_case(d, 3, 20, false, 41);
+    silu_case(d, 2, 1030, false, 42);
+    silu_case(d, 4, 37, true, 45); // odd width: element path of the delta
+    silu_case(d, 3, 264, true, 46);
     if big {
-        silu_case(d, 64, 14336, 43);
-        silu_case(d, 5, 1536, 44);
+        silu_case(d, 64, 14336, true, 43);
+        silu_case(d, 5, 1536, false, 44);
     }
 });
 

@@ -8,14 +8,14 @@ mod layers;
 mod sampling;
 
 use lora_device::testing::{Rng, TestBed};
-use lora_device::{device_test, Backend, DevSlice};
+use lora_device::{device_test, Backend};
 use lora_gemm::model::{
     launch_argmax_bf16, launch_argmax_f32, launch_decode_attention, launch_embedding, launch_prefill_attention,
     launch_rmsnorm, launch_rope_kv_write, launch_sample, launch_silu_mul, DecodeBuffers, DecodePlan, DecodeShape,
-    PrefillBuffers, PrefillShape, RopeArgs,
+    LoraDelta, PrefillBuffers, PrefillShape, Residual, RopeArgs,
 };
 use lora_kernels::abi::{
-    decode_pt_cap, decode_shared_bytes, f32_order_key, sample_uniform, KvLayout, SampleParams, NO_KV_SLOT,
+    decode_pt_cap, decode_shared_bytes, f32_order_key, sample_uniform, KvLayout, SampleParams, NO_KV_SLOT, NO_SLOT,
 };
 use lora_kernels::dsl::{bf16_to_f32, f32_to_bf16};
 
@@ -27,6 +27,40 @@ fn bf(v: f32) -> u16 {
 }
 fn fl(b: u16) -> f64 {
     bf16_to_f32(b) as f64
+}
+
+/// A folded LoRA delta for `rows` rows of `cols` columns (stride `ld`): random f32 rows for the adapted
+/// tokens, NaN rows (they must never be read) for every third token, whose slot is `NO_SLOT`.
+struct HostDelta {
+    delta: Vec<f32>,
+    ld: usize,
+    tok_slot: Vec<u32>,
+}
+
+impl HostDelta {
+    fn new(rng: &mut Rng, rows: usize, cols: usize, scale: f32) -> Self {
+        let ld = cols + 4;
+        let tok_slot: Vec<u32> = (0..rows).map(|i| if i % 3 == 1 { NO_SLOT } else { rng.below(4) }).collect();
+        let delta = (0..rows * ld)
+            .map(|i| if tok_slot[i / ld] == NO_SLOT { f32::NAN } else { (rng.uniform() * 2.0 - 1.0) * scale })
+            .collect();
+        HostDelta { delta, ld, tok_slot }
+    }
+    /// The delta of (row, col): 0 for rows without an adapter.
+    fn at(&self, row: usize, col: usize) -> f32 {
+        if self.tok_slot[row] == NO_SLOT {
+            0.0
+        } else {
+            self.delta[row * self.ld + col]
+        }
+    }
+    fn upload<B: Backend>(&self, d: &TestBed<B>) -> LoraDelta {
+        LoraDelta {
+            delta: d.upload(&self.delta).unwrap(),
+            ld: self.ld as u32,
+            tok_slot: d.upload(&self.tok_slot).unwrap(),
+        }
+    }
 }
 
 /// Relative L2 error of `got` against `want`, panicking on non-finite outputs.

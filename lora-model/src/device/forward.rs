@@ -1,12 +1,11 @@
 //! The device side of one forward (eager): the launches of a [`StepPlan`] on the backend's stream, then
 //! the copy back of the sampled tokens (and logits when asked). See the parent module for the order.
 
-use half::bf16;
 use lora_device::{Backend, DenseGemm, DevSlice, DeviceBuffer};
 use lora_gemm::model::{
-    launch_argmax_bf16, launch_decode_attention, launch_embedding, launch_prefill_attention, launch_rmsnorm,
-    launch_rope_kv_write, launch_sample, launch_silu_mul, DecodeBuffers, DecodePlan, DecodeShape, PrefillBuffers,
-    PrefillShape, RopeArgs,
+    launch_argmax_f32, launch_decode_attention, launch_embedding, launch_prefill_attention, launch_rmsnorm,
+    launch_rope_kv_write, launch_sample, launch_silu_mul, DecodeBuffers, DecodePlan, DecodeShape, LoraDelta,
+    PrefillBuffers, PrefillShape, Residual, RopeArgs,
 };
 use lora_graph::runtime::GroupIo;
 use lora_graph::GraphError;
@@ -44,6 +43,7 @@ impl<B: Backend> DeviceBackend<B> {
 
     /// A group's `base` GEMM (which writes `y`), with the group's LoRA beside it when the step uses LoRA
     /// (`bucket`): `x`, `y` are the full scratch rows (the runtime's capacity), strides `ldx`, `ldy`.
+    /// Returns the group's delta when it is folded into the next kernel (which must then add it).
     #[allow(clippy::too_many_arguments)]
     fn group(
         &self,
@@ -55,13 +55,13 @@ impl<B: Backend> DeviceBackend<B> {
         y: &DeviceBuffer<u16>,
         ldy: usize,
         base: impl FnOnce() -> Result<(), ModelError>,
-    ) -> Result<(), ModelError> {
+    ) -> Result<Option<LoraDelta>, ModelError> {
         let (Some(bucket), Dev::Lora(l)) = (bucket, &self.dev) else {
-            return base();
+            return base().map(|()| None);
         };
         let io = GroupIo { x: x.slice(), ldx: ldx as u32, y: y.slice(), ldy: ldy as u32 };
         let mut err = None;
-        let r = l.rt.launch_group(l.rt.stream(), &l.branch, bucket, layer as u32, group, io, || {
+        let r = l.rt.launch_group_folded(l.rt.stream(), &l.branch, bucket, layer as u32, group, io, || {
             base().map_err(|e| {
                 let m = e.to_string();
                 err = Some(e);
@@ -144,21 +144,24 @@ impl<B: Backend> DeviceBackend<B> {
         let s = &self.s;
         let meta = |at: usize, len: usize| view(meta_buf, at, len);
         let rows = |b: &DeviceBuffer<u16>, width: usize| view(b, 0, t * width);
-        let (resid, xn, delta) = (rows(&s.resid, h)?, rows(&s.xn, h)?, rows(&s.delta, h)?);
+        let (resid, xn, sub) = (view(&s.resid, 0, t * h)?, rows(&s.xn, h)?, rows(&s.sub, h)?);
         let (qkv, attn, gu, act) =
             (rows(&s.qkv, qkvw)?, rows(&s.attn, qd)?, rows(&s.gu, 2 * inter)?, rows(&s.act, inter)?);
         let (h32, t32) = (h as u32, p.tokens);
         let ids = meta(p.ids_at, t)?;
-        launch_embedding(dev, st, t32, h32, self.embed.slice(), h32, vocab as u32, ids, resid, h32).map_err(dev_err)?;
+        launch_embedding(dev, st, t32, h32, self.embed.slice(), h32, vocab as u32, ids, sub, h32).map_err(dev_err)?;
         if let (Some(_), Dev::Lora(l)) = (bucket, &self.dev) {
             l.rt.launch_prep(st).map_err(graph_err)?;
         }
         let nd = p.n_decode as usize;
+        // The delta of the last group, folded into the next norm (the down projection's, across layers).
+        let mut down: Option<LoraDelta> = None;
         for (l, w) in self.layers.iter().enumerate() {
-            let (x, r) = if l == 0 { (resid, DevSlice::null()) } else { (delta, resid) };
-            launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, x, h32, r, h32, w.attn_norm.slice(), xn, h32)
+            let r = if l == 0 { Residual::Start(resid, h32) } else { Residual::Add(resid, h32) };
+            let norm = w.attn_norm.slice();
+            launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, sub, h32, down.as_ref(), r, norm, xn, h32)
                 .map_err(dev_err)?;
-            self.group(bucket, l, 0, &s.xn, h, &s.qkv, qkvw, || {
+            let qkv_delta = self.group(bucket, l, 0, &s.xn, h, &s.qkv, qkvw, || {
                 let mut beta = 0.0;
                 if let Some(b) = &w.qkv_bias {
                     self.gemm(t, qkvw, 1, view(&s.ones, 0, t)?, b.slice(), qkv, 0.0)?;
@@ -183,6 +186,7 @@ impl<B: Backend> DeviceBackend<B> {
                 page_size: ps,
                 k_cache: w.k_cache.slice(),
                 v_cache: w.v_cache.slice(),
+                delta: qkv_delta,
             };
             launch_rope_kv_write(dev, st, &rope).map_err(dev_err)?;
             let scale = 1.0 / (hd as f32).sqrt();
@@ -228,19 +232,22 @@ impl<B: Backend> DeviceBackend<B> {
                 };
                 launch_prefill_attention(dev, st, &shape, &b, scale).map_err(dev_err)?;
             }
-            self.group(bucket, l, 1, &s.attn, qd, &s.delta, h, || self.gemm(t, h, qd, attn, w.o.slice(), delta, 0.0))?;
-            launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, delta, h32, resid, h32, w.mlp_norm.slice(), xn, h32)
+            let o_delta =
+                self.group(bucket, l, 1, &s.attn, qd, &s.sub, h, || self.gemm(t, h, qd, attn, w.o.slice(), sub, 0.0))?;
+            let (r, norm) = (Residual::Add(resid, h32), w.mlp_norm.slice());
+            launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, sub, h32, o_delta.as_ref(), r, norm, xn, h32)
                 .map_err(dev_err)?;
-            self.group(bucket, l, 2, &s.xn, h, &s.gu, 2 * inter, || {
+            let gu_delta = self.group(bucket, l, 2, &s.xn, h, &s.gu, 2 * inter, || {
                 self.gemm(t, 2 * inter, h, xn, w.gate_up.slice(), gu, 0.0)
             })?;
-            launch_silu_mul(dev, st, t32, inter as u32, gu, 2 * inter as u32, act, inter as u32).map_err(dev_err)?;
-            self.group(bucket, l, 3, &s.act, inter, &s.delta, h, || {
-                self.gemm(t, h, inter, act, w.down.slice(), delta, 0.0)
+            launch_silu_mul(dev, st, t32, inter as u32, gu, 2 * inter as u32, gu_delta.as_ref(), act, inter as u32)
+                .map_err(dev_err)?;
+            down = self.group(bucket, l, 3, &s.act, inter, &s.sub, h, || {
+                self.gemm(t, h, inter, act, w.down.slice(), sub, 0.0)
             })?;
         }
-        let (x, r) = if self.layers.is_empty() { (resid, DevSlice::null()) } else { (delta, resid) };
-        launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, x, h32, r, h32, self.final_norm.slice(), xn, h32)
+        let r = if self.layers.is_empty() { Residual::None } else { Residual::Add(resid, h32) };
+        launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, sub, h32, down.as_ref(), r, self.final_norm.slice(), xn, h32)
             .map_err(dev_err)?;
         let ns = p.n_sampled() as usize;
         if ns == 0 {
@@ -248,10 +255,23 @@ impl<B: Backend> DeviceBackend<B> {
         }
         let (xs, logits) = (view(&s.xs, 0, ns * h)?, view(&s.logits, 0, ns * vocab)?);
         launch_embedding(dev, st, ns as u32, h32, xn, h32, t32, meta(p.gather_at, ns)?, xs, h32).map_err(dev_err)?;
-        self.gemm(ns, vocab, h, xs, self.lm_head_w(), logits, 0.0)?;
+        let g = DenseGemm {
+            m: ns,
+            n: vocab,
+            k: h,
+            x: xs,
+            ldx: h,
+            w: self.lm_head_w(),
+            ldw: h,
+            y: logits,
+            ldy: vocab,
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        dev.gemm(st, &g).map_err(dev_err)?;
         if p.greedy {
             let tokens = view(&s.tokens, 0, ns)?;
-            launch_argmax_bf16(dev, st, ns as u32, vocab as u32, logits, vocab as u32, tokens).map_err(dev_err)?;
+            launch_argmax_f32(dev, st, ns as u32, vocab as u32, logits, vocab as u32, tokens).map_err(dev_err)?;
         }
         Ok(())
     }
@@ -273,24 +293,15 @@ impl<B: Backend> DeviceBackend<B> {
         let logits = view(&s.logits, 0, ns * vocab)?;
         let tokens = view(&s.tokens, 0, ns)?;
         let want = p.sampled.iter().any(|(_, r)| r.want_logits);
-        let mut host_logits = Vec::new();
-        if p.greedy {
-            if want {
-                host_logits = vec![0u16; ns * vocab];
-                dev.copy_to_host(st, logits, &mut host_logits).map_err(dev_err)?;
-            }
-        } else {
-            // No bf16 → f32 cast kernel yet: the logits make one round trip so `sample_tokens` (f32) samples
-            // them on the device.
-            host_logits = vec![0u16; ns * vocab];
-            dev.copy_to_host(st, logits, &mut host_logits).map_err(dev_err)?;
-            dev.sync(st).map_err(dev_err)?;
-            let f: Vec<f32> = host_logits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
-            let lf = view(&s.logits_f32, 0, ns * vocab)?;
-            dev.copy_to_device(st, &f, lf).map_err(dev_err)?;
+        if !p.greedy {
             let params = view(&s.params, 0, ns)?;
             dev.copy_to_device(st, &p.params, params).map_err(dev_err)?;
-            launch_sample(dev, st, ns as u32, vocab as u32, lf, vocab as u32, params, tokens).map_err(dev_err)?;
+            launch_sample(dev, st, ns as u32, vocab as u32, logits, vocab as u32, params, tokens).map_err(dev_err)?;
+        }
+        let mut host_logits = Vec::new();
+        if want {
+            host_logits = vec![0f32; ns * vocab];
+            dev.copy_to_host(st, logits, &mut host_logits).map_err(dev_err)?;
         }
         let mut toks = vec![0u32; ns];
         dev.copy_to_host(st, tokens, &mut toks).map_err(dev_err)?;
@@ -298,8 +309,7 @@ impl<B: Backend> DeviceBackend<B> {
         for (j, (i, r)) in p.sampled.iter().enumerate() {
             out[*i].token = Some(toks[j]);
             if r.want_logits {
-                let row = &host_logits[j * vocab..(j + 1) * vocab];
-                out[*i].logits = Some(row.iter().map(|&b| bf16::from_bits(b).to_f32()).collect());
+                out[*i].logits = Some(host_logits[j * vocab..(j + 1) * vocab].to_vec());
             }
         }
         Ok(out)

@@ -8,13 +8,16 @@
 //! index on the host, makes one H2D copy, and launches: embedding gather → per layer rmsnorm(+residual),
 //! qkv GEMM (+ Qwen2 bias), rope + KV write, decode attention for the one-token sequences and prefill
 //! attention for the chunks, o GEMM, rmsnorm(+residual), gate_up GEMM, silu·mul, down GEMM → final norm,
-//! a gather of the sampled rows, lm_head only for them, argmax (or `sample_tokens`) on the device; only the
-//! sampled tokens come back (and logits when asked).
+//! a gather of the sampled rows, lm_head only for them (f32 logits), argmax (or `sample_tokens`) on the
+//! device; only the sampled tokens come back (and logits when asked). The residual stream is f32 from the
+//! embedding to the final norm, as in the f32 reference: only the sublayer outputs are bf16.
 //!
 //! LoRA (`max_loras > 0`): a [`LoraRuntime`] for the groups qkv, o, gate_up, down owns the device; a step
 //! whose requests use adapters makes one `prepare_step` (requests in the device's row order: decode
 //! first), one prep launch, and per layer and group the group's LoRA beside its base GEMM
-//! ([`LoraRuntime::launch_group`]) on the same rows. Base-only steps launch no LoRA.
+//! ([`LoraRuntime::launch_group_folded`]) on the same rows. Small buckets fold the group's delta into the
+//! kernel that reads the group's output next (qkv → rope + KV write, o and down → residual + RMSNorm,
+//! gate_up → SiLU·mul), so no LoRA node follows the join. Base-only steps launch no LoRA.
 //!
 //! Decode-only greedy steps run padded to a bucket, replayed as CUDA graphs with
 //! [`DeviceOptions::graphs`] ([`graphs`]); prefill and mixed steps run eagerly through the same code.
@@ -87,17 +90,19 @@ struct Layer {
 
 /// Scratch rows of one forward (`max_batch_tokens` rows each, `max_seqs` for the sampled rows).
 struct Scratch {
-    resid: DeviceBuffer<u16>,
+    /// The residual stream, f32 (never rounded to bf16 between layers).
+    resid: DeviceBuffer<f32>,
     xn: DeviceBuffer<u16>,
     qkv: DeviceBuffer<u16>,
     attn: DeviceBuffer<u16>,
-    delta: DeviceBuffer<u16>,
+    /// A sublayer's output before the residual add: the embedding rows, then the o and down projections.
+    sub: DeviceBuffer<u16>,
     gu: DeviceBuffer<u16>,
     act: DeviceBuffer<u16>,
     ones: DeviceBuffer<u16>,
     xs: DeviceBuffer<u16>,
-    logits: DeviceBuffer<u16>,
-    logits_f32: DeviceBuffer<f32>,
+    /// The sampled rows' logits, f32 (the lm_head GEMM's output).
+    logits: DeviceBuffer<f32>,
     params: DeviceBuffer<SampleParams>,
     tokens: DeviceBuffer<u32>,
     /// Per-step indices (grown on demand).
@@ -296,17 +301,16 @@ impl<B: Backend> DeviceBackend<B> {
         let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
         let z16 = |n: usize| d.alloc_zeroed::<u16>(n).map_err(dev_err);
         let scratch = Scratch {
-            resid: z16(t * h)?,
+            resid: d.alloc_zeroed(t * h).map_err(dev_err)?,
             xn: z16(t * h)?,
             qkv: z16(t * (q + 2 * kv))?,
             attn: z16(t * q)?,
-            delta: z16(t * h)?,
+            sub: z16(t * h)?,
             gu: z16(t * 2 * i)?,
             act: z16(t * i)?,
             ones: up(&vec![bf16::ONE.to_bits(); t])?,
             xs: z16(s * h)?,
-            logits: z16(s * c.vocab_size)?,
-            logits_f32: d.alloc_zeroed(s * c.vocab_size).map_err(dev_err)?,
+            logits: d.alloc_zeroed(s * c.vocab_size).map_err(dev_err)?,
             params: d.alloc_zeroed(s).map_err(dev_err)?,
             tokens: d.alloc_zeroed(s).map_err(dev_err)?,
             meta: d.alloc_zeroed(1024).map_err(dev_err)?,

@@ -6,6 +6,9 @@
 //! `(ceil(ceil(I / 8) / 128), tokens)`, [`SMALL_THREADS`] threads; thread x of block (bx, t) handles the 8
 //! columns at `8·(128·bx + x)` of row t (16-byte accesses when aligned and in range).
 //!
+//! With a non-null `delta` (the gate_up group's folded LoRA delta: f32 rows of stride `ld_delta`, gate
+//! columns then up, as `gu`), rows whose `tok_slot` is not `NO_SLOT` add it to gate and up first.
+//!
 //! **`embedding_gather`**: `out[t, :] = table[ids[t], :]`, `hidden` bf16 per row; an id `≥ vocab` gives a
 //! zero row (never an out-of-bounds read). Same grid shape as `silu_mul` over `ceil(hidden / 8)` chunks.
 //!
@@ -16,11 +19,12 @@
 //! shared memory: [`ARGMAX_SHARED_BYTES`].
 //!
 //! Safety contract: every row pointer/stride pair covers the extents above (`gu`: `tokens` rows of stride
-//! `ld_in ≥ 2·I`; `out`: `tokens` rows of stride `ldo ≥ I` (or `hidden`), not overlapping the input;
+//! `ld_in ≥ 2·I`, and `delta` null or `tokens` rows of stride `ld_delta ≥ 2·I` with `tok_slot` `tokens`
+//! words; `out`: `tokens` rows of stride `ldo ≥ I` (or `hidden`), not overlapping the input;
 //! `table`: `vocab` rows of stride `ld_table ≥ hidden`; `ids`: `tokens` words; `logits`: `rows` rows of
 //! stride `ld ≥ vocab`; `out` of argmax: `rows` words).
 
-use super::{pack8, store8_bf16_masked, unpack8};
+use super::{add8, pack8, store8_bf16_masked, unpack8, Fold};
 use crate::abi::{ARGMAX_THREADS, SMALL_THREADS};
 use crate::dsl::*;
 
@@ -30,7 +34,16 @@ pub const ARGMAX_SHARED_BYTES: u32 = ARGMAX_THREADS / 32 * 8;
 kernel! {
     #[kernel(SiluMul, SiluMulArgs)]
     /// `out = silu(gate) · up` from the fused gate_up rows. See the module docs.
-    pub unsafe fn silu_mul(gu: *const u16, ld_in: u32, inter: u32, out: *mut u16, ldo: u32) {
+    pub unsafe fn silu_mul(
+        gu: *const u16,
+        ld_in: u32,
+        delta: *const f32,
+        ld_delta: u32,
+        tok_slot: *const u32,
+        inter: u32,
+        out: *mut u16,
+        ldo: u32,
+    ) {
         // SAFETY: the launch contract in the module docs keeps every address below in bounds.
         unsafe {
             let t = block_idx_y() as usize;
@@ -39,8 +52,13 @@ kernel! {
                 return;
             }
             let row = gu.add(t * ld_in as usize);
-            let g = unpack8(load8_bf16_masked(row, c, inter));
-            let u = unpack8(load8_bf16_masked(row.add(inter as usize), c, inter));
+            let mut g = unpack8(load8_bf16_masked(row, c, inter));
+            let mut u = unpack8(load8_bf16_masked(row.add(inter as usize), c, inter));
+            let d = Fold { delta, ld: ld_delta, tok_slot }.row(t, 0);
+            if !d.is_null() {
+                add8(&mut g, d, c, inter);
+                add8(&mut u, d.add(inter as usize), c, inter);
+            }
             let mut o = [0f32; 8];
             crate::unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7] {
                 o[i] = g[i] / (1.0 + exp2f(-g[i] * LOG2_E)) * u[i];
