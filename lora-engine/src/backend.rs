@@ -27,6 +27,20 @@ pub enum DeviceKind {
     Cuda,
 }
 
+/// The device flags `lora-engine` and `lora-server` share (flattened into both CLIs), with vLLM's names.
+#[derive(clap::Args, Clone, Copy, Debug, PartialEq)]
+pub struct DeviceArgs {
+    /// Backend: auto (CUDA device 0 when there is one, else the CPU), cpu, cuda (an error without a GPU).
+    #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
+    pub device: DeviceKind,
+    /// Run every GPU step eagerly (no CUDA graphs for decode-only steps).
+    #[arg(long)]
+    pub enforce_eager: bool,
+    /// Share of the GPU memory left after the weights that the KV cache takes (when no page count is given).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f32,
+}
+
 /// Everything the backend is sized from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendOptions {

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use lora_engine::backend::DeviceKind;
+use lora_engine::backend::DeviceArgs;
 
 use crate::error::ServerError;
 
@@ -87,15 +87,9 @@ pub struct Args {
     /// Tokens per KV page.
     #[arg(long, default_value_t = 16)]
     pub page_size: u32,
-    /// Backend: auto (CUDA device 0 when there is one, else the CPU), cpu, cuda (an error without a GPU).
-    #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
-    pub device: DeviceKind,
-    /// Run every GPU step eagerly (no CUDA graphs for decode-only steps).
-    #[arg(long)]
-    pub enforce_eager: bool,
-    /// Share of the GPU memory left after the weights that the KV cache takes (without --kv-pages).
-    #[arg(long, default_value_t = 0.9)]
-    pub gpu_memory_utilization: f32,
+    /// --device, --enforce-eager, --gpu-memory-utilization (shared with the `lora-engine` CLI).
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Where the default model is cached (default: $XDG_CACHE_HOME/lora-serve or ~/.cache/lora-serve).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -135,6 +129,7 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lora_engine::backend::DeviceKind;
 
     #[test]
     fn vllm_style_flags_parse() {
@@ -159,10 +154,16 @@ mod tests {
         assert_eq!(mods[1], LoraModule { name: "fr".into(), path: "/a/french".into() });
         assert_eq!((a.max_loras, a.port, a.host.as_str()), (2, 9000, "127.0.0.1"));
         assert_eq!(a.api_key.as_deref(), Some("k"));
-        assert_eq!((a.device, a.enforce_eager, a.gpu_memory_utilization), (DeviceKind::Auto, false, 0.9));
+        assert_eq!(
+            (a.device.device, a.device.enforce_eager, a.device.gpu_memory_utilization),
+            (DeviceKind::Auto, false, 0.9)
+        );
         let a = Args::try_parse_from(["s", "--device", "cpu", "--enforce-eager", "--gpu-memory-utilization", "0.5"])
             .unwrap();
-        assert_eq!((a.device, a.enforce_eager, a.gpu_memory_utilization), (DeviceKind::Cpu, true, 0.5));
+        assert_eq!(
+            (a.device.device, a.device.enforce_eager, a.device.gpu_memory_utilization),
+            (DeviceKind::Cpu, true, 0.5)
+        );
         assert!(Args::try_parse_from(["s", "--device", "tpu"]).is_err());
     }
 

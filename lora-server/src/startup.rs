@@ -135,7 +135,7 @@ pub fn start_engine(args: &Args, weights: &ModelWeights) -> Result<(Engine, Engi
     let cpu_loras = args.max_cpu_loras.unwrap_or(4 * args.max_loras).max(args.max_loras).max(1);
     let host_cache_bytes = adapter_bytes(c, args.max_lora_rank) * cpu_loras as u64;
     let options = BackendOptions {
-        device: args.device,
+        device: args.device.device,
         num_pages: args.kv_pages,
         cpu_default_pages: cpu_pages,
         page_size: args.page_size,
@@ -145,8 +145,8 @@ pub fn start_engine(args: &Args, weights: &ModelWeights) -> Result<(Engine, Engi
         threads: 0,
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
-        graphs: !args.enforce_eager,
-        gpu_memory_utilization: args.gpu_memory_utilization,
+        graphs: !args.device.enforce_eager,
+        gpu_memory_utilization: args.device.gpu_memory_utilization,
     };
     let built = build_backend(weights, &options).map_err(|e| ServerError::Startup(format!("backend: {e}")))?;
     let kv = built.info.kv;

@@ -92,7 +92,7 @@ impl Row {
             share: a.adapter_share,
             max_loras: a.engine.max_loras,
             max_rank: a.engine.max_lora_rank,
-            eager: a.engine.enforce_eager,
+            eager: a.engine.device.enforce_eager,
         }
     }
 
@@ -255,7 +255,7 @@ fn run_row(
     pool.ensure(row);
     let mut eng = a.engine.clone();
     eng.max_loras = row.max_loras;
-    eng.enforce_eager = row.eager;
+    eng.device.enforce_eager = row.eager;
     eng.max_lora_rank = row.max_rank;
     // Every adapter of the row stays in the host cache (they are not on disk to be re-loaded from).
     let need_mib = (pool.bytes(row) >> 20) + 64;

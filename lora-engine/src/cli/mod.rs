@@ -7,7 +7,7 @@ pub mod generate;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use lora_engine::backend::{build_backend, BackendInfo, BackendOptions, DeviceKind};
+use lora_engine::backend::{build_backend, BackendInfo, BackendOptions, DeviceArgs};
 use lora_engine::{Engine, EngineConfig};
 use lora_model::ModelWeights;
 
@@ -33,15 +33,9 @@ pub enum Command {
 /// Engine and backend sizing.
 #[derive(Args, Debug, Clone)]
 pub struct EngineArgs {
-    /// Backend: auto (the GPU when there is one, else the CPU), cpu, cuda (an error without a GPU).
-    #[arg(long, value_enum, default_value_t = DeviceKind::Auto)]
-    pub device: DeviceKind,
-    /// Run every GPU step eagerly (no CUDA graphs for decode-only steps).
-    #[arg(long)]
-    pub enforce_eager: bool,
-    /// Share of the GPU memory left after the weights that the KV cache takes (when --num-pages is not given).
-    #[arg(long, default_value_t = 0.9)]
-    pub gpu_memory_utilization: f32,
+    /// --device, --enforce-eager, --gpu-memory-utilization.
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Adapter slots (max_loras).
     #[arg(long, default_value_t = 4)]
     pub max_loras: usize,
@@ -75,7 +69,7 @@ impl EngineArgs {
     /// The backend options these flags give.
     pub fn backend_options(&self) -> BackendOptions {
         BackendOptions {
-            device: self.device,
+            device: self.device.device,
             num_pages: self.num_pages,
             cpu_default_pages: 1024,
             page_size: self.page_size,
@@ -85,8 +79,8 @@ impl EngineArgs {
             threads: self.threads,
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
-            graphs: !self.enforce_eager,
-            gpu_memory_utilization: self.gpu_memory_utilization,
+            graphs: !self.device.enforce_eager,
+            gpu_memory_utilization: self.device.gpu_memory_utilization,
         }
     }
 
