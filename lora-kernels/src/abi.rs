@@ -224,8 +224,14 @@ pub const DECODE_THREADS: u32 = 128;
 pub const DECODE_WARPS: u32 = DECODE_THREADS / 32;
 /// Most query heads per KV head (GQA group) `decode_attention` supports (its per-lane registers).
 pub const DECODE_MAX_GROUP: u32 = 8;
-/// Tokens each lane group of `decode_attention` loads per iteration before using any of them.
+/// Tokens each lane group of `decode_attention` computes per iteration (one pipeline stage).
 pub const DECODE_UNROLL: u32 = 4;
+/// Stages of `decode_attention`'s shared-memory K/V ring (`DECODE_STAGES − 1` stages in flight while one is
+/// computed).
+pub const DECODE_STAGES: u32 = 3;
+/// Bytes of one stage of the ring: [`DECODE_UNROLL`] tokens × (K, V) × 16 bytes for each of the
+/// [`DECODE_THREADS`] threads (16 KiB, whatever the head dimension).
+pub const DECODE_STAGE_BYTES: u32 = DECODE_UNROLL * 2 * 16 * DECODE_THREADS;
 /// Most context splits of one `decode_attention` launch (the merge reads all of them per output).
 pub const DECODE_MAX_SPLITS: u32 = 64;
 /// Threads per block of `attention_merge`, `silu_mul` and `embedding_gather`.
@@ -285,9 +291,13 @@ pub const fn decode_pt_cap(max_chunk: u32, page_size: u32) -> u32 {
 }
 
 /// Dynamic shared memory of `decode_attention`: the staged page table (`pt_cap` words, rounded to 16
-/// bytes) and the cross-warp merge buffer (`DECODE_WARPS × group × (head_dim + 2)` f32).
+/// bytes), then the K/V ring ([`DECODE_STAGES`] × [`DECODE_STAGE_BYTES`]), which the cross-warp merge
+/// buffer (`DECODE_WARPS × group × (head_dim + 2)` f32, at most 33 KB) reuses after the token loop.
+/// Over 48 KB: the CUDA backend opts the launch in (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
 pub const fn decode_shared_bytes(pt_cap: u32, group: u32, head_dim: u32) -> u32 {
-    (4 * pt_cap).div_ceil(16) * 16 + 4 * DECODE_WARPS * group * (head_dim + 2)
+    let ring = DECODE_STAGES * DECODE_STAGE_BYTES;
+    let merge = 4 * DECODE_WARPS * group * (head_dim + 2);
+    (4 * pt_cap).div_ceil(16) * 16 + if ring > merge { ring } else { merge }
 }
 
 /// Threads per block of `sample_tokens` (one block per row).

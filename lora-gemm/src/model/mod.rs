@@ -16,19 +16,19 @@ use lora_kernels::abi::{decode_pt_cap, decode_shared_bytes, DECODE_MAX_GROUP, DE
 use crate::GemmError;
 
 /// Decode-attention blocks resident per SM for a GQA group size, from the kernels' registers × 128 threads
-/// in the 64K-register file (`lora-kernels/ptx/ptxas.snap`): `decode_attention_g4` (groups ≤ 4, 156
-/// registers) 3, `decode_attention` (groups ≤ 8, 246 registers) 2. The planner counts waves of
-/// `resident × SMs` blocks.
+/// in the 64K-register file (`lora-kernels/ptx/ptxas.snap`) and their shared memory (the 48 KB K/V ring +
+/// the page table, of 228 KB): `decode_attention_g4` (groups ≤ 4, 127 registers) 4, `decode_attention`
+/// (groups ≤ 8, 252 registers) 2. The planner counts waves of `resident × SMs` blocks.
 pub const fn decode_resident_per_sm(group: u32) -> u32 {
     if group <= 4 {
-        3
+        4
     } else {
         2
     }
 }
-/// Fewest tokens worth a split of their own (below this the per-split setup and the merge cost more than the
-/// extra parallelism gives).
-pub const DECODE_MIN_CHUNK: u32 = 128;
+/// Fewest tokens worth a split of their own (below this the per-split setup, the pipeline's fill and the
+/// merge cost more than the extra parallelism gives; two pipeline stages at head_dim 128).
+pub const DECODE_MIN_CHUNK: u32 = 64;
 
 /// Modelled time of decode attention with `splits` splits: waves of resident blocks × tokens per block
 /// (memory-bound: a block's time is proportional to the K/V rows it reads).

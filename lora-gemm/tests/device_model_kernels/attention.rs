@@ -122,6 +122,12 @@ device_test!(decode_attention_matches_f64, |d, big| {
     decode_case(d, &DecodeCase { n_q: 4, n_kv: 1, hd: 128, page_size: 16, lens: vec![16, 64], splits: Some(3) }, 26);
     // Group 8 (the largest), planner's split.
     decode_case(d, &DecodeCase { n_q: 8, n_kv: 1, hd: 128, page_size: 4, lens: vec![9], splits: None }, 25);
+    // The K/V pipeline (stages of 4 tokens per lane group: 32 tokens per block at head_dim 128, 64 at 64):
+    // splits whose length is not a multiple of the stage (partial last stage, lane groups with no token in
+    // it) and many stages per split (the ring wraps around several times), group 4 and group 8.
+    decode_case(d, &DecodeCase { n_q: 4, n_kv: 1, hd: 128, page_size: 16, lens: vec![293, 31], splits: Some(2) }, 29);
+    decode_case(d, &DecodeCase { n_q: 8, n_kv: 1, hd: 128, page_size: 3, lens: vec![357], splits: Some(1) }, 30);
+    decode_case(d, &DecodeCase { n_q: 6, n_kv: 3, hd: 64, page_size: 16, lens: vec![700, 65], splits: Some(3) }, 37);
     if big {
         let llama = |lens: Vec<u32>| DecodeCase { n_q: 32, n_kv: 8, hd: 128, page_size: 16, lens, splits: None };
         decode_case(d, &llama(vec![1, 100, 1900, 8192]), 31);

@@ -1,5 +1,5 @@
 //! Grouped `cp.async` completion for multi-stage pipelines (the prefill kernel's double-buffered K/V
-//! tiles), the same signature on both backends. On the host, [`crate::dsl::cp_async_16`] copies
+//! tiles, decode attention's K/V ring), the same signature on both backends. On the host, [`crate::dsl::cp_async_16`] copies
 //! synchronously, so both are no-ops there.
 
 /// `cp.async.commit_group`: close the group of this thread's `cp.async` issued since the last commit.
@@ -16,7 +16,8 @@ pub unsafe fn cp_async_commit() {
 }
 
 /// `cp.async.wait_group N`: wait until at most `N` of this thread's committed groups are still in flight
-/// (`N` = 0 or 1). Pair it with a block barrier before other threads read the data.
+/// (`N` ≤ 7 here). The wait covers this thread's copies only: pair it with a block barrier before other
+/// threads read the data (a thread reading only what it copied itself needs none).
 ///
 /// # Safety
 /// None beyond those of the copies themselves.
@@ -25,10 +26,7 @@ pub unsafe fn cp_async_wait_group<const N: u32>() {
     #[cfg(target_arch = "nvptx64")]
     // SAFETY: an immediate operand only.
     unsafe {
-        if N == 0 {
-            core::arch::asm!("cp.async.wait_group 0;")
-        } else {
-            core::arch::asm!("cp.async.wait_group 1;")
-        }
+        const { assert!(N <= 7, "cp_async_wait_group: N out of range") };
+        core::arch::asm!("cp.async.wait_group {n};", n = const N)
     };
 }
