@@ -3,13 +3,14 @@
 # warm machine): `checks` — every bundle test suite (GPU arms: device layer, LoRA groups, model kernels,
 # device forward, LoRA on the device, decode graphs, the engine on CUDA), SmolLM2-135M on the GPU against
 # the transformers reference (scripts/gpu/smollm2.sh: needs target/smol-a and target/smol-b carried in
-# earlier calls), the skinny decode GEMM benchmark and compute-sanitizer (memcheck, racecheck) on the new
-# kernels and the graph-replayed forward; `engine` — the engine's reference table on the Llama-3.1-8B
+# earlier calls), the attention benchmark beside PyTorch's SDPA, and compute-sanitizer (memcheck on the
+# model kernels, racecheck and synccheck on decode attention, memcheck on the graph-replayed forward);
+# `skinny` — the skinny decode GEMM benchmark; `engine` — the engine's reference table on the Llama-3.1-8B
 # shape (scripts/gpu/engine_bench.sh); `serve` — the HTTP serving benchmark (scripts/gpu/serve_bench.sh,
 # on the checkpoint the engine phase wrote).
 # Expects the bundle of `cargo xtask gpu-bundle` at target/gpu-bundle (carried in the `checks` call);
 # writes every log into $OUT/<phase>-logs.tgz, the JSON results into $OUT, and prints the short results.
-# Usage: bash scripts/gpu_round.sh checks|engine|serve
+# Usage: bash scripts/gpu_round.sh checks|engine|serve|skinny
 set -u
 PHASE="${1:-checks}"
 B="$(pwd)/target/gpu-bundle"
@@ -28,13 +29,21 @@ case "$PHASE" in
 checks)
   OUT="$L" run tests 200 bash "$B/run.sh" tests
   run smollm2 90 bash scripts/gpu/smollm2.sh "$B" "$L"
-  run skinny 180 bash scripts/gpu/skinny.sh "$B" "$L"
+  run attention 200 bash "$B/run.sh" attention
+  K="$B/tests/lora-gemm--device_model_kernels"
+  run memcheck_kernels 90 compute-sanitizer --tool memcheck --print-limit 20 "$K" --test-threads=1 gpu
+  run racecheck_decode 90 compute-sanitizer --tool racecheck --print-limit 20 "$K" --test-threads=1 decode_attention_matches_f64::gpu
+  run synccheck_decode 90 compute-sanitizer --tool synccheck --print-limit 20 "$K" --test-threads=1 decode_attention_matches_f64::gpu
   run memcheck_graphs 60 compute-sanitizer --tool memcheck --print-limit 20 "$B/tests/lora-model--device_graphs" --test-threads=1 gpu
   step summary
   grep -E "^SUITE|bundle tests|panicked|FAILED|SKIP" "$L/tests.txt" | head -60
   tail -n 30 "$L/smollm2.txt"
+  head -n 70 "$L/attention.txt"
+  for f in memcheck_kernels racecheck_decode synccheck_decode memcheck_graphs; do echo "-- $f"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|rc=" "$L/$f.txt"; done
+  ;;
+skinny)
+  run skinny 180 bash scripts/gpu/skinny.sh "$B" "$L"
   tail -n 50 "$L/skinny.txt"
-  grep -E "ERROR SUMMARY|test result|rc=" "$L/memcheck_graphs.txt"
   ;;
 engine)
   run engine_bench 420 bash scripts/gpu/engine_bench.sh "$B" "$L"
@@ -48,6 +57,6 @@ serve)
   step summary
   tail -n 60 "$L/serve_bench.txt"
   ;;
-*) echo "unknown phase $PHASE (checks | engine | serve)"; exit 2 ;;
+*) echo "unknown phase $PHASE (checks | engine | serve | skinny)"; exit 2 ;;
 esac
 tar czf "$OUTDIR/$PHASE-logs.tgz" -C "$L" .

@@ -70,7 +70,7 @@ def main():
             us = timed(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), flush)
             byts = b * L * nkv * hd * 2 * 2
             gbs = byts / (us * 1e-6) / 1e9
-            print(f"{b:>5} {L:>7} {byts / 1e6:>10.1} {us:>9.1} {gbs:>8.0} {100 * gbs / copy_bw:>6.0f}%")
+            print(f"{b:>5} {L:>7} {byts / 1e6:>10.1f} {us:>9.1f} {gbs:>8.0f} {100 * gbs / copy_bw:>6.0f}%")
             del q, k, v
 
     print(f"\nSDPA causal prefill: {nq} q / {nkv} kv heads of {hd}, bf16, enable_gqa; median of {REPS}, L2 flushed")
@@ -84,7 +84,7 @@ def main():
             v = torch.randn(n, nkv, L, hd, device=dev, dtype=torch.bfloat16)
             us = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), flush)
             flop = 4 * n * nq * L * L * hd / 2
-            print(f"{n:>5} {L:>7} {flop / 1e12:>8.3f} {us:>10.1} {flop / (us * 1e-6) / 1e12:>8.1f}")
+            print(f"{n:>5} {L:>7} {flop / 1e12:>8.3f} {us:>10.1f} {flop / (us * 1e-6) / 1e12:>8.1f}")
             del q, k, v
     return 0
 
