@@ -66,7 +66,10 @@ fn max_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
 fn close(what: &str, got: &lora_model::SeqOutput, want: &lora_model::SeqOutput) {
     let (g, w) = (got.logits.as_ref().unwrap(), want.logits.as_ref().unwrap());
     let (err, amax) = max_diff(g, w);
-    let tol = 0.03 * amax + 0.03;
+    // The merged weights are rounded to bf16 (W + s·B·A), the adapter path adds the exact f32 delta: at the
+    // big shape (hidden 1024, 4 layers) that rounding alone moves logits by up to ≈ 0.38 of ≈ 8 (the
+    // emulator, before and after the delta fold: 0.376 / 0.290); the adapter itself moves them by ≈ 7.
+    let tol = 0.05 * amax + 0.05;
     println!("{what}: max |err| {err:.4} (tol {tol:.4})");
     assert!(err <= tol, "{what}: logits differ by {err} > {tol}");
 }
