@@ -95,6 +95,7 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
     /// One group of a model step on `main`, LoRA placed as the plan says: fork `branch`, the branch work
     /// ([`Self::launch_branch`]) on its side stream, `base` (the group's base GEMM, which writes `io.y`) on
     /// `main`, join, then [`Self::launch_joined`]. Captured, this is a parallel branch of the graph.
+    /// [`Self::launch_group_folded`] with the folded delta added after the join.
     #[allow(clippy::too_many_arguments)]
     pub fn launch_group(
         &self,
@@ -106,17 +107,16 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
         io: GroupIo,
         base: impl FnOnce() -> Result<(), GraphError>,
     ) -> Result<(), GraphError> {
-        branch.fork(&self.dev, main)?;
-        self.launch_branch(branch.side(), bucket, layer, group, io.x, io.ldx)?;
-        base()?;
-        branch.join(&self.dev, main)?;
-        self.launch_joined(main, bucket, layer, group, io.y, io.ldy)
+        if self.launch_group_folded(main, branch, bucket, layer, group, io, base)?.is_some() {
+            self.launch_joined(main, bucket, layer, group, io.y, io.ldy)?;
+        }
+        Ok(())
     }
 
-    /// [`Self::launch_group`] with the delta folded: in [`ExpandMode::Delta`] nothing of LoRA runs after
-    /// the join and the group's delta is returned, for the kernel that reads `io.y` next to add (RoPE + KV
+    /// A group with its delta folded: fork, branch work, `base`, join; in [`ExpandMode::Delta`] nothing of
+    /// LoRA runs after the join and the group's delta is returned, for the kernel that reads `io.y` next to add (RoPE + KV
     /// write for qkv, residual + RMSNorm for o and down, SiLU·mul for gate_up); in [`ExpandMode::Direct`]
-    /// (large buckets) the expand runs after the join as in `launch_group` and `None` is returned. The
+    /// (large buckets) the expand runs after the join and `None` is returned. The
     /// delta buffer is shared by the groups: the caller launches the reading kernel on `main` before the
     /// next group's fork.
     #[allow(clippy::too_many_arguments)]

@@ -1,7 +1,7 @@
 //! The device side of one forward (eager): the launches of a [`StepPlan`] on the backend's stream, then
 //! the copy back of the sampled tokens (and logits when asked). See the parent module for the order.
 
-use lora_device::{Backend, DenseGemm, DevSlice, DeviceBuffer};
+use lora_device::{Backend, DenseGemm, DevSlice, DeviceBuffer, GemmOut};
 use lora_gemm::model::{
     launch_argmax_f32, launch_decode_attention, launch_embedding, launch_prefill_attention, launch_rmsnorm,
     launch_rope_kv_write, launch_sample, launch_silu_mul, DecodeBuffers, DecodePlan, DecodeShape, LoraDelta,
@@ -24,16 +24,16 @@ fn view<T>(b: &DeviceBuffer<T>, at: usize, len: usize) -> Result<DevSlice<T>, Mo
 }
 
 impl<B: Backend> DeviceBackend<B> {
-    /// `y[m, n] = x[m, k] · w[n, k]ᵀ + beta · y`, rows of stride `k`, `n` (`w` dense).
+    /// `y[m, n] = x[m, k] · w[n, k]ᵀ + beta · y`, rows of stride `k`, `n` (`w` dense; `y` bf16 or f32).
     #[allow(clippy::too_many_arguments)]
-    fn gemm(
+    fn gemm<Y: GemmOut>(
         &self,
         m: usize,
         n: usize,
         k: usize,
         x: DevSlice<u16>,
         w: DevSlice<u16>,
-        y: DevSlice<u16>,
+        y: DevSlice<Y>,
         beta: f32,
     ) -> Result<(), ModelError> {
         let g = DenseGemm { m, n, k, x, ldx: k, w, ldw: k, y, ldy: n, alpha: 1.0, beta };
@@ -255,20 +255,7 @@ impl<B: Backend> DeviceBackend<B> {
         }
         let (xs, logits) = (view(&s.xs, 0, ns * h)?, view(&s.logits, 0, ns * vocab)?);
         launch_embedding(dev, st, ns as u32, h32, xn, h32, t32, meta(p.gather_at, ns)?, xs, h32).map_err(dev_err)?;
-        let g = DenseGemm {
-            m: ns,
-            n: vocab,
-            k: h,
-            x: xs,
-            ldx: h,
-            w: self.lm_head_w(),
-            ldw: h,
-            y: logits,
-            ldy: vocab,
-            alpha: 1.0,
-            beta: 0.0,
-        };
-        dev.gemm(st, &g).map_err(dev_err)?;
+        self.gemm(ns, vocab, h, xs, self.lm_head_w(), logits, 0.0)?;
         if p.greedy {
             let tokens = view(&s.tokens, 0, ns)?;
             launch_argmax_f32(dev, st, ns as u32, vocab as u32, logits, vocab as u32, tokens).map_err(dev_err)?;
