@@ -1,6 +1,6 @@
 //! `lora_demo`: one LoRA module group (q, k, v of a small Llama-shaped layer) for a decode batch of 16
-//! requests over 4 adapters of ranks 8, 16, 3 and 64 plus base-only requests, through the prep, shrink and
-//! expand kernels, checked against the f64 CPU reference — on the GPU when one is usable, otherwise (it says
+//! requests over 4 adapters of ranks 8, 16, 3 and 64 plus base-only requests, through the prep and the LoRA
+//! kernels of the planner's path (at this decode size the fused shrink + expand, one launch), checked against the f64 CPU reference — on the GPU when one is usable, otherwise (it says
 //! so) on the CPU emulator, the very same kernels and launch sequence.
 //!
 //! Run: `cargo run --release -p lora-gemm --example lora_demo` (the GPU bundle ships it as `lora-demo`).
@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use lora_device::testing::{Rng, TestBed};
 use lora_device::{Backend, Cuda, Emulator};
 use lora_gemm::launch::{
-    group_descs, launch_expand, launch_prep, launch_shrink, ExpandOut, PrepInputs, StepBuffers, Workspace,
+    group_descs, launch_lora, launch_prep, ExpandOut, PrepInputs, StepBuffers, Workspace,
 };
 use lora_gemm::plan::{plan_model, Capacity, ModuleGroup, ModuleSpec};
 use lora_gemm::reference::{lora_module_reference, AdapterModule};
@@ -83,7 +83,10 @@ fn run<B: Backend>(d: &TestBed<B>) -> Result<DemoReport> {
         num_tiles: d.upload(&[0u32])?,
         descs: d.zeros::<GemmDesc>(plan.descs)?,
     };
-    let ws = Workspace { partial: d.upload(&vec![0f32; plan.workspace.partial_f32])? };
+    let ws = Workspace {
+        partial: d.upload(&vec![0f32; plan.workspace.partial_f32])?,
+        sync: d.upload(&vec![0u32; plan.workspace.sync_words])?,
+    };
     let prep = PrepInputs {
         weights: d.upload(&table)?,
         shapes: d.upload(&plan.shapes)?,
@@ -94,11 +97,10 @@ fn run<B: Backend>(d: &TestBed<B>) -> Result<DemoReport> {
     let descs = group_descs(&step, &geo, 0, 0, plan.shapes.len() as u32)?;
     let (dev, s) = (d.dev(), d.stream());
     // SAFETY: the step buffer holds a packed step of the plan's layout, the table live adapter weights of
-    // this device; prep, shrink and expand run in order on one stream.
+    // this device; the prep and the LoRA kernels run in order on one stream.
     unsafe {
         launch_prep(dev, s, &plan.prep, &prep, &step)?;
-        launch_shrink(dev, s, &geo, &step, &ws, descs, px, g.k)?;
-        launch_expand(dev, s, &geo, &step, &ws, descs, ExpandOut::Y { y: py, ldy: g.ldy })?;
+        launch_lora(dev, s, &geo, &step, &ws, descs, px, g.k, ExpandOut::Y { y: py, ldy: g.ldy })?;
     }
     d.sync()?;
     let y: Vec<u16> = d.download(py)?;

@@ -11,11 +11,12 @@ use lora_kernels::abi::{GemmDesc, ModuleShape, SlotWeights, Tile};
 use lora_kernels::kernels::baseline::{GatherRowsArgs, ScatterAddRowsArgs};
 use lora_kernels::kernels::delta::AddDeltaArgs;
 use lora_kernels::kernels::expand::ExpandArgs;
+use lora_kernels::kernels::fused::{FusedR128Args, FusedR16Args, FusedR32Args, FusedR64Args};
 use lora_kernels::kernels::prep::PrepArgs;
 use lora_kernels::kernels::shrink::{ShrinkR128Args, ShrinkR16Args, ShrinkR32Args, ShrinkR64Args};
 use lora_kernels::Kernel;
 
-use crate::plan::{ExpandMode, LaunchShape, PrepPlan};
+use crate::plan::{ExpandMode, LaunchShape, LoraPath, PrepPlan};
 use crate::GemmError;
 
 fn dims(s: &LaunchShape) -> LaunchDims {
@@ -62,6 +63,14 @@ pub struct Geometry {
     pub num_slots: u32,
     /// f32 elements of the split partials this group needs.
     pub partial_f32: usize,
+    /// Two launches or the fused kernel ([`launch_lora`] follows it).
+    pub path: LoraPath,
+    /// The fused entry point (rank class).
+    pub fused_kernel: Kernel,
+    /// The fused launch.
+    pub fused: LaunchShape,
+    /// Words of the fused kernel's sync area this group needs.
+    pub sync_words: usize,
 }
 
 /// The buffers the prep kernel writes once per step and every layer reads.
@@ -90,6 +99,9 @@ pub struct StepBuffers {
 pub struct Workspace {
     /// `[splits][max_tokens][n_mod][r_pad]` f32.
     pub partial: DevSlice<f32>,
+    /// The fused kernel's work ticket, exit count and readiness counters (`abi::fused_sync_words`): zeroed
+    /// once when allocated, left zero by every launch. Unused (may be empty) on [`LoraPath::ShrinkExpand`].
+    pub sync: DevSlice<u32>,
 }
 
 /// The prep's static inputs.
@@ -258,23 +270,7 @@ pub unsafe fn launch_expand<B: Backend>(
 ) -> Result<(), GemmError> {
     need("partial", &ws.partial, g.partial_f32)?;
     need("descs", &descs, g.n_mod as usize * g.num_slots as usize)?;
-    let rows = g.max_tokens as usize;
-    let (y, ldy, delta, ld_delta) = match out {
-        ExpandOut::Y { y, ldy } => {
-            need("y", &y, rows * ldy as usize)?;
-            if ldy < g.out_cols {
-                return Err(GemmError::Invalid(format!("ldy {ldy} < the group's {} columns", g.out_cols)));
-            }
-            (y, ldy, DevSlice::null(), 0)
-        }
-        ExpandOut::Delta { delta, ld_delta } => {
-            need("delta", &delta, rows * ld_delta as usize)?;
-            if ld_delta < g.out_cols || delta.is_null() {
-                return Err(GemmError::Invalid(format!("delta of stride {ld_delta} for {} columns", g.out_cols)));
-            }
-            (DevSlice::null(), 0, delta, ld_delta)
-        }
-    };
+    let (y, ldy, delta, ld_delta) = expand_out(g, out)?;
     let args = ExpandArgs {
         partial: ws.partial.ptr(),
         r_pad: g.r_pad,
@@ -298,6 +294,124 @@ pub unsafe fn launch_expand<B: Backend>(
     // SAFETY: sizes checked above; the caller vouches for the prep, the shrink and the weights.
     unsafe { dev.launch(stream, dims(&g.expand), args) }?;
     Ok(())
+}
+
+/// The whole LoRA of one module group of one layer, as the plan's [`LoraPath`] says: the shrink and then
+/// the expand ([`launch_shrink`], [`launch_expand`]), or one launch of the fused kernel ([`launch_fused`]).
+/// The output is the same either way, bit for bit.
+///
+/// # Safety
+/// As [`launch_shrink`]; the fused path also needs `ws.sync` as [`launch_fused`] says.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn launch_lora<B: Backend>(
+    dev: &B,
+    stream: &B::Stream,
+    g: &Geometry,
+    s: &StepBuffers,
+    ws: &Workspace,
+    descs: DevSlice<GemmDesc>,
+    x: DevSlice<u16>,
+    ldx: u32,
+    out: ExpandOut,
+) -> Result<(), GemmError> {
+    // SAFETY: forwarded contract.
+    unsafe {
+        match g.path {
+            LoraPath::ShrinkExpand => {
+                launch_shrink(dev, stream, g, s, ws, descs, x, ldx)?;
+                launch_expand(dev, stream, g, s, ws, descs, out)
+            }
+            LoraPath::Fused => launch_fused(dev, stream, g, s, ws, descs, x, ldx, out),
+        }
+    }
+}
+
+/// The fused kernel of one module group of one layer: shrink and expand in one launch (`kernels::fused`),
+/// reading `x` and writing `out` as [`launch_expand`] does. Needs only the prep and `x`, so in
+/// [`ExpandOut::Delta`] mode it may run beside the base GEMM.
+///
+/// # Safety
+/// As [`launch_shrink`], and `ws.sync` is zero (as allocated, and as every fused launch leaves it) and is
+/// used by no other launch at the same time.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn launch_fused<B: Backend>(
+    dev: &B,
+    stream: &B::Stream,
+    g: &Geometry,
+    s: &StepBuffers,
+    ws: &Workspace,
+    descs: DevSlice<GemmDesc>,
+    x: DevSlice<u16>,
+    ldx: u32,
+    out: ExpandOut,
+) -> Result<(), GemmError> {
+    need("x", &x, g.max_tokens as usize * ldx as usize)?;
+    need("partial", &ws.partial, g.partial_f32)?;
+    need("sync", &ws.sync, g.sync_words)?;
+    need("descs", &descs, g.n_mod as usize * g.num_slots as usize)?;
+    if ldx < g.k {
+        return Err(GemmError::Invalid(format!("ldx {ldx} < k {}", g.k)));
+    }
+    let (y, ldy, delta, ld_delta) = expand_out(g, out)?;
+    macro_rules! fused {
+        ($args:ident) => {
+            $args {
+                x: x.ptr(),
+                ldx,
+                perm: s.perm.ptr(),
+                tiles: s.tiles.ptr(),
+                num_tiles: s.num_tiles.ptr(),
+                descs: descs.ptr(),
+                num_slots: g.num_slots,
+                n_mod: g.n_mod,
+                k: g.k,
+                max_splits: g.max_splits,
+                partial: ws.partial.ptr_mut(),
+                max_tokens: g.max_tokens,
+                r_pad: g.r_pad,
+                max_tiles: g.max_tiles,
+                n_blocks: g.expand_blocks,
+                y: y.ptr_mut(),
+                ldy,
+                delta: delta.ptr_mut(),
+                ld_delta,
+                sync: ws.sync.ptr_mut(),
+            }
+        };
+    }
+    let d = dims(&g.fused);
+    // SAFETY: sizes checked above against the plan; the caller vouches for the prep, the weights and sync.
+    unsafe {
+        match g.fused_kernel {
+            Kernel::FusedR16 => dev.launch(stream, d, fused!(FusedR16Args)),
+            Kernel::FusedR32 => dev.launch(stream, d, fused!(FusedR32Args)),
+            Kernel::FusedR64 => dev.launch(stream, d, fused!(FusedR64Args)),
+            Kernel::FusedR128 => dev.launch(stream, d, fused!(FusedR128Args)),
+            other => return Err(GemmError::Invalid(format!("{other:?} is not a fused kernel"))),
+        }
+    }?;
+    Ok(())
+}
+
+/// The checked output views of an expand: `(y, ldy, delta, ld_delta)`, the unused side null.
+fn expand_out(g: &Geometry, out: ExpandOut) -> Result<(DevSlice<u16>, u32, DevSlice<f32>, u32), GemmError> {
+    let rows = g.max_tokens as usize;
+    match out {
+        ExpandOut::Y { y, ldy } => {
+            need("y", &y, rows * ldy as usize)?;
+            if ldy < g.out_cols {
+                return Err(GemmError::Invalid(format!("ldy {ldy} < the group's {} columns", g.out_cols)));
+            }
+            Ok((y, ldy, DevSlice::null(), 0))
+        }
+        ExpandOut::Delta { delta, ld_delta } => {
+            need("delta", &delta, rows * ld_delta as usize)?;
+            if ld_delta < g.out_cols || delta.is_null() {
+                return Err(GemmError::Invalid(format!("delta of stride {ld_delta} for {} columns", g.out_cols)));
+            }
+            Ok((DevSlice::null(), 0, delta, ld_delta))
+        }
+    }
 }
 
 /// `y[t, ..out_cols] += delta[t, ..out_cols]` for the tokens `t < max_tokens` that carry an adapter
@@ -414,6 +528,10 @@ impl crate::plan::GroupPlan {
             r_pad: self.r_pad,
             num_slots: self.num_slots,
             partial_f32: self.workspace.partial_f32,
+            path: self.path,
+            fused_kernel: self.fused_kernel,
+            fused: self.fused,
+            sync_words: self.workspace.sync_words,
         }
     }
 }

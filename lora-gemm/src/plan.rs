@@ -20,7 +20,7 @@
 //! class (16, 32, 64, 128) holding the capacity's max rank.
 
 use lora_kernels::abi::{
-    max_tiles, prep_shared_bytes, rank_pad, shrink_shared_bytes, ModuleShape, StepLayout, EXPAND_BN, GEMM_THREADS,
+    fused_shared_bytes, fused_sync_words, max_tiles, prep_shared_bytes, rank_pad, shrink_shared_bytes, ModuleShape, StepLayout, EXPAND_BN, GEMM_THREADS,
     GEMM_WARPS, MAX_GROUP_MODULES, MAX_RANK, PREP_THREADS, SHRINK_K_STEP,
 };
 
@@ -123,6 +123,22 @@ pub enum ExpandMode {
 /// Buckets up to this many tokens split the expand ([`ExpandMode::Delta`]); larger ones run it directly.
 pub const DELTA_MAX_TOKENS: u32 = 64;
 
+/// Which kernels run a group's LoRA (a planner decision per capacity: it fixes the graph's shape).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraPath {
+    /// The shrink and the expand, two launches (any token count).
+    ShrinkExpand,
+    /// One launch of the fused kernel (`kernels::fused`): the expand items wait on device-side readiness
+    /// counters for the shrink splits they read. Decode buckets only (always [`ExpandMode::Delta`] there, so
+    /// the whole LoRA of a group runs on the parallel branch).
+    Fused,
+}
+
+/// Buckets up to this many tokens take [`LoraPath::Fused`]; larger ones [`LoraPath::ShrinkExpand`]. At
+/// most [`DELTA_MAX_TOKENS`] (the fused kernel writes the delta on the branch).
+pub const FUSED_MAX_TOKENS: u32 = 64;
+const _: () = assert!(FUSED_MAX_TOKENS <= DELTA_MAX_TOKENS);
+
 /// Grid, block and dynamic shared memory of one launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaunchShape {
@@ -140,17 +156,20 @@ pub struct LaunchShape {
 pub struct WorkspaceSize {
     /// Split-K partials, f32: `splits × max_tokens × n_mod × r_pad` (the shrink's output, the expand's input).
     pub partial_f32: usize,
+    /// Words of the fused kernel's sync area (`abi::fused_sync_words`; zero before the first launch, and
+    /// every launch leaves it zero).
+    pub sync_words: usize,
 }
 
 impl WorkspaceSize {
     /// Element-wise maximum: one allocation that serves both.
     pub fn max(self, o: WorkspaceSize) -> WorkspaceSize {
-        WorkspaceSize { partial_f32: self.partial_f32.max(o.partial_f32) }
+        WorkspaceSize { partial_f32: self.partial_f32.max(o.partial_f32), sync_words: self.sync_words.max(o.sync_words) }
     }
 
     /// Total bytes.
     pub fn bytes(&self) -> usize {
-        4 * self.partial_f32
+        4 * (self.partial_f32 + self.sync_words)
     }
 }
 
@@ -197,6 +216,12 @@ pub struct GroupPlan {
     pub expand_mode: ExpandMode,
     /// The delta add's launch (one thread per 4 output columns of a row, at most 4 blocks per SM).
     pub add_delta: LaunchShape,
+    /// Two launches or the fused kernel.
+    pub path: LoraPath,
+    /// The fused entry point (same rank class as the shrink).
+    pub fused_kernel: Kernel,
+    /// The fused launch: the shrink's persistent grid, `fused_shared_bytes(r_pad)`.
+    pub fused: LaunchShape,
     /// Workspace sizes.
     pub workspace: WorkspaceSize,
 }
@@ -381,6 +406,9 @@ pub fn plan_group_with_k_chunk(
     let out_cols: u32 = shapes.iter().map(|s| s.n).sum();
     let shrink_kernel = Kernel::shrink_for_rank(cap.max_rank)
         .ok_or_else(|| GemmError::Invalid(format!("no shrink kernel for rank {}", cap.max_rank)))?;
+    let fused_kernel = Kernel::fused_for_rank(cap.max_rank)
+        .ok_or_else(|| GemmError::Invalid(format!("no fused kernel for rank {}", cap.max_rank)))?;
+    let shrink_grid = (sm_count * shrink_blocks_per_sm(shrink_kernel), 1, 1);
     Ok(GroupPlan {
         name: group.name.clone(),
         module_names: group.modules.iter().map(|m| m.name.clone()).collect(),
@@ -399,7 +427,7 @@ pub fn plan_group_with_k_chunk(
         expand_blocks,
         shrink_kernel,
         shrink: LaunchShape {
-            grid: (sm_count * shrink_blocks_per_sm(shrink_kernel), 1, 1),
+            grid: shrink_grid,
             block: GEMM_THREADS,
             shared_bytes: shrink_shared_bytes(cap.max_rank),
         },
@@ -410,7 +438,10 @@ pub fn plan_group_with_k_chunk(
             block: GEMM_THREADS,
             shared_bytes: 0,
         },
-        workspace: WorkspaceSize { partial_f32: partial as usize },
+        path: if cap.max_tokens <= FUSED_MAX_TOKENS { LoraPath::Fused } else { LoraPath::ShrinkExpand },
+        fused_kernel,
+        fused: LaunchShape { grid: shrink_grid, block: GEMM_THREADS, shared_bytes: fused_shared_bytes(r_pad) },
+        workspace: WorkspaceSize { partial_f32: partial as usize, sync_words: fused_sync_words(mt, n_mod) },
     })
 }
 

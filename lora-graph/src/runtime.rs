@@ -100,6 +100,7 @@ struct Buffers {
     num_tiles: DeviceBuffer<u32>,
     descs: DeviceBuffer<GemmDesc>,
     partial: DeviceBuffer<f32>,
+    sync: DeviceBuffer<u32>,
     delta: DeviceBuffer<f32>,
 }
 
@@ -117,6 +118,7 @@ impl Buffers {
             + self.num_tiles.bytes()
             + self.descs.bytes()
             + self.partial.bytes()
+            + self.sync.bytes()
             + self.delta.bytes()
     }
 }
@@ -214,6 +216,8 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
             num_tiles: dev.alloc_zeroed(1)?,
             descs: dev.alloc_zeroed(descs)?,
             partial: dev.alloc_zeroed(ws_size.partial_f32)?,
+            // Zero once: every fused launch leaves it zero again.
+            sync: dev.alloc_zeroed(ws_size.sync_words.max(1))?,
             delta: dev.alloc_zeroed(plan.delta_ld as usize * delta_rows as usize)?,
         };
         let step_bufs = StepBuffers {
@@ -226,7 +230,7 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
             num_tiles: bufs.num_tiles.slice(),
             descs: bufs.descs.slice(),
         };
-        let ws = Workspace { partial: bufs.partial.slice() };
+        let ws = Workspace { partial: bufs.partial.slice(), sync: bufs.sync.slice() };
         let prep = PrepInputs {
             weights: bufs.weights.slice(),
             shapes: bufs.shapes.slice(),

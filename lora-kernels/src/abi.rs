@@ -184,6 +184,27 @@ pub const fn shrink_shared_bytes(max_rank: u32) -> u32 {
     GEMM_WARPS * TILE_M * rank_pad(max_rank) * 4 + 16
 }
 
+/// Shared memory of the fused LoRA kernel (`kernels::fused`), in bytes, for partial rows of `r_pad`: the
+/// shrink's cross-warp reduction tile of each warp (16 × `r_pad` f32) and one 16-byte cell after it for the
+/// block's work ticket.
+pub const fn fused_shared_bytes(r_pad: u32) -> u32 {
+    GEMM_WARPS * TILE_M * r_pad * 4 + 16
+}
+
+/// Word of the fused kernel's sync area that hands out work tickets.
+pub const FUSED_TICKET: usize = 0;
+/// Word of the fused kernel's sync area that counts the blocks that have left.
+pub const FUSED_EXITS: usize = 1;
+/// First of the fused kernel's readiness counters, one per (tile, module): `sync[FUSED_READY + tile ·
+/// n_mod + module]` counts the shrink splits of that pair whose partials are published.
+pub const FUSED_READY: usize = 2;
+
+/// Words of the fused kernel's sync area for `max_tiles` tiles of `n_mod` modules. It must be zero before
+/// the first launch; every launch leaves it zero again (the last block to leave resets it).
+pub const fn fused_sync_words(max_tiles: u32, n_mod: u32) -> usize {
+    FUSED_READY + max_tiles as usize * n_mod as usize
+}
+
 /// The split-K factor and chunk of the shrink for a step: `blocks` is the shrink's grid, `items` the step's
 /// `tiles × n_mod`. About one work item per block, at most `max_splits`, every chunk a multiple of
 /// [`SHRINK_K_STEP`] and no empty split. The expand recomputes it to know how many partials to sum.

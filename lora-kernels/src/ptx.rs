@@ -23,6 +23,14 @@ pub enum Kernel {
     ShrinkR128,
     /// [`crate::kernels::expand::lora_expand`].
     Expand,
+    /// [`crate::kernels::fused::lora_fused_r16`] (shrink + expand in one launch, ranks ≤ 16).
+    FusedR16,
+    /// [`crate::kernels::fused::lora_fused_r32`] (ranks ≤ 32).
+    FusedR32,
+    /// [`crate::kernels::fused::lora_fused_r64`] (ranks ≤ 64).
+    FusedR64,
+    /// [`crate::kernels::fused::lora_fused_r128`] (ranks ≤ 128).
+    FusedR128,
     /// [`crate::kernels::delta::lora_add_delta`].
     AddDelta,
     /// [`crate::kernels::baseline::gather_rows`].
@@ -65,7 +73,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// All kernels, in PTX order of definition.
-    pub const ALL: [Kernel; 27] = [
+    pub const ALL: [Kernel; 31] = [
         Kernel::SmokeMma,
         Kernel::ProbeWarpOps,
         Kernel::Prep,
@@ -74,6 +82,10 @@ impl Kernel {
         Kernel::ShrinkR64,
         Kernel::ShrinkR128,
         Kernel::Expand,
+        Kernel::FusedR16,
+        Kernel::FusedR32,
+        Kernel::FusedR64,
+        Kernel::FusedR128,
         Kernel::AddDelta,
         Kernel::GatherRows,
         Kernel::ScatterAddRows,
@@ -106,6 +118,10 @@ impl Kernel {
             Kernel::ShrinkR64 => "lora_shrink_r64",
             Kernel::ShrinkR128 => "lora_shrink_r128",
             Kernel::Expand => "lora_expand",
+            Kernel::FusedR16 => "lora_fused_r16",
+            Kernel::FusedR32 => "lora_fused_r32",
+            Kernel::FusedR64 => "lora_fused_r64",
+            Kernel::FusedR128 => "lora_fused_r128",
             Kernel::AddDelta => "lora_add_delta",
             Kernel::GatherRows => "gather_rows",
             Kernel::ScatterAddRows => "scatter_add_rows",
@@ -139,6 +155,22 @@ impl Kernel {
             65..=128 => Some(Kernel::ShrinkR128),
             _ => None,
         }
+    }
+
+    /// The fused shrink + expand entry point of the same rank class as [`Kernel::shrink_for_rank`].
+    pub const fn fused_for_rank(max_rank: u32) -> Option<Kernel> {
+        match max_rank {
+            1..=16 => Some(Kernel::FusedR16),
+            17..=32 => Some(Kernel::FusedR32),
+            33..=64 => Some(Kernel::FusedR64),
+            65..=128 => Some(Kernel::FusedR128),
+            _ => None,
+        }
+    }
+
+    /// Whether this is one of the fused shrink + expand entry points.
+    pub const fn is_fused(self) -> bool {
+        matches!(self, Kernel::FusedR16 | Kernel::FusedR32 | Kernel::FusedR64 | Kernel::FusedR128)
     }
 
     /// Whether this is one of the model kernels (`kernels::model`).

@@ -89,7 +89,8 @@ pub(crate) fn upload_data<B: Backend>(d: &TestBed<B>, model: &ModelPlan, s: &Siz
             num_tiles: zeros(d, 1)?,
             descs: zeros(d, nm * ns)?,
         },
-        ws: Workspace { partial: zeros(d, s.workspace.partial_f32)? },
+        // The fused kernel's sync area starts zeroed and every launch leaves it so.
+        ws: Workspace { partial: zeros(d, s.workspace.partial_f32)?, sync: zeros(d, s.workspace.sync_words)? },
         idx: zeros(d, t)?,
     })
 }
@@ -147,17 +148,14 @@ pub(crate) fn enqueue_prep<B: Backend>(d: &B, dd: &DevData, p: &ConfigPlan) -> R
     Ok(())
 }
 
-/// One group: its shrink, then its direct expand into y (after the prep).
+/// One group: its shrink then its direct expand into y, or the fused kernel (after the prep).
 pub(crate) fn enqueue_group<B: Backend>(d: &B, dd: &DevData, p: &ConfigPlan, gi: usize) -> Result<()> {
     let g = &p.model.groups[gi];
     let geo = &p.geoms[gi];
     let descs = group_descs(&dd.sb, geo, 0, p.model.group_module_base[gi], p.model.shapes.len() as u32)?;
     let s = d.stream();
     // SAFETY: the prep of this config ran before on this stream; the buffers are sized for every config.
-    unsafe {
-        launch_shrink(d, s, geo, &dd.sb, &dd.ws, descs, dd.x[gi], g.k)?;
-        launch_expand(d, s, geo, &dd.sb, &dd.ws, descs, ExpandOut::Y { y: dd.y[gi], ldy: g.ldy })?;
-    }
+    unsafe { launch_lora(d, s, geo, &dd.sb, &dd.ws, descs, dd.x[gi], g.k, ExpandOut::Y { y: dd.y[gi], ldy: g.ldy }) }?;
     Ok(())
 }
 
@@ -281,8 +279,13 @@ pub(crate) fn rel_vs_f64(h: &HostData, p: &ConfigPlan, y: &[Vec<u16>], rows: &[u
 /// on the SIMT emulator at real Llama-3-8B widths and a few tokens, against the f64 product on every row.
 pub(crate) fn emu_check(sms: u32) -> Result<()> {
     // A rank below one 16-wide step (masked) with two adapters, and four rank tiles with two adapters.
+    // Each on both LoRA paths.
     let cases = [Config { tokens: 3, rank: 8, distinct: 2 }, Config { tokens: 2, rank: 64, distinct: 2 }];
-    let plans: Vec<ConfigPlan> = cases.iter().map(|&c| plan_config(c, sms)).collect::<Result<_>>()?;
+    let paths = [LoraPath::ShrinkExpand, LoraPath::Fused];
+    let plans: Vec<ConfigPlan> = cases
+        .iter()
+        .flat_map(|&c| paths.iter().map(move |&p| plan_config(c, sms, Some(p))))
+        .collect::<Result<_>>()?;
     let s = sizes(&plans);
     let h = host_data(&plans[0].model, &s);
     let d = TestBed::new(lora_device::Emulator::with_sms(sms));
@@ -314,8 +317,9 @@ pub(crate) fn emu_check(sms: u32) -> Result<()> {
         }
         let e_twice = (num / den).sqrt();
         println!(
-            "emu-check {:?}: ours vs f64 {e1:.2e}, twice vs 2x once {e_twice:.2e} ({:.1} s)",
+            "emu-check {:?} {:?}: ours vs f64 {e1:.2e}, twice vs 2x once {e_twice:.2e} ({:.1} s)",
             p.cfg,
+            p.geoms[0].path,
             started.elapsed().as_secs_f64()
         );
         worst = worst.max(e1).max(e_twice);

@@ -28,7 +28,8 @@
 //! pointer table, packed step, prep and the four groups — on the SIMT emulator for a few tokens and check it
 //! against the f64 product; no CUDA either), `--check-all` (correctness check on every config, not only the
 //! default subset), `--sms N` (SM count assumed by `--dry-run`), `--tokens L`, `--ranks L`, `--distinct L`
-//! (comma-separated lists replacing an axis of the matrix, for tuning). With `OUT` set, the table is also
+//! (comma-separated lists replacing an axis of the matrix, for tuning), `--path fused|shrink-expand` (force
+//! the groups' LoRA path; default: what the planner picks per token count). With `OUT` set, the table is also
 //! written to `$OUT/bench_layer.csv` (rewritten after every config, so a partial run leaves its rows).
 
 use std::collections::HashMap;
@@ -43,10 +44,10 @@ use lora_device::cuda::CudaStepGraph;
 use lora_device::testing::{Rng, TestBed};
 use lora_device::{Backend, Cuda, DenseGemm, DevSlice};
 use lora_gemm::launch::{
-    group_descs, launch_expand, launch_prep, launch_rows, launch_shrink, ExpandOut, Geometry, PrepInputs, RowMove,
-    StepBuffers, Workspace,
+    group_descs, launch_lora, launch_prep, launch_rows, ExpandOut, Geometry, PrepInputs, RowMove, StepBuffers,
+    Workspace,
 };
-use lora_gemm::plan::{llama3_8b_groups, plan_model, Capacity, GroupPlan, ModelPlan, WorkspaceSize};
+use lora_gemm::plan::{llama3_8b_groups, plan_model, Capacity, GroupPlan, LoraPath, ModelPlan, WorkspaceSize};
 use lora_gemm::reorder::{descriptors, pack_step, reorder, token_slots, Reordered};
 use lora_kernels::abi::{GemmDesc, ModuleShape, SlotWeights, StepLayout, Tile};
 use lora_kernels::dsl::{bf16_to_f32, f32_to_bf16};
@@ -198,12 +199,17 @@ impl ConfigPlan {
     }
 }
 
-pub(crate) fn plan_config(cfg: Config, sms: u32) -> Result<ConfigPlan> {
+/// Plan a config; `path` overrides the planner's choice of [`LoraPath`] for every group.
+pub(crate) fn plan_config(cfg: Config, sms: u32, path: Option<LoraPath>) -> Result<ConfigPlan> {
     let req = requests(cfg.tokens, cfg.distinct);
     let cap =
         Capacity { max_tokens: cfg.tokens, num_slots: NUM_SLOTS, max_rank: cfg.rank, max_reqs: req.slot.len() as u32 };
     let model = plan_model(&cap, &llama3_8b_groups(), 1, sms)?;
-    let geoms = model.groups.iter().map(geometry).collect();
+    let geoms = model
+        .groups
+        .iter()
+        .map(|g| Geometry { path: path.unwrap_or(g.path), ..geometry(g) })
+        .collect();
     let step = pack_step_input(model.prep.layout, &req, cap.max_tokens)?;
     let twin = reorder(&req.slot, &req.tok_off, NUM_SLOTS)?;
     let bytes = min_bytes(&model.groups, cfg);
@@ -299,10 +305,11 @@ pub(crate) struct Args {
     pub(crate) tokens: Option<Vec<u32>>,
     pub(crate) ranks: Option<Vec<u32>>,
     pub(crate) distinct: Option<Vec<u32>>,
+    pub(crate) path: Option<LoraPath>,
 }
 
 pub(crate) const USAGE: &str = "usage: bench_layer [--quick] [--dry-run [--sms N]] [--emu-check] [--check-all] \
-                     [--tokens 16,256] [--ranks 16] [--distinct 1,16]";
+                     [--tokens 16,256] [--ranks 16] [--distinct 1,16] [--path fused|shrink-expand]";
 
 pub(crate) fn parse_args() -> Result<Args> {
     let mut a = Args {
@@ -314,6 +321,7 @@ pub(crate) fn parse_args() -> Result<Args> {
         tokens: None,
         ranks: None,
         distinct: None,
+        path: None,
     };
     let mut it = std::env::args().skip(1);
     let list = |v: Option<String>, name: &str| -> Result<Option<Vec<u32>>> {
@@ -339,6 +347,13 @@ pub(crate) fn parse_args() -> Result<Args> {
             "--tokens" => a.tokens = list(it.next(), "--tokens")?,
             "--ranks" => a.ranks = list(it.next(), "--ranks")?,
             "--distinct" => a.distinct = list(it.next(), "--distinct")?,
+            "--path" => {
+                a.path = Some(match it.next().as_deref() {
+                    Some("fused") => LoraPath::Fused,
+                    Some("shrink-expand") => LoraPath::ShrinkExpand,
+                    other => bail!("--path {other:?}: give fused or shrink-expand ({USAGE})"),
+                })
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -365,7 +380,7 @@ pub(crate) fn dry_run(configs: &[Config], args: &Args) -> Result<()> {
     if configs.is_empty() {
         bail!("no configs (every adapter count exceeds every token count?)");
     }
-    let plans: Vec<ConfigPlan> = configs.iter().map(|&c| plan_config(c, args.sms)).collect::<Result<_>>()?;
+    let plans: Vec<ConfigPlan> = configs.iter().map(|&c| plan_config(c, args.sms, args.path)).collect::<Result<_>>()?;
     let groups: Vec<String> = plans[0].model.groups.iter().map(group_line).collect();
     println!("groups: {}", groups.join("; "));
     println!("geometry per group: max splits x k_chunk, max_tiles, expand blocks, r_pad, shrink shared bytes");
@@ -442,7 +457,7 @@ pub(crate) fn dry_run(configs: &[Config], args: &Args) -> Result<()> {
     }
     // Self-checks of the pure helpers.
     let c = Config { tokens: 16, rank: 16, distinct: 16 };
-    let p = plan_config(c, args.sms)?;
+    let p = plan_config(c, args.sms, None)?;
     let want = 16 * 26624 * 2 + 2 * 16 * 16 * 81920 + 4 * 16 * 43008;
     if p.bytes.total() != want {
         bail!("min bytes of {c:?}: {} != {want}", p.bytes.total());
@@ -485,7 +500,7 @@ fn main() -> Result<()> {
     let sms = dev.sm_count();
     let (cc_major, cc_minor) = dev.context().compute_capability()?;
     println!("device: {name} (sm_{cc_major}{cc_minor}, {sms} SMs)");
-    let plans: Vec<ConfigPlan> = configs.iter().map(|&c| plan_config(c, sms)).collect::<Result<_>>()?;
+    let plans: Vec<ConfigPlan> = configs.iter().map(|&c| plan_config(c, sms, args.path)).collect::<Result<_>>()?;
     let started = std::time::Instant::now();
     let bench = match Bench::new(dev, &plans) {
         Ok(b) => b,

@@ -1,6 +1,7 @@
 //! The LoRA step on every backend, through the real launch layer, against the oracles: the packed step
 //! (`step::StepPacker`, layout from `plan_model`) goes to the device, `launch::launch_prep`,
-//! `launch::launch_shrink` and `launch::launch_expand` run the prep, shrink and expand kernels on buffers
+//! `launch::launch_lora` (the shrink and expand kernels, or the fused kernel at decode capacities — the
+//! plan's path) and `launch::launch_prep` run the kernels on buffers
 //! uploaded through `lora_device::testing::TestBed`, and
 //! the results are compared with `reorder.rs` (counts, offsets, permutation, tiles, descriptors and the
 //! persistent pointer table, exactly) and `reference.rs` (outputs, f64).
@@ -26,11 +27,12 @@ use bytemuck::Pod;
 use lora_device::testing::{Rng, TestBed};
 use lora_device::{device_test, Backend, DevSlice};
 use lora_gemm::launch::{
-    group_descs, launch_add_delta, launch_expand, launch_prep, launch_shrink, ExpandOut, PrepInputs, StepBuffers,
-    Workspace,
+    group_descs, launch_add_delta, launch_expand, launch_lora, launch_prep, launch_shrink, ExpandOut, Geometry,
+    PrepInputs, StepBuffers, Workspace,
 };
 use lora_gemm::plan::{
-    plan_group_with_k_chunk, plan_model, plan_prep, Capacity, ModelPlan, ModuleGroup, ModuleSpec, WorkspaceSize,
+    plan_group_with_k_chunk, plan_model, plan_prep, Capacity, LoraPath, ModelPlan, ModuleGroup, ModuleSpec,
+    WorkspaceSize,
 };
 use lora_gemm::reference::{lora_module_reference, rel_error, scale_for, AdapterModule};
 use lora_gemm::reorder::{descriptors, reorder, token_slots};
@@ -44,6 +46,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{FileFailurePersistence, TestRunner};
 
 mod cases;
+mod fused;
 mod prep;
 mod rig;
 #[allow(unused_imports)]

@@ -110,7 +110,10 @@ impl<'d, B: Backend> Rig<'d, B> {
             descs: d.upload(&vec![GemmDesc::default(); plan.descs]).unwrap(),
         };
         let w = plan.workspace;
-        let ws = Workspace { partial: d.upload(&vec![0f32; w.partial_f32]).unwrap() };
+        let ws = Workspace {
+            partial: d.upload(&vec![0f32; w.partial_f32]).unwrap(),
+            sync: d.upload(&vec![0u32; w.sync_words]).unwrap(),
+        };
         let args = PrepInputs { weights, shapes, num_layers: layers, num_modules: plan.shapes.len() as u32 };
         Rig {
             d,
@@ -166,7 +169,8 @@ impl<'d, B: Backend> Rig<'d, B> {
         group_descs(&self.bufs, &g, layer, base, self.num_modules() as u32).unwrap()
     }
 
-    /// The group's shrink and direct expand, one after the other on the device's stream.
+    /// The group's LoRA into y on the device's stream, on the plan's path: the shrink and the direct expand,
+    /// or the fused kernel (decode capacities).
     pub(crate) fn launch_one(&self, launch: &Launch) -> Result<(), GemmError> {
         let g = &self.plan.groups[launch.group];
         let io = launch.io;
@@ -175,10 +179,7 @@ impl<'d, B: Backend> Rig<'d, B> {
         let (d, s) = (self.d.dev(), self.d.stream());
         let out = ExpandOut::Y { y: io.y_dev, ldy: io.ldy as u32 };
         // SAFETY: the prep of this step ran on these buffers; the table holds live weights of this device.
-        unsafe {
-            launch_shrink(d, s, &geo, &self.bufs, &self.ws, descs, io.x_dev, io.ldx as u32)?;
-            launch_expand(d, s, &geo, &self.bufs, &self.ws, descs, out)
-        }
+        unsafe { launch_lora(d, s, &geo, &self.bufs, &self.ws, descs, io.x_dev, io.ldx as u32, out) }
     }
 
     pub(crate) fn launch_prep(&self) -> Result<(), GemmError> {

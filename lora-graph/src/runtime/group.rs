@@ -8,9 +8,11 @@ use std::fmt::Debug;
 use std::hash::Hash;
 
 use lora_device::{Backend, Branch, DevSlice};
-use lora_gemm::launch::{group_descs, launch_add_delta, launch_expand, launch_shrink, ExpandOut, Geometry};
+use lora_gemm::launch::{
+    group_descs, launch_add_delta, launch_expand, launch_fused, launch_shrink, ExpandOut, Geometry,
+};
 use lora_gemm::model::LoraDelta;
-use lora_gemm::plan::ExpandMode;
+use lora_gemm::plan::{ExpandMode, LoraPath};
 use lora_kernels::abi::GemmDesc;
 
 use super::{GroupIo, LoraRuntime};
@@ -40,7 +42,8 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
     }
 
     /// The LoRA work of a group that needs only the prep and `x`, for the parallel branch beside the base
-    /// GEMM: the shrink, and in [`ExpandMode::Delta`] the expand into the runtime's delta buffer.
+    /// GEMM: the shrink, and in [`ExpandMode::Delta`] the expand into the runtime's delta buffer — one
+    /// launch of the fused kernel where the plan says [`LoraPath::Fused`] (decode buckets).
     pub fn launch_branch(
         &self,
         stream: &B::Stream,
@@ -54,11 +57,23 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
         let d = &self.dev;
         // SAFETY: the prep of this step runs before on the step stream (the branch forks after it); the
         // pointer table holds only uploaded slots' weights; the buffers are this runtime's (sizes checked).
+        // The fused path's sync area is the runtime's alone, and groups run one after another (a group's
+        // branch joins before the next forks).
         unsafe {
-            launch_shrink(d, stream, g, &self.step_bufs, &self.ws, descs, x, ldx)?;
-            if g.expand_mode == ExpandMode::Delta {
-                let out = ExpandOut::Delta { delta: self.bufs.delta.slice(), ld_delta: self.plan.delta_ld };
-                launch_expand(d, stream, g, &self.step_bufs, &self.ws, descs, out)?;
+            let delta = ExpandOut::Delta { delta: self.bufs.delta.slice(), ld_delta: self.plan.delta_ld };
+            match (g.path, g.expand_mode) {
+                (LoraPath::Fused, ExpandMode::Delta) => {
+                    launch_fused(d, stream, g, &self.step_bufs, &self.ws, descs, x, ldx, delta)?
+                }
+                (LoraPath::Fused, ExpandMode::Direct) => {
+                    return Err(GraphError::Config("the fused LoRA path needs the delta expand".into()))
+                }
+                (LoraPath::ShrinkExpand, mode) => {
+                    launch_shrink(d, stream, g, &self.step_bufs, &self.ws, descs, x, ldx)?;
+                    if mode == ExpandMode::Delta {
+                        launch_expand(d, stream, g, &self.step_bufs, &self.ws, descs, delta)?;
+                    }
+                }
             }
         }
         Ok(())

@@ -62,114 +62,162 @@ pub unsafe fn lora_expand(
         let nt = (*num_tiles).min(max_tiles);
         let total = n_mod * nt * n_blocks;
         let (splits, _) = shrink_splits(shrink_blocks, nt * n_mod, max_splits, k);
-        let delta_mode = !delta.is_null();
-        let (lane, warp) = (lane_id(), warp_id());
+        let o = ExpandOperands { partial, r_pad, max_tokens, perm, tiles, descs, num_slots, n_mod, y, ldy, delta, ld_delta };
         let mut w = block_idx_x();
         while w < total {
             let nb = w % n_blocks;
             let tile_i = (w / n_blocks) % nt;
             let module = w / n_blocks / nt;
             w += grid_dim_x();
-            let tile = *tiles.add(tile_i as usize);
-            let d = *descs.add((module * num_slots + tile.slot) as usize);
-            let n0 = nb * EXPAND_BN + warp * 32;
-            if n0 >= d.n {
-                continue;
-            }
-            let (g, t) = (lane / 4, lane % 4);
-            let (lo_ok, hi_ok) = (g < tile.rows, g + 8 < tile.rows);
-            // The rows' tokens (the epilogue writes at the original token rows, in both modes).
-            let tok_lo = if lo_ok { *perm.add((tile.row_start + g) as usize) } else { 0 };
-            let tok_hi = if hi_ok { *perm.add((tile.row_start + g + 8) as usize) } else { 0 };
-            // Delta mode: this module's columns of the tokens' delta rows.
-            let d_lo = delta.add((tok_lo * ld_delta + d.y_col) as usize);
-            let d_hi = delta.add((tok_hi * ld_delta + d.y_col) as usize);
-            if d.m == 0 {
-                // The adapter lacks this module: in delta mode its columns get exact zeros, which the add
-                // kernel skips (so those outputs stay bit-identical); otherwise nothing to do.
-                if delta_mode {
-                    crate::unroll!(j in [0, 1, 2, 3] {
-                        let col = n0 + j as u32 * 8 + 2 * t;
-                        if col < d.n {
-                            if lo_ok {
-                                put_pair(d_lo.add(col as usize), 0.0, 0.0, col + 1 < d.n);
-                            }
-                            if hi_ok {
-                                put_pair(d_hi.add(col as usize), 0.0, 0.0, col + 1 < d.n);
-                            }
-                        }
-                    });
-                }
-                continue;
-            }
-            let r = d.rank.min(MAX_RANK).min(r_pad);
-            // Row `row` of split `s` of this tile's partials (the shrink's output, not yet reduced).
-            let split_stride = (max_tokens * n_mod * r_pad) as usize;
-            let p_row = |row: u32| partial.add((((tile.row_start + row) * n_mod + module) * r_pad) as usize);
-            let b_base = d.b as *const u16;
-            let mut acc = [[0f32; 4]; 4];
-            // The epilogue's reads are issued now, ahead of the MMA loop: the rows' token indices and the
-            // old y pairs this lane will update (4-byte aligned, in-range pairs; other cases read in the
-            // epilogue), so the epilogue only waits for its stores.
-            let y_lo = y.add((tok_lo * ldy + d.y_col) as usize);
-            let y_hi = y.add((tok_hi * ldy + d.y_col) as usize);
-            let mut y_old = [[0u32; 2]; 4];
-            crate::unroll!(j in [0, 1, 2, 3] {
-                let col = n0 + j as u32 * 8 + 2 * t;
-                if col + 1 < d.n && !delta_mode {
-                    let (p_lo, p_hi) = (y_lo.add(col as usize), y_hi.add(col as usize));
-                    if lo_ok && (p_lo as usize).is_multiple_of(4) {
-                        y_old[j][0] = *(p_lo as *const u32);
-                    }
-                    if hi_ok && (p_hi as usize).is_multiple_of(4) {
-                        y_old[j][1] = *(p_hi as *const u32);
-                    }
-                }
-            });
-            let mut kk = 0;
-            while kk < r {
-                // B first: its loads do not depend on the partials, so both are in flight together.
-                let mut bv = [[0u32; 2]; 4];
-                crate::unroll!(j in [0, 1, 2, 3] {
-                    let n = n0 + j as u32 * 8 + g;
-                    if n < d.n {
-                        bv[j] = load4_bf16_masked(b_base.add((n * d.ldb) as usize), kk + 4 * t, r);
-                    }
-                });
-                let at = (kk + 4 * t) as usize;
-                let (ta, tb) = sum_splits(p_row(g).add(at), p_row(g + 8).add(at), lo_ok, hi_ok, splits, split_stride);
-                let frag = [ta[0], tb[0], ta[1], tb[1]];
-                crate::unroll!(j in [0, 1, 2, 3] {
-                    acc[j] = mma_bf16_m16n8k16(frag, bv[j], acc[j]);
-                });
-                kk += 16;
-            }
-
-            crate::unroll!(j in [0, 1, 2, 3] {
-                let acc_j = acc[j];
-                let col = n0 + j as u32 * 8 + 2 * t;
-                if col < d.n {
-                    // Rows g and g + 8 of the fragment: constant indices keep acc in registers.
-                    let both = col + 1 < d.n;
-                    if delta_mode {
-                        if lo_ok {
-                            put_pair(d_lo.add(col as usize), d.scale * acc_j[0], d.scale * acc_j[1], both);
-                        }
-                        if hi_ok {
-                            put_pair(d_hi.add(col as usize), d.scale * acc_j[2], d.scale * acc_j[3], both);
-                        }
-                    } else {
-                        if lo_ok {
-                            add_pair(y_lo.add(col as usize), y_old[j][0], d.scale * acc_j[0], d.scale * acc_j[1], both);
-                        }
-                        if hi_ok {
-                            add_pair(y_hi.add(col as usize), y_old[j][1], d.scale * acc_j[2], d.scale * acc_j[3], both);
-                        }
-                    }
-                }
-            });
-            }
+            expand_item(&o, module, tile_i, nb, splits, core::ptr::null());
         }
+    }
+}
+}
+
+/// What an expand work item reads besides its coordinates: one launch's operands (see the module docs).
+#[derive(Clone, Copy)]
+pub(crate) struct ExpandOperands {
+    pub(crate) partial: *const f32,
+    pub(crate) r_pad: u32,
+    pub(crate) max_tokens: u32,
+    pub(crate) perm: *const u32,
+    pub(crate) tiles: *const Tile,
+    pub(crate) descs: *const GemmDesc,
+    pub(crate) num_slots: u32,
+    pub(crate) n_mod: u32,
+    pub(crate) y: *mut u16,
+    pub(crate) ldy: u32,
+    pub(crate) delta: *mut f32,
+    pub(crate) ld_delta: u32,
+}
+
+/// One work item `(module, tile_i, nb)` of the expand, per warp (no barrier: warps may diverge freely),
+/// as the module docs say. With `ready` non-null the item first issues every load that does not need the
+/// partials (tokens, descriptor, the epilogue's old y pairs, B's first 16 ranks) and then waits until
+/// `*ready >= splits` — the shrink items of this (tile, module) have published their partials (the fused
+/// kernel, `fused.rs`); each thread acquires the flag itself, so its own partial loads see those writes.
+///
+/// # Safety
+/// The launch contract of the module docs with `splits` from [`shrink_splits`]; a non-null `ready` is a
+/// valid word that reaches `splits` once the partials of this item are written and released.
+#[inline(always)]
+pub(crate) unsafe fn expand_item(o: &ExpandOperands, module: u32, tile_i: u32, nb: u32, splits: u32, ready: *const u32) {
+    // SAFETY: the launch contract in the module docs keeps every address below in bounds.
+    unsafe {
+        let ExpandOperands { partial, r_pad, max_tokens, perm, tiles, descs, num_slots, n_mod, y, ldy, delta, ld_delta } =
+            *o;
+        let delta_mode = !delta.is_null();
+        let (lane, warp) = (lane_id(), warp_id());
+        let tile = *tiles.add(tile_i as usize);
+        let d = *descs.add((module * num_slots + tile.slot) as usize);
+        let n0 = nb * EXPAND_BN + warp * 32;
+        if n0 >= d.n {
+            return;
+        }
+        let (g, t) = (lane / 4, lane % 4);
+        let (lo_ok, hi_ok) = (g < tile.rows, g + 8 < tile.rows);
+        // The rows' tokens (the epilogue writes at the original token rows, in both modes).
+        let tok_lo = if lo_ok { *perm.add((tile.row_start + g) as usize) } else { 0 };
+        let tok_hi = if hi_ok { *perm.add((tile.row_start + g + 8) as usize) } else { 0 };
+        // Delta mode: this module's columns of the tokens' delta rows.
+        let d_lo = delta.add((tok_lo * ld_delta + d.y_col) as usize);
+        let d_hi = delta.add((tok_hi * ld_delta + d.y_col) as usize);
+        if d.m == 0 {
+            // The adapter lacks this module: in delta mode its columns get exact zeros, which the add
+            // kernel skips (so those outputs stay bit-identical); otherwise nothing to do.
+            if delta_mode {
+                crate::unroll!(j in [0, 1, 2, 3] {
+                    let col = n0 + j as u32 * 8 + 2 * t;
+                    if col < d.n {
+                        if lo_ok {
+                            put_pair(d_lo.add(col as usize), 0.0, 0.0, col + 1 < d.n);
+                        }
+                        if hi_ok {
+                            put_pair(d_hi.add(col as usize), 0.0, 0.0, col + 1 < d.n);
+                        }
+                    }
+                });
+            }
+            return;
+        }
+        let r = d.rank.min(MAX_RANK).min(r_pad);
+        // Row `row` of split `s` of this tile's partials (the shrink's output, not yet reduced).
+        let split_stride = (max_tokens * n_mod * r_pad) as usize;
+        let p_row = |row: u32| partial.add((((tile.row_start + row) * n_mod + module) * r_pad) as usize);
+        let b_base = d.b as *const u16;
+        let mut acc = [[0f32; 4]; 4];
+        // The epilogue's reads are issued now, ahead of the MMA loop: the rows' token indices and the
+        // old y pairs this lane will update (4-byte aligned, in-range pairs; other cases read in the
+        // epilogue), so the epilogue only waits for its stores.
+        let y_lo = y.add((tok_lo * ldy + d.y_col) as usize);
+        let y_hi = y.add((tok_hi * ldy + d.y_col) as usize);
+        let mut y_old = [[0u32; 2]; 4];
+        crate::unroll!(j in [0, 1, 2, 3] {
+            let col = n0 + j as u32 * 8 + 2 * t;
+            if col + 1 < d.n && !delta_mode {
+                let (p_lo, p_hi) = (y_lo.add(col as usize), y_hi.add(col as usize));
+                if lo_ok && (p_lo as usize).is_multiple_of(4) {
+                    y_old[j][0] = *(p_lo as *const u32);
+                }
+                if hi_ok && (p_hi as usize).is_multiple_of(4) {
+                    y_old[j][1] = *(p_hi as *const u32);
+                }
+            }
+        });
+        // B of ranks kk .. kk + 16 for this warp's four n8 tiles (masked past the rank: B_s rows are
+        // exactly `rank` long). Its loads do not depend on the partials, so both are in flight together.
+        let load_b = |kk: u32| {
+            let mut bv = [[0u32; 2]; 4];
+            crate::unroll!(j in [0, 1, 2, 3] {
+                let n = n0 + j as u32 * 8 + g;
+                if n < d.n {
+                    bv[j] = load4_bf16_masked(b_base.add((n * d.ldb) as usize), kk + 4 * t, r);
+                }
+            });
+            bv
+        };
+        let mut bv = load_b(0);
+        if !ready.is_null() {
+            spin_until_at_least(ready, splits);
+        }
+        let mut kk = 0;
+        while kk < r {
+            if kk > 0 {
+                bv = load_b(kk);
+            }
+            let at = (kk + 4 * t) as usize;
+            let (ta, tb) = sum_splits(p_row(g).add(at), p_row(g + 8).add(at), lo_ok, hi_ok, splits, split_stride);
+            let frag = [ta[0], tb[0], ta[1], tb[1]];
+            crate::unroll!(j in [0, 1, 2, 3] {
+                acc[j] = mma_bf16_m16n8k16(frag, bv[j], acc[j]);
+            });
+            kk += 16;
+        }
+
+        crate::unroll!(j in [0, 1, 2, 3] {
+            let acc_j = acc[j];
+            let col = n0 + j as u32 * 8 + 2 * t;
+            if col < d.n {
+                // Rows g and g + 8 of the fragment: constant indices keep acc in registers.
+                let both = col + 1 < d.n;
+                if delta_mode {
+                    if lo_ok {
+                        put_pair(d_lo.add(col as usize), d.scale * acc_j[0], d.scale * acc_j[1], both);
+                    }
+                    if hi_ok {
+                        put_pair(d_hi.add(col as usize), d.scale * acc_j[2], d.scale * acc_j[3], both);
+                    }
+                } else {
+                    if lo_ok {
+                        add_pair(y_lo.add(col as usize), y_old[j][0], d.scale * acc_j[0], d.scale * acc_j[1], both);
+                    }
+                    if hi_ok {
+                        add_pair(y_hi.add(col as usize), y_old[j][1], d.scale * acc_j[2], d.scale * acc_j[3], both);
+                    }
+                }
+            }
+        });
     }
 }
 

@@ -53,6 +53,7 @@ macro_rules! kernel {
 pub mod baseline;
 pub mod delta;
 pub mod expand;
+pub mod fused;
 pub mod model;
 pub mod prep;
 pub mod probe;

@@ -41,6 +41,22 @@
 use crate::abi::{rank_pad, shrink_splits, GemmDesc, Tile, GEMM_THREADS, GEMM_WARPS, SHRINK_K_STEP, TILE_M};
 use crate::dsl::*;
 
+/// What a shrink work item reads besides its coordinates: one launch's operands (see the module docs).
+#[derive(Clone, Copy)]
+pub(crate) struct ShrinkOperands {
+    pub(crate) x: *const u16,
+    pub(crate) ldx: u32,
+    pub(crate) perm: *const u32,
+    pub(crate) tiles: *const Tile,
+    pub(crate) descs: *const GemmDesc,
+    pub(crate) num_slots: u32,
+    pub(crate) n_mod: u32,
+    pub(crate) k: u32,
+    pub(crate) partial: *mut f32,
+    pub(crate) max_tokens: u32,
+    pub(crate) r_pad: u32,
+}
+
 /// The body of every rank class: `RT` rank tiles of 8 (see the module docs).
 ///
 /// # Safety
@@ -72,123 +88,143 @@ unsafe fn shrink<const RT: usize>(
         }
         let blocks = grid_dim_x();
         let (splits, k_chunk) = shrink_splits(blocks, items, max_splits, k);
-        let (tid, lane, warp) = (thread_idx_x(), lane_id(), warp_id());
-        let (g, t) = (lane / 4, lane % 4);
-        let red: *mut f32 = dyn_smem::<f32>();
-
+        let o = ShrinkOperands { x, ldx, perm, tiles, descs, num_slots, n_mod, k, partial, max_tokens, r_pad };
         let mut w = block_idx_x();
         while w < items * splits {
             let split = w % splits;
             let tile_i = (w / splits) % nt;
             let module = w / splits / nt;
             w += blocks;
-            let tile = *tiles.add(tile_i as usize);
-            let d = *descs.add((module * num_slots + tile.slot) as usize);
-            if d.m == 0 {
-                continue;
-            }
-            // Bounded by the variant and by r_pad (>= rank_pad(max rank)), even for a bad table.
-            let r = d.rank.min(8 * RT as u32).min(r_pad);
-            let rank_tiles = r.div_ceil(8);
-            let k0 = split * k_chunk;
-            let k1 = (k0 + k_chunk).min(k);
-            let x_lo = if g < tile.rows { x.add((*perm.add((tile.row_start + g) as usize) * ldx) as usize) } else { x };
-            let x_hi = if g + 8 < tile.rows {
-                x.add((*perm.add((tile.row_start + g + 8) as usize) * ldx) as usize)
-            } else {
-                x
-            };
-            let a_base = d.a as *const u16;
+            shrink_item::<RT>(&o, module, tile_i, split, k_chunk);
+        }
+    }
+}
 
-            let mut acc = [[0f32; 4]; RT];
-            // Two 32-wide k steps per iteration (this warp's `kk` and `kk + 128`): all their loads are
-            // issued before the first MMA, so a warp waits for memory once per two steps. Past `k1` the
-            // masked loads return zeros (an MMA on zeros adds nothing).
-            // (Rank classes above 32 have no registers to spare for that and take one step per iteration.)
-            let stride = SHRINK_K_STEP * GEMM_WARPS;
-            let two = RT <= 4;
-            let mut kk = k0 + warp * SHRINK_K_STEP;
-            while kk < k1 {
-                let (kc0, kc1) = (kk + 8 * t, kk + stride + 8 * t);
-                let (lo_ok, hi_ok) = (g < tile.rows, g + 8 < tile.rows);
-                let mut xv = [[0u32; 4]; 4];
-                if lo_ok {
-                    xv[0] = load8_bf16_masked(x_lo, kc0, k1);
-                    if two {
-                        xv[2] = load8_bf16_masked(x_lo, kc1, k1);
-                    }
-                }
-                if hi_ok {
-                    xv[1] = load8_bf16_masked(x_hi, kc0, k1);
-                    if two {
-                        xv[3] = load8_bf16_masked(x_hi, kc1, k1);
-                    }
-                }
-                let mut av = [[[0u32; 4]; 2]; RT];
-                crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
-                    if j < RT && (j as u32) < rank_tiles {
-                        let n = j as u32 * 8 + g;
-                        if n < r {
-                            let row = a_base.add((n * d.lda) as usize);
-                            av[j][0] = load8_bf16_masked(row, kc0, k1);
-                            if two {
-                                av[j][1] = load8_bf16_masked(row, kc1, k1);
-                            }
-                        }
-                    }
-                });
-                crate::unroll!(h in [0, 1] {
-                    if h == 0 || two {
-                    let (xa, xb) = (xv[2 * h], xv[2 * h + 1]);
-                    let frag0 = [xa[0], xb[0], xa[1], xb[1]];
-                    let frag1 = [xa[2], xb[2], xa[3], xb[3]];
-                    crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
-                        if j < RT && (j as u32) < rank_tiles {
-                            let bv = av[j][h];
-                            acc[j] = mma_bf16_m16n8k16(frag0, [bv[0], bv[1]], acc[j]);
-                            acc[j] = mma_bf16_m16n8k16(frag1, [bv[2], bv[3]], acc[j]);
-                        }
-                    });
-                    }
-                });
-                kk += if two { 2 * stride } else { stride };
-            }
+/// One work item `(module, tile_i, split)` of the shrink, by the whole block: this split's f32 partial of
+/// the tile's rows (see the module docs). Returns at once, with no barrier, for a zero-sized problem (the
+/// descriptor is the same for every thread, so the block agrees); otherwise ends with a block barrier, so
+/// shared memory may be reused and every thread's partial stores precede it.
+///
+/// # Safety
+/// The launch contract of the module docs, with `k_chunk` from [`shrink_splits`]; called by every thread
+/// of the block with the same coordinates.
+#[inline(always)]
+pub(crate) unsafe fn shrink_item<const RT: usize>(
+    o: &ShrinkOperands,
+    module: u32,
+    tile_i: u32,
+    split: u32,
+    k_chunk: u32,
+) {
+    // SAFETY: the launch contract in the module docs keeps every address below in bounds.
+    unsafe {
+        let ShrinkOperands { x, ldx, perm, tiles, descs, num_slots, n_mod, k, partial, max_tokens, r_pad } = *o;
+        let (tid, lane, warp) = (thread_idx_x(), lane_id(), warp_id());
+        let (g, t) = (lane / 4, lane % 4);
+        let red: *mut f32 = dyn_smem::<f32>();
+        let tile = *tiles.add(tile_i as usize);
+        let d = *descs.add((module * num_slots + tile.slot) as usize);
+        if d.m == 0 {
+            return;
+        }
+        // Bounded by the variant and by r_pad (>= rank_pad(max rank)), even for a bad table.
+        let r = d.rank.min(8 * RT as u32).min(r_pad);
+        let rank_tiles = r.div_ceil(8);
+        let k0 = split * k_chunk;
+        let k1 = (k0 + k_chunk).min(k);
+        let x_lo = if g < tile.rows { x.add((*perm.add((tile.row_start + g) as usize) * ldx) as usize) } else { x };
+        let x_hi =
+            if g + 8 < tile.rows { x.add((*perm.add((tile.row_start + g + 8) as usize) * ldx) as usize) } else { x };
+        let a_base = d.a as *const u16;
 
-            // Cross-warp reduction through shared memory: red[warp][row][col], row stride r.
+        let mut acc = [[0f32; 4]; RT];
+        // Two 32-wide k steps per iteration (this warp's `kk` and `kk + 128`): all their loads are
+        // issued before the first MMA, so a warp waits for memory once per two steps. Past `k1` the
+        // masked loads return zeros (an MMA on zeros adds nothing).
+        // (Rank classes above 32 have no registers to spare for that and take one step per iteration.)
+        let stride = SHRINK_K_STEP * GEMM_WARPS;
+        let two = RT <= 4;
+        let mut kk = k0 + warp * SHRINK_K_STEP;
+        while kk < k1 {
+            let (kc0, kc1) = (kk + 8 * t, kk + stride + 8 * t);
+            let (lo_ok, hi_ok) = (g < tile.rows, g + 8 < tile.rows);
+            let mut xv = [[0u32; 4]; 4];
+            if lo_ok {
+                xv[0] = load8_bf16_masked(x_lo, kc0, k1);
+                if two {
+                    xv[2] = load8_bf16_masked(x_lo, kc1, k1);
+                }
+            }
+            if hi_ok {
+                xv[1] = load8_bf16_masked(x_hi, kc0, k1);
+                if two {
+                    xv[3] = load8_bf16_masked(x_hi, kc1, k1);
+                }
+            }
+            let mut av = [[[0u32; 4]; 2]; RT];
             crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
                 if j < RT && (j as u32) < rank_tiles {
-                    crate::unroll!(i in [0, 1, 2, 3] {
-                        let row = g + 8 * (i as u32 / 2);
-                        let col = j as u32 * 8 + 2 * t + (i as u32 % 2);
-                        if col < r {
-                            *red.add(((warp * TILE_M + row) * r + col) as usize) = acc[j][i];
-                        }
-                    });
-                }
-            });
-            sync_threads();
-            // This split's partial, zero past the rank up to rank_pad(r) so the expand loads it unmasked.
-            let rp = rank_pad(r);
-            let mut idx = tid;
-            while idx < TILE_M * rp {
-                let (row, col) = (idx / rp, idx % rp);
-                if row < tile.rows {
-                    let mut sum = 0f32;
-                    if col < r {
-                        let mut wi = 0;
-                        while wi < GEMM_WARPS {
-                            sum += *red.add(((wi * TILE_M + row) * r + col) as usize);
-                            wi += 1;
+                    let n = j as u32 * 8 + g;
+                    if n < r {
+                        let row = a_base.add((n * d.lda) as usize);
+                        av[j][0] = load8_bf16_masked(row, kc0, k1);
+                        if two {
+                            av[j][1] = load8_bf16_masked(row, kc1, k1);
                         }
                     }
-                    let at = ((split * max_tokens + tile.row_start + row) * n_mod + module) * r_pad + col;
-                    *partial.add(at as usize) = sum;
                 }
-                idx += GEMM_THREADS;
-            }
-            // Shared memory is reused by this block's next work item.
-            sync_threads();
+            });
+            crate::unroll!(h in [0, 1] {
+                if h == 0 || two {
+                let (xa, xb) = (xv[2 * h], xv[2 * h + 1]);
+                let frag0 = [xa[0], xb[0], xa[1], xb[1]];
+                let frag1 = [xa[2], xb[2], xa[3], xb[3]];
+                crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+                    if j < RT && (j as u32) < rank_tiles {
+                        let bv = av[j][h];
+                        acc[j] = mma_bf16_m16n8k16(frag0, [bv[0], bv[1]], acc[j]);
+                        acc[j] = mma_bf16_m16n8k16(frag1, [bv[2], bv[3]], acc[j]);
+                    }
+                });
+                }
+            });
+            kk += if two { 2 * stride } else { stride };
         }
+
+        // Cross-warp reduction through shared memory: red[warp][row][col], row stride r.
+        crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+            if j < RT && (j as u32) < rank_tiles {
+                crate::unroll!(i in [0, 1, 2, 3] {
+                    let row = g + 8 * (i as u32 / 2);
+                    let col = j as u32 * 8 + 2 * t + (i as u32 % 2);
+                    if col < r {
+                        *red.add(((warp * TILE_M + row) * r + col) as usize) = acc[j][i];
+                    }
+                });
+            }
+        });
+        sync_threads();
+        // This split's partial, zero past the rank up to rank_pad(r) so the expand loads it unmasked.
+        let rp = rank_pad(r);
+        let mut idx = tid;
+        while idx < TILE_M * rp {
+            let (row, col) = (idx / rp, idx % rp);
+            if row < tile.rows {
+                let mut sum = 0f32;
+                if col < r {
+                    let mut wi = 0;
+                    while wi < GEMM_WARPS {
+                        sum += *red.add(((wi * TILE_M + row) * r + col) as usize);
+                        wi += 1;
+                    }
+                }
+                let at = ((split * max_tokens + tile.row_start + row) * n_mod + module) * r_pad + col;
+                *partial.add(at as usize) = sum;
+            }
+            idx += GEMM_THREADS;
+        }
+        // Shared memory is reused by this block's next work item.
+        sync_threads();
     }
 }
 

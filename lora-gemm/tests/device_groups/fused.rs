@@ -1,0 +1,86 @@
+//! The fused shrink + expand kernel (`kernels::fused`, [`LoraPath::Fused`]) against the two launches it
+//! replaces, bit for bit, on every backend: direct output into y and delta output, mixed batches with holes,
+//! ranks 1 to 128, several splits, many tiles (and so many tickets per block on the emulator's small grid),
+//! and — with `big` on the GPU — Llama widths and a full 2304-token capacity forced onto the fused path.
+//! After every fused launch the sync area must be zero again (the last block's reset, which lets a graph
+//! replay the launch), and a second launch must reproduce the first.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// y after the group's LoRA into a restored y, and the f32 delta (bits) into a NaN-poisoned buffer, on
+/// `path`, with the workspace partials poisoned before each launch.
+fn outputs<B: Backend>(d: &TestBed<B>, r: &CaseRun<'_, B>, path: LoraPath, name: &str) -> (Vec<u16>, Vec<u32>) {
+    let g = &r.rig.plan.groups[0];
+    let geo = Geometry { path, ..g.geometry() };
+    let descs = r.rig.descs_at(0, 0);
+    let (dev, st, rig, io) = (d.dev(), d.stream(), &r.rig, &r.io);
+    let ld = g.out_cols() + 2;
+    let delta = d.upload(&vec![f32::NAN; io.rows * ld as usize]).unwrap();
+    io.restore(d);
+    let sync_zero = |when: &str| {
+        let sync: Vec<u32> = dl(d, rig.ws.sync, geo.sync_words);
+        let left = sync.iter().filter(|&&w| w != 0).count();
+        assert_eq!(left, 0, "{name} {path:?}: {left} words of the sync area not reset after {when}");
+    };
+    for out in [ExpandOut::Y { y: io.y_dev, ldy: io.ldy as u32 }, ExpandOut::Delta { delta, ld_delta: ld }] {
+        rig.poison_workspace();
+        // SAFETY: the case's prep ran on these buffers; the table holds live weights of this device; the
+        // sync area is the rig's, zero, and used by this launch alone.
+        unsafe { launch_lora(dev, st, &geo, &rig.bufs, &rig.ws, descs, io.x_dev, io.ldx as u32, out) }.unwrap();
+        d.sync().unwrap();
+        sync_zero(&format!("{out:?}"));
+    }
+    let y = dl(d, io.y_dev, io.rows * io.ldy);
+    let delta: Vec<f32> = dl(d, delta, io.rows * ld as usize);
+    (y, delta.iter().map(|v| v.to_bits()).collect())
+}
+
+/// Run `c` (checked against the reference on the planner's path), then both paths by hand: equal bits.
+fn compare<B: Backend>(d: &TestBed<B>, c: &Case, name: &str) {
+    let r = run_case(d, name, c);
+    let two = outputs(d, &r, LoraPath::ShrinkExpand, name);
+    let fused = outputs(d, &r, LoraPath::Fused, name);
+    let again = outputs(d, &r, LoraPath::Fused, name);
+    let diff = |a: &[u32], b: &[u32]| a.iter().zip(b).filter(|(x, y)| x != y).count();
+    let y_diff = two.0.iter().zip(&fused.0).filter(|(a, b)| a != b).count();
+    assert_eq!(y_diff, 0, "{name}: {y_diff} elements of y differ between the fused kernel and shrink + expand");
+    assert_eq!(diff(&two.1, &fused.1), 0, "{name}: the delta differs between the fused kernel and shrink + expand");
+    assert!(again == fused, "{name}: a second fused launch must reproduce the first bit for bit");
+    // The comparison must compare something: the adapted rows changed y.
+    assert!(r.stats.adapted > 0 && two.0 != r.io.y0, "{name}: no adapted element");
+}
+
+device_test!(fused_matches_shrink_expand, |d, big| {
+    compare(d, &mixed_case(), "fused_mixed_one_split");
+    let mut c = mixed_case();
+    c.chunk = Chunk::Fixed(32);
+    c.seed = 13;
+    compare(d, &c, "fused_mixed_two_splits");
+    // Ranks 1..128 (the r128 class) with tokens without adapter.
+    let reqs = [(5, 3), (0, 2), (9, 1), (4, 6), (1, 1), (3, 5), (2, 4), (5, 1), (0, 3)];
+    let mut c = Case::new(7, 40, &[70, 33], &reqs);
+    c.max_rank = 128;
+    let w: Vec<W> = ALL_RANKS.iter().map(|&r| W::Rank(r)).chain([W::Rank(8)]).collect();
+    c.weights = vec![w.clone(), w];
+    c.seed = 17;
+    compare(d, &c, "fused_ranks_1_to_128");
+    // Eight 1-token requests, one per slot, in 3 splits; and 100 tokens of one adapter (7 tiles).
+    let order = [5u32, 0, 7, 2, 6, 1, 3, 4];
+    let reqs: Vec<(u32, u32)> = order.iter().map(|&s| (s, 1)).collect();
+    let mut c = Case::new(8, 72, &[45, 123], &reqs);
+    c.chunk = Chunk::Fixed(32);
+    compare(d, &c, "fused_every_token_its_own_adapter");
+    let mut c = Case::new(2, 96, &[130], &[(1, 60), (0, 1), (1, 39)]);
+    c.weights = vec![vec![W::Rank(4), W::Rank(16)]];
+    compare(d, &c, "fused_100_tokens_7_tiles");
+    if big {
+        let c = big_mixed(93, 16, 4096, 4096, &[4096, 1024, 1024], 64, 64, &[8, 16, 64]);
+        compare(d, &c, "big_fused_qkv_64_tokens");
+        let mut c = Case::new(4, 14336, &[4096], &[(2, 16)]);
+        c.weights = vec![vec![W::Rank(16); 4]];
+        compare(d, &c, "big_fused_down_16_tokens_one_adapter");
+        let c = big_mixed(94, 64, 4096, 4096, &[789, 456, 123], 2304, 2304, &ALL_RANKS);
+        compare(d, &c, "big_fused_2304_tokens");
+    }
+});
