@@ -1,7 +1,7 @@
 //! Choosing and building the model backend an [`crate::Engine`] runs on: the CUDA GPU
 //! (`lora_model::device::DeviceBackend<Cuda>`) or the CPU reference backend, from one set of options
 //! shared by the `lora-engine` CLI and `lora-server` (`--device auto|cpu|cuda`, `--enforce-eager`,
-//! `--gpu-memory-utilization`, KV pages).
+//! `--gpu-memory-utilization`, `--lora-kernels`, KV pages).
 //!
 //! `auto` opens CUDA device 0 and falls back to the CPU backend, saying why in one log line, when there is
 //! no usable GPU (or the model's shape is one the device kernels do not support); `cuda` fails instead.
@@ -27,6 +27,30 @@ pub enum DeviceKind {
     Cuda,
 }
 
+/// Which LoRA kernels the GPU backend runs (`--lora-kernels`); the outputs are the same bits either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LoraKernels {
+    /// The planner's choice per batch bucket: the fused shrink + expand kernel at decode sizes (≤ 64
+    /// tokens), the shrink and the expand above.
+    #[default]
+    Auto,
+    /// The fused kernel wherever it applies (the decode buckets).
+    Fused,
+    /// The shrink and the expand kernels, two launches, at every bucket.
+    ShrinkExpand,
+}
+
+impl LoraKernels {
+    /// The runtime's override (`None`: the planner's choice).
+    pub fn path(self) -> Option<lora_graph::LoraPath> {
+        match self {
+            LoraKernels::Auto => None,
+            LoraKernels::Fused => Some(lora_graph::LoraPath::Fused),
+            LoraKernels::ShrinkExpand => Some(lora_graph::LoraPath::ShrinkExpand),
+        }
+    }
+}
+
 /// The device flags `lora-engine` and `lora-server` share (flattened into both CLIs), with vLLM's names.
 #[derive(clap::Args, Clone, Copy, Debug, PartialEq)]
 pub struct DeviceArgs {
@@ -39,6 +63,9 @@ pub struct DeviceArgs {
     /// Share of the GPU memory left after the weights that the KV cache takes (when no page count is given).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f32,
+    /// LoRA kernels on the GPU: auto (fused at decode sizes), fused, shrink-expand (for A/B runs).
+    #[arg(long, value_enum, default_value_t = LoraKernels::Auto)]
+    pub lora_kernels: LoraKernels,
 }
 
 /// Everything the backend is sized from.
@@ -68,6 +95,8 @@ pub struct BackendOptions {
     pub graphs: bool,
     /// Share of the free GPU memory (after the weights) the KV cache takes when no page count is given.
     pub gpu_memory_utilization: f32,
+    /// Which LoRA kernels the GPU backend runs.
+    pub lora_kernels: LoraKernels,
 }
 
 /// What was built, for logs and benchmark records.
@@ -193,6 +222,7 @@ fn gpu(dev: Cuda, weights: &ModelWeights, o: &BackendOptions) -> Result<BuiltBac
         max_batch_tokens: o.max_num_batched_tokens,
         max_seqs: o.max_num_seqs,
         graphs: o.graphs,
+        lora_path: o.lora_kernels.path(),
     };
     let backend = DeviceBackend::new(dev, weights, opts)?;
     let free_after = free(backend.dev());
@@ -227,6 +257,7 @@ mod tests {
             max_num_batched_tokens: 64,
             graphs: true,
             gpu_memory_utilization: 0.9,
+            lora_kernels: LoraKernels::Auto,
         }
     }
 

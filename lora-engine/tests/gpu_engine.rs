@@ -1,13 +1,14 @@
 //! The engine over the CUDA backend (`lora_engine::backend`, `--device cuda`), eager and with CUDA graphs,
 //! against the engine over the CPU reference backend: a batch of 16 requests mixing 8 random adapters and
-//! base-only requests on a small random model. Graphs and eager must give the same greedy tokens exactly;
+//! base-only requests on a small random model. Graphs and eager must give the same greedy tokens exactly,
+//! and so must the two LoRA kernel paths (`--lora-kernels shrink-expand` against the default fused one);
 //! the GPU (bf16) and the CPU (f32) must agree on the first token of nearly every request and on most of
 //! the tokens (a random model has near-ties that bf16 may flip; the agreement is printed). Without a GPU
 //! it prints a SKIP line and passes. In the GPU bundle (`gpu_*`).
 
 use std::time::Duration;
 
-use lora_engine::backend::{build_backend, BackendOptions, DeviceKind};
+use lora_engine::backend::{build_backend, BackendOptions, DeviceKind, LoraKernels};
 use lora_engine::gen::random_lora;
 use lora_engine::{Engine, EngineConfig, Event, GenerationRequest};
 use lora_model::device::Cuda;
@@ -23,7 +24,7 @@ fn config() -> ModelConfig {
     c
 }
 
-fn options(device: DeviceKind, graphs: bool) -> BackendOptions {
+fn options(device: DeviceKind, graphs: bool, lora_kernels: LoraKernels) -> BackendOptions {
     BackendOptions {
         device,
         num_pages: Some(256),
@@ -37,12 +38,13 @@ fn options(device: DeviceKind, graphs: bool) -> BackendOptions {
         max_num_batched_tokens: 128,
         graphs,
         gpu_memory_utilization: 0.9,
+        lora_kernels,
     }
 }
 
 /// Greedy tokens of every request, run together on one engine.
-fn run(w: &ModelWeights, device: DeviceKind, graphs: bool) -> Vec<Vec<u32>> {
-    let o = options(device, graphs);
+fn run(w: &ModelWeights, device: DeviceKind, graphs: bool, lora_kernels: LoraKernels) -> Vec<Vec<u32>> {
+    let o = options(device, graphs, lora_kernels);
     let built = build_backend(w, &o).unwrap();
     eprintln!("{}", built.info.describe());
     let cfg = EngineConfig {
@@ -98,10 +100,12 @@ fn gpu_engine_matches_cpu_eager_and_graphs() {
         return;
     }
     let w = ModelWeights::random(&config(), 3);
-    let cpu = run(&w, DeviceKind::Cpu, false);
-    let eager = run(&w, DeviceKind::Cuda, false);
-    let graphs = run(&w, DeviceKind::Cuda, true);
+    let cpu = run(&w, DeviceKind::Cpu, false, LoraKernels::Auto);
+    let eager = run(&w, DeviceKind::Cuda, false, LoraKernels::Auto);
+    let graphs = run(&w, DeviceKind::Cuda, true, LoraKernels::Auto);
+    let two_launches = run(&w, DeviceKind::Cuda, true, LoraKernels::ShrinkExpand);
     assert_eq!(eager, graphs, "CUDA graphs change the greedy tokens");
+    assert_eq!(graphs, two_launches, "the fused LoRA kernel and shrink + expand give different tokens");
     let first = cpu.iter().zip(&eager).filter(|(c, g)| c.first() == g.first()).count();
     let prefix: usize = cpu.iter().zip(&eager).map(|(c, g)| c.iter().zip(g).take_while(|(x, y)| x == y).count()).sum();
     let total = REQUESTS * OUTPUT as usize;

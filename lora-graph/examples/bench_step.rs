@@ -2,7 +2,8 @@
 //! the graph memory, replay and eager time at 16 tokens with no adapter, one rank-16 adapter and 16 distinct
 //! rank-16 adapters, and the host time of the per-step update for 64 requests.
 //!
-//! Run (GPU machine): `bench_step [--layers N] [--max-tokens N]`; prints a table and the goals
+//! Run (GPU machine): `bench_step [--layers N] [--max-tokens N] [--path fused|shrink-expand]` (`--path`
+//! forces the groups' LoRA path, default the planner's: fused at decode buckets); prints a table and the goals
 //! (one adapter ≤ 1.08 × no adapter, 16 distinct ≤ 1.20 × no adapter, update ≤ 20 µs).
 
 use std::time::Instant;
@@ -10,7 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use lora_device::testing::Rng;
 use lora_device::{Backend, Cuda};
-use lora_gemm::plan::{llama3_8b_groups, Capacity};
+use lora_gemm::plan::{llama3_8b_groups, Capacity, LoraPath};
 use lora_graph::adapter::{LoraAdapter, ModuleWeights};
 use lora_graph::buckets::Buckets;
 use lora_graph::runtime::{LoraRuntime, RuntimeConfig, StepRequest};
@@ -23,6 +24,17 @@ type Model = SyntheticModel<u32, Cuda>;
 fn arg(name: &str, default: u32) -> u32 {
     let args: Vec<String> = std::env::args().collect();
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// `--path`: `None` (the planner's choice) unless given.
+fn path_arg() -> Result<Option<LoraPath>> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == "--path").map(|i| args.get(i + 1).map(String::as_str)) {
+        None => Ok(None),
+        Some(Some("fused")) => Ok(Some(LoraPath::Fused)),
+        Some(Some("shrink-expand")) => Ok(Some(LoraPath::ShrinkExpand)),
+        Some(other) => anyhow::bail!("--path {other:?}: give fused or shrink-expand"),
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -70,6 +82,7 @@ fn adapter(rng: &mut Rng, layers: u32, rank: u32) -> LoraAdapter {
 fn main() -> Result<()> {
     let layers = arg("--layers", 32);
     let max_tokens = arg("--max-tokens", 256);
+    let lora_path = path_arg()?;
     let dev = match Cuda::open(0) {
         Ok(d) => d,
         Err(e) => {
@@ -77,13 +90,14 @@ fn main() -> Result<()> {
             return Ok(());
         }
     };
-    println!("device: {}", dev.name());
+    println!("device: {}; LoRA path: {}", dev.name(), lora_path.map_or("planner".to_string(), |p| format!("{p:?}")));
     let cfg = RuntimeConfig {
         capacity: Capacity { max_tokens, num_slots: 64, max_rank: 64, max_reqs: max_tokens },
         num_layers: layers,
         groups: llama3_8b_groups(),
         buckets: Buckets::default_for(max_tokens)?,
         host_cache_bytes: 8 << 30,
+        lora_path,
     };
     let n_buckets = cfg.buckets.sizes().len();
     let rt = LoraRuntime::<u32, Cuda>::new(dev, cfg).context("runtime")?;

@@ -24,3 +24,4 @@ pub mod graphs;
 pub mod runtime;
 
 pub use error::GraphError;
+pub use lora_gemm::plan::LoraPath;

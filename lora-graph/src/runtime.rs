@@ -19,7 +19,7 @@ use std::hash::Hash;
 
 use lora_device::{Backend, DevSlice, DeviceBuffer, PinnedBuffer};
 use lora_gemm::launch::{launch_prep, Geometry, PrepInputs, StepBuffers, Workspace};
-use lora_gemm::plan::{plan_model, Capacity, ModelPlan, ModuleGroup};
+use lora_gemm::plan::{plan_model, Capacity, ExpandMode, LoraPath, ModelPlan, ModuleGroup};
 use lora_gemm::step::StepPacker;
 use lora_kernels::abi::{GemmDesc, ModuleShape, SlotWeights, StepLayout, Tile};
 use lora_slots::{HostCache, SlotManager};
@@ -43,6 +43,11 @@ pub struct RuntimeConfig {
     pub buckets: Buckets,
     /// Host memory for registered adapters (LRU among adapters not in a slot and not pinned).
     pub host_cache_bytes: u64,
+    /// Force a group LoRA path for every bucket where it applies (`None`: the planner's choice per bucket —
+    /// the fused kernel up to `plan::FUSED_MAX_TOKENS` tokens). [`LoraPath::Fused`] applies only to the
+    /// buckets that write the LoRA delta on the parallel branch (`plan::DELTA_MAX_TOKENS`); larger buckets
+    /// keep the shrink and the expand. For A/B measurements and as an escape hatch.
+    pub lora_path: Option<LoraPath>,
 }
 
 /// One request of a step.
@@ -191,7 +196,15 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
             let p = plan_model(&Capacity { max_tokens: b, ..cap }, &cfg.groups, cfg.num_layers, sms)?;
             ws_size = ws_size.max(p.workspace);
             delta_rows = delta_rows.max(p.delta_rows);
-            geometry.insert(b, p.groups.iter().map(|g| g.geometry()).collect::<Vec<_>>());
+            let geoms = p.groups.iter().map(|g| {
+                let geo = g.geometry();
+                match cfg.lora_path {
+                    Some(LoraPath::Fused) if geo.expand_mode != ExpandMode::Delta => geo,
+                    Some(path) => Geometry { path, ..geo },
+                    None => geo,
+                }
+            });
+            geometry.insert(b, geoms.collect::<Vec<_>>());
         }
         let n_modules = plan.shapes.len();
         let entries_per_slot = cfg.num_layers as usize * n_modules;

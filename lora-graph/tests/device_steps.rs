@@ -114,6 +114,7 @@ fn graph_replay_matches_eager_and_reference_over_200_steps<B: Backend>(dev: B, l
         groups: groups(),
         buckets: Buckets::default_for(CAP).unwrap(),
         host_cache_bytes: 1 << 30,
+        lora_path: None,
     };
     let rt = LoraRuntime::<u32, B>::new(dev, cfg).unwrap();
     let mut model = SyntheticModel::new(rt, 0.02, 11).unwrap();

@@ -196,6 +196,7 @@ fn body<B: Backend>(dev: B, big: bool) {
         max_batch_tokens: 1024,
         max_seqs: 8,
         graphs: false,
+        lora_path: None,
         kv_memory_share: 0.9,
     };
     let (ra, rb) = (reference(&w, &a, pa - 1), reference(&w, &b, 2 * pb - 1));
@@ -285,6 +286,7 @@ fn bad_batches_are_refused() {
         max_batch_tokens: 8,
         max_seqs: 2,
         graphs: false,
+        lora_path: None,
         kv_memory_share: 0.9,
     };
     let toks = [1u32, 2, 3, 4, 5, 6, 7, 8, 9];

@@ -30,6 +30,7 @@ fn opts(graphs: bool) -> DeviceOptions {
         max_batch_tokens: 64,
         max_seqs: 8,
         graphs,
+        lora_path: None,
         kv_memory_share: 0.9,
     }
 }

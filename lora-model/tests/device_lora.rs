@@ -49,6 +49,7 @@ fn opts(max_loras: usize, pages: u32) -> DeviceOptions {
         max_batch_tokens: 64,
         max_seqs: 8,
         graphs: false,
+        lora_path: None,
         kv_memory_share: 0.9,
     }
 }

@@ -159,6 +159,7 @@ fn options(max_loras: usize, num_pages: u32, graphs: bool) -> DeviceOptions {
         max_batch_tokens: 256,
         max_seqs: 8,
         graphs,
+        lora_path: None,
     }
 }
 

@@ -147,6 +147,7 @@ pub fn start_engine(args: &Args, weights: &ModelWeights) -> Result<(Engine, Engi
         max_num_batched_tokens: args.max_num_batched_tokens,
         graphs: !args.device.enforce_eager,
         gpu_memory_utilization: args.device.gpu_memory_utilization,
+        lora_kernels: args.device.lora_kernels,
     };
     let built = build_backend(weights, &options).map_err(|e| ServerError::Startup(format!("backend: {e}")))?;
     let kv = built.info.kv;

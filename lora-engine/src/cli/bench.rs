@@ -12,8 +12,9 @@ use std::sync::mpsc::{self, Sender};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::ProgressBar;
+use lora_engine::backend::LoraKernels;
 use lora_engine::gen::random_lora;
 use lora_engine::{Event, GenerationRequest, TokenSink};
 use lora_graph::adapter::LoraAdapter;
@@ -47,7 +48,7 @@ pub struct BenchArgs {
     pub adapter_share: f64,
     /// A configuration to run, `key=value` pairs separated by commas over the top-level flags: `name`,
     /// `adapters`, `ranks` (slash-separated, e.g. 8/16/64), `share`, `max_loras`, `max_rank`, `eager` (0/1),
-    /// `requests`, `input`, `output`. Repeat for a matrix over one loaded model.
+    /// `lora_kernels` (auto, fused, shrink-expand), `requests`, `input`, `output`. Repeat for a matrix over one loaded model.
     #[arg(long = "row", value_name = "KEY=VALUE,...")]
     pub rows: Vec<String>,
     /// Append one JSON object per run to this file.
@@ -77,6 +78,7 @@ pub struct Row {
     pub max_loras: usize,
     pub max_rank: u32,
     pub eager: bool,
+    pub lora_kernels: LoraKernels,
 }
 
 impl Row {
@@ -93,6 +95,7 @@ impl Row {
             max_loras: a.engine.max_loras,
             max_rank: a.engine.max_lora_rank,
             eager: a.engine.device.enforce_eager,
+            lora_kernels: a.engine.device.lora_kernels,
         }
     }
 
@@ -115,7 +118,8 @@ impl Row {
                 "max_loras" => r.max_loras = v.parse().map_err(|e| bad(&e))?,
                 "max_rank" => r.max_rank = v.parse().map_err(|e| bad(&e))?,
                 "eager" => r.eager = matches!(v, "1" | "true" | "yes"),
-                _ => bail!("--row `{spec}`: unknown key `{k}` (name adapters ranks share max_loras max_rank eager requests input output)"),
+                "lora_kernels" => r.lora_kernels = LoraKernels::from_str(v, true).map_err(|e| bad(&e))?,
+                _ => bail!("--row `{spec}`: unknown key `{k}` (name adapters ranks share max_loras max_rank eager lora_kernels requests input output)"),
             }
         }
         if r.ranks.is_empty() || r.ranks.contains(&0) {
@@ -256,6 +260,7 @@ fn run_row(
     let mut eng = a.engine.clone();
     eng.max_loras = row.max_loras;
     eng.device.enforce_eager = row.eager;
+    eng.device.lora_kernels = row.lora_kernels;
     eng.max_lora_rank = row.max_rank;
     // Every adapter of the row stays in the host cache (they are not on disk to be re-loaded from).
     let need_mib = (pool.bytes(row) >> 20) + 64;

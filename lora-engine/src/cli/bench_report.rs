@@ -156,6 +156,7 @@ impl Report {
             "ranks": ranks,
             "max_loras": row.max_loras,
             "max_lora_rank": row.max_rank,
+            "lora_kernels": format!("{:?}", row.lora_kernels),
             "max_num_seqs": eng.max_num_seqs,
             "max_num_batched_tokens": eng.max_num_batched_tokens,
             "kv_pages": info.kv.num_pages,

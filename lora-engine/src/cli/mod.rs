@@ -81,6 +81,7 @@ impl EngineArgs {
             max_num_batched_tokens: self.max_num_batched_tokens,
             graphs: !self.device.enforce_eager,
             gpu_memory_utilization: self.device.gpu_memory_utilization,
+            lora_kernels: self.device.lora_kernels,
         }
     }
 

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use half::bf16;
 use lora_device::{Branch, DevSlice, DeviceBuffer};
-use lora_gemm::plan::{Capacity, ModuleGroup, ModuleSpec};
+use lora_gemm::plan::{Capacity, LoraPath, ModuleGroup, ModuleSpec};
 use lora_graph::adapter::LoraAdapter;
 use lora_graph::buckets::Buckets;
 use lora_graph::runtime::{LoraRuntime, RuntimeConfig, StepRequest};
@@ -73,6 +73,9 @@ pub struct DeviceOptions {
     /// Replay decode-only greedy steps as CUDA graphs, one per batch bucket (captured on first use);
     /// `false`: every step runs eagerly. Tokens are the same either way.
     pub graphs: bool,
+    /// Force the LoRA kernels' path (`None`: the planner's choice per bucket; see
+    /// `lora_graph::runtime::RuntimeConfig::lora_path`). Outputs are the same bits either way.
+    pub lora_path: Option<LoraPath>,
 }
 
 /// One layer's device weights and KV cache.
@@ -199,6 +202,7 @@ fn runtime_config(c: &ModelConfig, o: &DeviceOptions) -> Result<RuntimeConfig, M
         groups,
         buckets: Buckets::default_for(t).map_err(graph_err)?,
         host_cache_bytes: o.host_cache_bytes,
+        lora_path: o.lora_path,
     })
 }
 
