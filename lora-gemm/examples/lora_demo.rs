@@ -8,9 +8,7 @@
 use anyhow::{bail, Result};
 use lora_device::testing::{Rng, TestBed};
 use lora_device::{Backend, Cuda, Emulator};
-use lora_gemm::launch::{
-    group_descs, launch_lora, launch_prep, ExpandOut, PrepInputs, StepBuffers, Workspace,
-};
+use lora_gemm::launch::{group_descs, launch_lora, launch_prep, ExpandOut, PrepInputs, StepBuffers, Workspace};
 use lora_gemm::plan::{plan_model, Capacity, ModuleGroup, ModuleSpec};
 use lora_gemm::reference::{lora_module_reference, AdapterModule};
 use lora_gemm::step::StepPacker;

@@ -20,8 +20,8 @@
 //! class (16, 32, 64, 128) holding the capacity's max rank.
 
 use lora_kernels::abi::{
-    fused_shared_bytes, fused_sync_words, max_tiles, prep_shared_bytes, rank_pad, shrink_shared_bytes, ModuleShape, StepLayout, EXPAND_BN, GEMM_THREADS,
-    GEMM_WARPS, MAX_GROUP_MODULES, MAX_RANK, PREP_THREADS, SHRINK_K_STEP,
+    fused_shared_bytes, fused_sync_words, max_tiles, prep_shared_bytes, rank_pad, shrink_shared_bytes, ModuleShape,
+    StepLayout, EXPAND_BN, GEMM_THREADS, GEMM_WARPS, MAX_GROUP_MODULES, MAX_RANK, PREP_THREADS, SHRINK_K_STEP,
 };
 
 use lora_kernels::Kernel;
@@ -164,7 +164,10 @@ pub struct WorkspaceSize {
 impl WorkspaceSize {
     /// Element-wise maximum: one allocation that serves both.
     pub fn max(self, o: WorkspaceSize) -> WorkspaceSize {
-        WorkspaceSize { partial_f32: self.partial_f32.max(o.partial_f32), sync_words: self.sync_words.max(o.sync_words) }
+        WorkspaceSize {
+            partial_f32: self.partial_f32.max(o.partial_f32),
+            sync_words: self.sync_words.max(o.sync_words),
+        }
     }
 
     /// Total bytes.
@@ -426,11 +429,7 @@ pub fn plan_group_with_k_chunk(
         k_chunk,
         expand_blocks,
         shrink_kernel,
-        shrink: LaunchShape {
-            grid: shrink_grid,
-            block: GEMM_THREADS,
-            shared_bytes: shrink_shared_bytes(cap.max_rank),
-        },
+        shrink: LaunchShape { grid: shrink_grid, block: GEMM_THREADS, shared_bytes: shrink_shared_bytes(cap.max_rank) },
         expand: LaunchShape { grid: (sm_count * EXPAND_BLOCKS_PER_SM, 1, 1), block: GEMM_THREADS, shared_bytes: 0 },
         expand_mode: if cap.max_tokens <= DELTA_MAX_TOKENS { ExpandMode::Delta } else { ExpandMode::Direct },
         add_delta: LaunchShape {

@@ -205,11 +205,7 @@ pub(crate) fn plan_config(cfg: Config, sms: u32, path: Option<LoraPath>) -> Resu
     let cap =
         Capacity { max_tokens: cfg.tokens, num_slots: NUM_SLOTS, max_rank: cfg.rank, max_reqs: req.slot.len() as u32 };
     let model = plan_model(&cap, &llama3_8b_groups(), 1, sms)?;
-    let geoms = model
-        .groups
-        .iter()
-        .map(|g| Geometry { path: path.unwrap_or(g.path), ..geometry(g) })
-        .collect();
+    let geoms = model.groups.iter().map(|g| Geometry { path: path.unwrap_or(g.path), ..geometry(g) }).collect();
     let step = pack_step_input(model.prep.layout, &req, cap.max_tokens)?;
     let twin = reorder(&req.slot, &req.tok_off, NUM_SLOTS)?;
     let bytes = min_bytes(&model.groups, cfg);

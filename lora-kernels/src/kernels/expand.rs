@@ -102,11 +102,30 @@ pub(crate) struct ExpandOperands {
 /// The launch contract of the module docs with `splits` from [`shrink_splits`]; a non-null `ready` is a
 /// valid word that reaches `splits` once the partials of this item are written and released.
 #[inline(always)]
-pub(crate) unsafe fn expand_item(o: &ExpandOperands, module: u32, tile_i: u32, nb: u32, splits: u32, ready: *const u32) {
+pub(crate) unsafe fn expand_item(
+    o: &ExpandOperands,
+    module: u32,
+    tile_i: u32,
+    nb: u32,
+    splits: u32,
+    ready: *const u32,
+) {
     // SAFETY: the launch contract in the module docs keeps every address below in bounds.
     unsafe {
-        let ExpandOperands { partial, r_pad, max_tokens, perm, tiles, descs, num_slots, n_mod, y, ldy, delta, ld_delta } =
-            *o;
+        let ExpandOperands {
+            partial,
+            r_pad,
+            max_tokens,
+            perm,
+            tiles,
+            descs,
+            num_slots,
+            n_mod,
+            y,
+            ldy,
+            delta,
+            ld_delta,
+        } = *o;
         let delta_mode = !delta.is_null();
         let (lane, warp) = (lane_id(), warp_id());
         let tile = *tiles.add(tile_i as usize);
