@@ -5,12 +5,14 @@
 # the transformers reference (scripts/gpu/smollm2.sh: needs target/smol-a and target/smol-b carried in
 # earlier calls), the attention benchmark beside PyTorch's SDPA, and compute-sanitizer (memcheck on the
 # model kernels, racecheck and synccheck on decode attention, memcheck on the graph-replayed forward);
-# `skinny` — the skinny decode GEMM benchmark; `engine` — the engine's reference table on the Llama-3.1-8B
+# `skinny` — the skinny decode GEMM benchmark; `lora` — issue 13's LoRA kernels (scripts/gpu/lora_kernels.sh:
+# group tests, both LoRA paths in bench_layer and bench_step); `lora-sanitize` — memcheck and racecheck
+# on the fused kernel; `engine` — the engine's reference table on the Llama-3.1-8B
 # shape (scripts/gpu/engine_bench.sh); `serve` — the HTTP serving benchmark (scripts/gpu/serve_bench.sh,
 # on the checkpoint the engine phase wrote).
 # Expects the bundle of `cargo xtask gpu-bundle` at target/gpu-bundle (carried in the `checks` call);
 # writes every log into $OUT/<phase>-logs.tgz, the JSON results into $OUT, and prints the short results.
-# Usage: bash scripts/gpu_round.sh checks|engine|serve|skinny
+# Usage: bash scripts/gpu_round.sh checks|engine|serve|skinny|lora|lora-sanitize
 set -u
 PHASE="${1:-checks}"
 B="$(pwd)/target/gpu-bundle"
@@ -41,12 +43,20 @@ checks)
   head -n 70 "$L/attention.txt"
   for f in memcheck_kernels racecheck_decode synccheck_decode memcheck_graphs; do echo "-- $f"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|rc=" "$L/$f.txt"; done
   ;;
+lora)
+  run lora_kernels 560 bash scripts/gpu/lora_kernels.sh "$B" "$L"
+  tail -n 160 "$L/lora_kernels.txt"
+  ;;
+lora-sanitize)
+  run lora_sanitize 200 bash scripts/gpu/lora_kernels.sh "$B" "$L" sanitize
+  tail -n 20 "$L/lora_sanitize.txt"
+  ;;
 skinny)
   run skinny 180 bash scripts/gpu/skinny.sh "$B" "$L"
   tail -n 50 "$L/skinny.txt"
   ;;
 engine)
-  run engine_bench 420 bash scripts/gpu/engine_bench.sh "$B" "$L"
+  run engine_bench 440 bash scripts/gpu/engine_bench.sh "$B" "$L"
   cp "$L"/*.json "$OUTDIR"/ 2>/dev/null
   step summary
   tail -n 40 "$L/engine_bench.txt"
@@ -57,6 +67,6 @@ serve)
   step summary
   tail -n 60 "$L/serve_bench.txt"
   ;;
-*) echo "unknown phase $PHASE (checks | engine | serve | skinny)"; exit 2 ;;
+*) echo "unknown phase $PHASE (checks | engine | serve | skinny | lora | lora-sanitize)"; exit 2 ;;
 esac
 tar czf "$OUTDIR/$PHASE-logs.tgz" -C "$L" .

@@ -9,8 +9,9 @@
 #    backend over the same host weights (16 concurrent requests, input 1600, output 600, greedy,
 #    ignore_eos, max_num_batched_tokens 2048, KV from 0.9 of the free memory); adapters are random rank-r
 #    LoRAs on all 7 modules, made in memory on every core. Rows, in this order:
-#      graph + 1 adapter r16, graph + no LoRA (max_loras 0), eager + 1 adapter r16,
-#      graph + 16 distinct r16, mixed ranks 8/16/64 (16 adapters), 64 adapters r16 over 16 slots
+#      graph + 1 adapter r16, graph + no LoRA (max_loras 0), graph + 1 adapter r16 on the two-launch LoRA
+#      kernels (`lora_kernels=shrink-expand`, the A/B of the fused kernel), eager + 1 adapter r16,
+#      graph + 16 distinct r16, the same on the two-launch kernels, mixed ranks 8/16/64 (16 adapters), 64 adapters r16 over 16 slots
 #      (64 requests, 16 at a time: 4 waves, each wave needs new adapters → slot churn).
 #    Every row appends one JSON object to $OUT/engine_bench.json and prints a table line
 #    ($OUT/engine_bench.txt); the log is $OUT/engine_bench.log.
@@ -22,7 +23,8 @@
 #   per row: backend 16 GB converted + H2D ≈ 5–10 s, adapters ≈ 1–5 s, warm-up < 1 s,
 #            prefill 25,600 tokens ≈ 1–3 s, decode 600 steps × 7–10 ms ≈ 5–6 s (eager + LoRA maybe 2–3×)
 #   rows: 5 × ≈ 15–25 s + churn (4 waves) ≈ 35–50 s                        ≈ 110–175 s
-#   total ≈ 2.5–4.7 min; the caps (gen 80 s, bench 280 s) bound it at 6 min.
+#   measured (run 18): ≈ 30 s per row, 25 of them the backend rebuild; 8 rows ≈ 4–4.5 min;
+#   the caps (gen 80 s, bench 330 s) bound it at 7 min.
 set -u
 bundle="$(cd "${1:?usage: engine_bench.sh BUNDLE_DIR OUT_DIR}" && pwd)"
 out="${2:-${OUT:-$bundle/logs}}"
@@ -57,12 +59,14 @@ common=(bench --model "$model_root/model" --device cuda --json "$json" --copy-gb
 
 # One process, one model load; rows in order of importance (each appends its JSON line when done, so a
 # timeout loses only the rows not yet run).
-stamp "bench: 6 rows"
-timeout 280 "$bin" "${common[@]}" \
+stamp "bench: 8 rows"
+timeout 330 "$bin" "${common[@]}" \
   --row name=graph-lora1-r16,adapters=1,ranks=16,max_loras=1,max_rank=16 \
   --row name=graph-base,adapters=0,max_loras=0,max_rank=16 \
+  --row name=graph-lora1-r16-two-launch,adapters=1,ranks=16,max_loras=1,max_rank=16,lora_kernels=shrink-expand \
   --row name=eager-lora1-r16,adapters=1,ranks=16,max_loras=1,max_rank=16,eager=1 \
   --row name=graph-16distinct-r16,adapters=16,ranks=16,max_loras=16,max_rank=16 \
+  --row name=graph-16distinct-r16-two-launch,adapters=16,ranks=16,max_loras=16,max_rank=16,lora_kernels=shrink-expand \
   --row name=graph-mixed-8-16-64,adapters=16,ranks=8/16/64,max_loras=16,max_rank=64 \
   --row name=graph-churn-64-over-16,adapters=64,ranks=16,max_loras=16,max_rank=16,requests=64 \
   >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
