@@ -18,6 +18,11 @@
 //! step (one adapter at decode) uses exactly these; steps with many tiles use fewer splits, down to one
 //! (then the shrink writes `t` directly, with no reduction). The shrink's entry point is the smallest rank
 //! class (16, 32, 64, 128) holding the capacity's max rank.
+//!
+//! Paths. At decode capacities (≤ [`FUSED_MAX_TOKENS`] tokens) the group's LoRA is one launch of the fused
+//! kernel ([`LoraPath::Fused`]: the shrink's grid, shrink and expand items in one ticketed work list, the
+//! expand items waiting on per-(tile, module) readiness counters); above, the shrink and the expand are two
+//! launches ([`LoraPath::ShrinkExpand`]). Both give the same bits.
 
 use lora_kernels::abi::{
     fused_shared_bytes, fused_sync_words, max_tiles, prep_shared_bytes, rank_pad, shrink_shared_bytes, ModuleShape,

@@ -20,9 +20,12 @@
 //! its own acquire load, then sums the partials in split order 0, 1, 2, … as the expand does: the result
 //! is bit-identical to the two launches (the tests check it).
 //!
-//! **Reset.** When its ticket is past the last item a block leaves: thread 0 fences and counts itself in
-//! `sync[FUSED_EXITS]`; the last block out sets the ticket, the exit count and the step's readiness
-//! counters back to zero, so a CUDA graph may replay the launch with no memset node.
+//! **Participants.** Only blocks `0 .. min(G, items)` take tickets; the others return at once, touching
+//! nothing (at decode there are far fewer items than blocks, and every ticket is an atomic on one word).
+//!
+//! **Reset.** When its ticket is past the last item a participant leaves: thread 0 fences and counts
+//! itself in `sync[FUSED_EXITS]`; the last one out sets the ticket, the exit count and the step's
+//! readiness counters back to zero, so a CUDA graph may replay the launch with no memset node.
 //!
 //! Safety contract: everything the shrink's and the expand's module docs ask (same arguments; `partial`
 //! is this launch's scratch only), plus `sync` holds `fused_sync_words(max_tiles, n_mod)` words that are
@@ -74,6 +77,11 @@ unsafe fn fused<const RT: usize>(
         let (splits, k_chunk) = shrink_splits(blocks, items, max_splits, k);
         let shrink_items = items * splits;
         let total = shrink_items + items * n_blocks;
+        // Every block computes the same count, so the non-participants agree to leave at once.
+        let participants = blocks.min(total);
+        if block_idx_x() >= participants {
+            return;
+        }
         let so = ShrinkOperands { x, ldx, perm, tiles, descs, num_slots, n_mod, k, partial, max_tokens, r_pad };
         let eo = ExpandOperands {
             partial: partial as *const f32,
@@ -128,7 +136,7 @@ unsafe fn fused<const RT: usize>(
         // each counted itself out after its last ticket).
         if tid == 0 {
             threadfence();
-            if atomic_add_u32(sync.add(FUSED_EXITS), 1) == blocks - 1 {
+            if atomic_add_u32(sync.add(FUSED_EXITS), 1) == participants - 1 {
                 let mut i = 0;
                 while i < items {
                     *ready.add(i as usize) = 0;
