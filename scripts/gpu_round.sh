@@ -7,12 +7,12 @@
 # model kernels, racecheck and synccheck on decode attention, memcheck on the graph-replayed forward);
 # `skinny` — the skinny decode GEMM benchmark; `lora` — issue 13's LoRA kernels (scripts/gpu/lora_kernels.sh:
 # group tests, both LoRA paths in bench_layer and bench_step); `lora-sanitize` — memcheck and racecheck
-# on the fused kernel; `engine` — the engine's reference table on the Llama-3.1-8B
+# on the fused kernel; `priority` — the LoRA branch's stream priority in bench_step and two engine rows; `engine` — the engine's reference table on the Llama-3.1-8B
 # shape (scripts/gpu/engine_bench.sh); `serve` — the HTTP serving benchmark (scripts/gpu/serve_bench.sh,
 # on the checkpoint the engine phase wrote).
 # Expects the bundle of `cargo xtask gpu-bundle` at target/gpu-bundle (carried in the `checks` call);
 # writes every log into $OUT/<phase>-logs.tgz, the JSON results into $OUT, and prints the short results.
-# Usage: bash scripts/gpu_round.sh checks|engine|serve|skinny|lora|lora-sanitize
+# Usage: bash scripts/gpu_round.sh checks|engine|serve|skinny|lora|lora-sanitize|priority
 set -u
 PHASE="${1:-checks}"
 B="$(pwd)/target/gpu-bundle"
@@ -56,10 +56,21 @@ skinny)
   tail -n 50 "$L/skinny.txt"
   ;;
 engine)
-  run engine_bench 440 bash scripts/gpu/engine_bench.sh "$B" "$L"
+  run engine_bench_run 440 bash scripts/gpu/engine_bench.sh "$B" "$L"
   cp "$L"/*.json "$OUTDIR"/ 2>/dev/null
   step summary
-  tail -n 40 "$L/engine_bench.txt"
+  tail -n 40 "$L/engine_bench_run.txt"
+  ;;
+priority)
+  # The LoRA branch's stream priority (LORA_BRANCH_PRIORITY): the synthetic step and two engine rows.
+  for p in normal high low; do
+    LORA_BRANCH_PRIORITY=$p run "step_$p" 60 "$B/bench/lora-graph--bench_step"
+  done
+  run engine_priority 300 bash scripts/gpu/engine_bench.sh "$B" "$L" priority
+  cp "$L"/*.json "$OUTDIR"/ 2>/dev/null
+  step summary
+  for p in normal high low; do echo "-- step $p"; grep -E "no adapter|1 adapter|16 adapters" "$L/step_$p.txt"; done
+  tail -n 12 "$L/engine_priority.txt"
   ;;
 serve)
   run serve_bench 400 bash scripts/gpu/serve_bench.sh "$B" "$L"
@@ -67,6 +78,6 @@ serve)
   step summary
   tail -n 60 "$L/serve_bench.txt"
   ;;
-*) echo "unknown phase $PHASE (checks | engine | serve | skinny | lora | lora-sanitize)"; exit 2 ;;
+*) echo "unknown phase $PHASE (checks | engine | serve | skinny | lora | lora-sanitize | priority)"; exit 2 ;;
 esac
 tar czf "$OUTDIR/$PHASE-logs.tgz" -C "$L" .

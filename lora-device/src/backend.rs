@@ -139,6 +139,12 @@ pub trait Backend {
     fn stream(&self) -> &Self::Stream;
     /// A new stream.
     fn new_stream(&self) -> Result<Self::Stream, DeviceError>;
+    /// A new stream for the side of a [`Branch`] (the LoRA work beside a base GEMM). By default a plain
+    /// [`Backend::new_stream`]; the CUDA backend may give it a scheduling priority
+    /// ([`crate::cuda::BranchPriority`]), which captured graphs keep per node.
+    fn new_branch_stream(&self) -> Result<Self::Stream, DeviceError> {
+        self.new_stream()
+    }
     /// A new event.
     fn new_event(&self) -> Result<Self::Event, DeviceError>;
     /// Record `event` at the current end of `stream`.
@@ -233,7 +239,7 @@ pub struct Branch<B: Backend> {
 impl<B: Backend> Branch<B> {
     /// A branch with its own stream and events.
     pub fn new(dev: &B) -> Result<Self, DeviceError> {
-        Ok(Branch { side: dev.new_stream()?, fork: dev.new_event()?, join: dev.new_event()? })
+        Ok(Branch { side: dev.new_branch_stream()?, fork: dev.new_event()?, join: dev.new_event()? })
     }
 
     /// The side stream: enqueue the branch's work here between [`Branch::fork`] and [`Branch::join`].

@@ -2,9 +2,11 @@
 //! are opened at run time, so nothing here needs CUDA to build). [`Cuda::open`] turns "no driver", "no
 //! device" and driver errors into [`DeviceError::NoDevice`] instead of a panic, loads the embedded PTX once
 //! (one function per [`Kernel`]) and creates one cuBLAS handle with its own workspace (so no GEMM allocates
-//! during a graph capture). Graphs are CUDA graphs captured in thread-local mode.
+//! during a graph capture). Graphs are CUDA graphs captured in thread-local mode and instantiated with
+//! per-node priorities (each kernel node keeps the priority of the stream it was captured from), so a
+//! [`BranchPriority`] given to branch side streams holds in replays too.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -48,6 +50,33 @@ fn open_context(ordinal: usize) -> Result<Arc<CudaContext>, DeviceError> {
     Ok(ctx)
 }
 
+/// Scheduling priority of the side streams of [`crate::Branch`]es (the LoRA branch beside each base GEMM).
+/// The block scheduler prefers pending blocks of higher-priority work when an SM frees up (it never
+/// preempts running blocks). Default: the environment variable `LORA_BRANCH_PRIORITY` (`high`, `low`,
+/// `normal`), else `normal`; [`Cuda::set_branch_priority`] changes it for branches created afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BranchPriority {
+    /// The default stream priority (that of the main stream).
+    #[default]
+    Normal,
+    /// The greatest priority the device offers.
+    High,
+    /// The least priority the device offers.
+    Low,
+}
+
+impl BranchPriority {
+    /// `high`, `low` or `normal` (case-insensitive).
+    pub fn parse(s: &str) -> Result<Self, DeviceError> {
+        match s.to_ascii_lowercase().as_str() {
+            "normal" | "default" | "" => Ok(BranchPriority::Normal),
+            "high" => Ok(BranchPriority::High),
+            "low" => Ok(BranchPriority::Low),
+            other => invalid(format!("branch priority {other:?}: give high, low or normal")),
+        }
+    }
+}
+
 /// A CUDA GPU as a device.
 pub struct Cuda {
     // Declared first: the cuBLAS handle is destroyed before the workspace it uses is freed.
@@ -59,6 +88,7 @@ pub struct Cuda {
     functions: HashMap<Kernel, CudaFunction>,
     shared_opt_in: RefCell<HashMap<Kernel, u32>>,
     sms: u32,
+    branch_priority: Cell<BranchPriority>,
 }
 
 impl Cuda {
@@ -82,6 +112,10 @@ impl Cuda {
         let blas = CudaBlas::new(stream.clone())?;
         let blas_workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)?;
         stream.synchronize()?;
+        let branch_priority = match std::env::var("LORA_BRANCH_PRIORITY") {
+            Ok(v) => BranchPriority::parse(&v)?,
+            Err(_) => BranchPriority::Normal,
+        };
         Ok(Cuda {
             blas,
             blas_workspace,
@@ -91,7 +125,18 @@ impl Cuda {
             functions,
             shared_opt_in: RefCell::new(HashMap::new()),
             sms,
+            branch_priority: Cell::new(branch_priority),
         })
+    }
+
+    /// The priority of branch side streams created from now on.
+    pub fn set_branch_priority(&self, p: BranchPriority) {
+        self.branch_priority.set(p);
+    }
+
+    /// The priority branch side streams get.
+    pub fn branch_priority(&self) -> BranchPriority {
+        self.branch_priority.get()
     }
 
     /// The context.
@@ -133,6 +178,15 @@ impl Backend for Cuda {
     }
     fn new_stream(&self) -> Result<Arc<CudaStream>, DeviceError> {
         Ok(self.ctx.new_stream()?)
+    }
+    fn new_branch_stream(&self) -> Result<Arc<CudaStream>, DeviceError> {
+        // Lower numbers are higher priorities: the range is (least, greatest).
+        let (least, greatest) = cudarc::driver::result::stream::get_priority_range()?;
+        Ok(match self.branch_priority.get() {
+            BranchPriority::Normal => self.ctx.new_stream()?,
+            BranchPriority::High => self.ctx.new_stream_with_priority(greatest)?,
+            BranchPriority::Low => self.ctx.new_stream_with_priority(least)?,
+        })
     }
     fn new_event(&self) -> Result<CudaEvent, DeviceError> {
         Ok(self.ctx.new_event(None)?)
@@ -305,7 +359,7 @@ impl Backend for Cuda {
 
     fn end_capture(&self, stream: &Arc<CudaStream>) -> Result<CudaStepGraph, DeviceError> {
         let graph = stream
-            .end_capture(CUgraphInstantiate_flags(0))?
+            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY)?
             .ok_or_else(|| DeviceError::Capture("the capture recorded nothing".into()))?;
         graph.upload()?;
         Ok(CudaStepGraph { graph })

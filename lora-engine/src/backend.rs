@@ -30,8 +30,8 @@ pub enum DeviceKind {
 /// Which LoRA kernels the GPU backend runs (`--lora-kernels`); the outputs are the same bits either way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LoraKernels {
-    /// The planner's choice per batch bucket: the fused shrink + expand kernel at decode sizes (≤ 64
-    /// tokens), the shrink and the expand above.
+    /// The planner's choice (`lora_gemm::plan::PLANNED_PATH`: the shrink and the expand, measured faster
+    /// in a model step than the fused kernel).
     #[default]
     Auto,
     /// The fused kernel wherever it applies (the decode buckets).
@@ -63,7 +63,8 @@ pub struct DeviceArgs {
     /// Share of the GPU memory left after the weights that the KV cache takes (when no page count is given).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f32,
-    /// LoRA kernels on the GPU: auto (fused at decode sizes), fused, shrink-expand (for A/B runs).
+    /// LoRA kernels on the GPU: auto (the planner's: shrink-expand), fused (one launch per group at decode
+    /// sizes), shrink-expand — for A/B runs; the tokens are the same.
     #[arg(long, value_enum, default_value_t = LoraKernels::Auto)]
     pub lora_kernels: LoraKernels,
 }

@@ -1,7 +1,7 @@
 //! The engine over the CUDA backend (`lora_engine::backend`, `--device cuda`), eager and with CUDA graphs,
 //! against the engine over the CPU reference backend: a batch of 16 requests mixing 8 random adapters and
 //! base-only requests on a small random model. Graphs and eager must give the same greedy tokens exactly,
-//! and so must the two LoRA kernel paths (`--lora-kernels shrink-expand` against the default fused one);
+//! and so must the two LoRA kernel paths (`--lora-kernels fused` against the default shrink + expand);
 //! the GPU (bf16) and the CPU (f32) must agree on the first token of nearly every request and on most of
 //! the tokens (a random model has near-ties that bf16 may flip; the agreement is printed). Without a GPU
 //! it prints a SKIP line and passes. In the GPU bundle (`gpu_*`).
@@ -103,9 +103,9 @@ fn gpu_engine_matches_cpu_eager_and_graphs() {
     let cpu = run(&w, DeviceKind::Cpu, false, LoraKernels::Auto);
     let eager = run(&w, DeviceKind::Cuda, false, LoraKernels::Auto);
     let graphs = run(&w, DeviceKind::Cuda, true, LoraKernels::Auto);
-    let two_launches = run(&w, DeviceKind::Cuda, true, LoraKernels::ShrinkExpand);
+    let fused = run(&w, DeviceKind::Cuda, true, LoraKernels::Fused);
     assert_eq!(eager, graphs, "CUDA graphs change the greedy tokens");
-    assert_eq!(graphs, two_launches, "the fused LoRA kernel and shrink + expand give different tokens");
+    assert_eq!(graphs, fused, "the fused LoRA kernel and shrink + expand give different tokens");
     let first = cpu.iter().zip(&eager).filter(|(c, g)| c.first() == g.first()).count();
     let prefix: usize = cpu.iter().zip(&eager).map(|(c, g)| c.iter().zip(g).take_while(|(x, y)| x == y).count()).sum();
     let total = REQUESTS * OUTPUT as usize;

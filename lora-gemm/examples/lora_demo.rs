@@ -1,6 +1,6 @@
 //! `lora_demo`: one LoRA module group (q, k, v of a small Llama-shaped layer) for a decode batch of 16
 //! requests over 4 adapters of ranks 8, 16, 3 and 64 plus base-only requests, through the prep and the LoRA
-//! kernels of the planner's path (at this decode size the fused shrink + expand, one launch), checked against the f64 CPU reference — on the GPU when one is usable, otherwise (it says
+//! kernels of the planner's path (the shrink and the expand), checked against the f64 CPU reference — on the GPU when one is usable, otherwise (it says
 //! so) on the CPU emulator, the very same kernels and launch sequence.
 //!
 //! Run: `cargo run --release -p lora-gemm --example lora_demo` (the GPU bundle ships it as `lora-demo`).

@@ -19,10 +19,12 @@
 //! (then the shrink writes `t` directly, with no reduction). The shrink's entry point is the smallest rank
 //! class (16, 32, 64, 128) holding the capacity's max rank.
 //!
-//! Paths. At decode capacities (≤ [`FUSED_MAX_TOKENS`] tokens) the group's LoRA is one launch of the fused
-//! kernel ([`LoraPath::Fused`]: the shrink's grid, shrink and expand items in one ticketed work list, the
-//! expand items waiting on per-(tile, module) readiness counters); above, the shrink and the expand are two
-//! launches ([`LoraPath::ShrinkExpand`]). Both give the same bits.
+//! Paths. A group's LoRA is the shrink and the expand, two launches ([`LoraPath::ShrinkExpand`]), at every
+//! capacity: measured on the H200 (docs/perf.md, run 19) that is faster in a model step than the fused
+//! kernel ([`LoraPath::Fused`]: shrink and expand items in one ticketed launch, the expand items waiting on
+//! per-(tile, module) readiness counters), which is faster only alone (one adapter at decode) and slower
+//! beside the base GEMM. The fused path stays available ([`GroupPlan::path`] may be overridden, e.g.
+//! `RuntimeConfig::lora_path`); both give the same bits.
 
 use lora_kernels::abi::{
     fused_shared_bytes, fused_sync_words, max_tiles, prep_shared_bytes, rank_pad, shrink_shared_bytes, ModuleShape,
@@ -134,15 +136,17 @@ pub enum LoraPath {
     /// The shrink and the expand, two launches (any token count).
     ShrinkExpand,
     /// One launch of the fused kernel (`kernels::fused`): the expand items wait on device-side readiness
-    /// counters for the shrink splits they read. Decode buckets only (always [`ExpandMode::Delta`] there, so
-    /// the whole LoRA of a group runs on the parallel branch).
+    /// counters for the shrink splits they read. Any capacity when the output is written directly; in a
+    /// model step only where the expand writes the delta on the branch ([`ExpandMode::Delta`]).
     Fused,
 }
 
-/// Buckets up to this many tokens take [`LoraPath::Fused`]; larger ones [`LoraPath::ShrinkExpand`]. At
-/// most [`DELTA_MAX_TOKENS`] (the fused kernel writes the delta on the branch).
-pub const FUSED_MAX_TOKENS: u32 = 64;
-const _: () = assert!(FUSED_MAX_TOKENS <= DELTA_MAX_TOKENS);
+/// The planner's path for every capacity: [`LoraPath::ShrinkExpand`]. Measured on the H200 (GPU run 19,
+/// docs/perf.md): alone, the fused kernel is 5–8% faster for one rank-16 adapter at 1–64 tokens and
+/// 10–25% slower for 16 adapters or rank 64; in the model step, beside the base GEMM, it is slower at
+/// every measured mix (synthetic 8B step, 16 tokens, one adapter: 1.314× vs 1.191× the no-LoRA step;
+/// engine ITL 8.15 vs 7.63 ms), so the planner never picks it. `Fused` is kept for A/B runs.
+pub const PLANNED_PATH: LoraPath = LoraPath::ShrinkExpand;
 
 /// Grid, block and dynamic shared memory of one launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,7 +228,7 @@ pub struct GroupPlan {
     pub expand_mode: ExpandMode,
     /// The delta add's launch (one thread per 4 output columns of a row, at most 4 blocks per SM).
     pub add_delta: LaunchShape,
-    /// Two launches or the fused kernel.
+    /// Two launches or the fused kernel ([`PLANNED_PATH`]; override it to force the other).
     pub path: LoraPath,
     /// The fused entry point (same rank class as the shrink).
     pub fused_kernel: Kernel,
@@ -442,7 +446,7 @@ pub fn plan_group_with_k_chunk(
             block: GEMM_THREADS,
             shared_bytes: 0,
         },
-        path: if cap.max_tokens <= FUSED_MAX_TOKENS { LoraPath::Fused } else { LoraPath::ShrinkExpand },
+        path: PLANNED_PATH,
         fused_kernel,
         fused: LaunchShape { grid: shrink_grid, block: GEMM_THREADS, shared_bytes: fused_shared_bytes(r_pad) },
         workspace: WorkspaceSize { partial_f32: partial as usize, sync_words: fused_sync_words(mt, n_mod) },

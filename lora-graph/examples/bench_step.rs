@@ -3,7 +3,8 @@
 //! rank-16 adapters, and the host time of the per-step update for 64 requests.
 //!
 //! Run (GPU machine): `bench_step [--layers N] [--max-tokens N] [--path fused|shrink-expand]` (`--path`
-//! forces the groups' LoRA path, default the planner's: fused at decode buckets); prints a table and the goals
+//! forces the groups' LoRA path, default the planner's: shrink + expand; `LORA_BRANCH_PRIORITY=high|low`
+//! sets the LoRA branch's stream priority); prints a table and the goals
 //! (one adapter ≤ 1.08 × no adapter, 16 distinct ≤ 1.20 × no adapter, update ≤ 20 µs).
 
 use std::time::Instant;
@@ -90,7 +91,8 @@ fn main() -> Result<()> {
             return Ok(());
         }
     };
-    println!("device: {}; LoRA path: {}", dev.name(), lora_path.map_or("planner".to_string(), |p| format!("{p:?}")));
+    let path = lora_path.map_or("planner".to_string(), |p| format!("{p:?}"));
+    println!("device: {}; LoRA path: {path}; branch priority: {:?}", dev.name(), dev.branch_priority());
     let cfg = RuntimeConfig {
         capacity: Capacity { max_tokens, num_slots: 64, max_rank: 64, max_reqs: max_tokens },
         num_layers: layers,

@@ -43,8 +43,8 @@ pub struct RuntimeConfig {
     pub buckets: Buckets,
     /// Host memory for registered adapters (LRU among adapters not in a slot and not pinned).
     pub host_cache_bytes: u64,
-    /// Force a group LoRA path for every bucket where it applies (`None`: the planner's choice per bucket —
-    /// the fused kernel up to `plan::FUSED_MAX_TOKENS` tokens). [`LoraPath::Fused`] applies only to the
+    /// Force a group LoRA path for every bucket where it applies (`None`: the planner's choice,
+    /// `plan::PLANNED_PATH`, the shrink and the expand). [`LoraPath::Fused`] applies only to the
     /// buckets that write the LoRA delta on the parallel branch (`plan::DELTA_MAX_TOKENS`); larger buckets
     /// keep the shrink and the expand. For A/B measurements and as an escape hatch.
     pub lora_path: Option<LoraPath>,

@@ -2,7 +2,9 @@
 //! a tiny model) and on CUDA device 0 with the `gpu` feature (a bigger one). Six sequences — two adapters
 //! and base-only, one prompt run both with and without its adapter — are prefilled, then decoded until each
 //! has its own number of tokens, so the batch shrinks through the buckets 8 → 4 → 2 → 1 and the contexts
-//! cross page-table widths (4 → 8 pages); the last steps use no adapter (the base-only graph). The backend with graphs gives exactly the eager backend's tokens,
+//! cross page-table widths (4 → 8 pages); the last steps use no adapter (the base-only graph). The backend
+//! with graphs runs the fused LoRA kernel (`LoraPath::Fused`, forced; its sync area must reset itself on
+//! every replay) and the eager one the planner's shrink + expand: the graphs give exactly the eager tokens,
 //! replays a graph for every decode step, captures one graph per (bucket, width, LoRA) key and no more; and
 //! the adapter changes the tokens of the prompt it is applied to.
 
@@ -14,13 +16,14 @@ use std::time::Instant;
 
 use device_common::{adapter, config, tokens};
 use lora_device::Backend;
+use lora_gemm::plan::LoraPath;
 use lora_model::device::{DeviceBackend, DeviceOptions};
 use lora_model::{ModelWeights, SampleRequest, SamplingParams, SeqInput};
 
 /// (batch size, widest context, any adapter) of a decode step.
 type StepShape = (usize, u32, bool);
 
-fn opts(graphs: bool) -> DeviceOptions {
+fn opts(graphs: bool, lora_path: Option<LoraPath>) -> DeviceOptions {
     DeviceOptions {
         num_pages: 64,
         page_size: 4,
@@ -30,7 +33,7 @@ fn opts(graphs: bool) -> DeviceOptions {
         max_batch_tokens: 64,
         max_seqs: 8,
         graphs,
-        lora_path: None,
+        lora_path,
         kv_memory_share: 0.9,
     }
 }
@@ -92,8 +95,8 @@ fn body<B: Backend>(eager_dev: B, graph_dev: B, big: bool) {
     let c = config(big);
     let w = ModelWeights::random(&c, 21);
     let (a1, a2) = (Arc::new(adapter(&c, 8, 31)), Arc::new(adapter(&c, 4, 32)));
-    let mut eager = DeviceBackend::new(eager_dev, &w, opts(false)).expect("eager backend");
-    let mut graphs = DeviceBackend::new(graph_dev, &w, opts(true)).expect("graph backend");
+    let mut eager = DeviceBackend::new(eager_dev, &w, opts(false, None)).expect("eager backend");
+    let mut graphs = DeviceBackend::new(graph_dev, &w, opts(true, Some(LoraPath::Fused))).expect("graph backend");
     for m in [&mut eager, &mut graphs] {
         m.add_adapter(1, a1.clone()).unwrap();
         m.add_adapter(2, a2.clone()).unwrap();

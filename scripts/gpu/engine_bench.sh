@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The issue-10 engine benchmark on the H200, from the GPU bundle (`cargo xtask gpu-bundle`).
-# Usage: engine_bench.sh BUNDLE_DIR OUT_DIR   (called by scripts/gpu_round.sh with the bundle and $OUT)
+# Usage: engine_bench.sh BUNDLE_DIR OUT_DIR [table|priority]   (called by scripts/gpu_round.sh with the bundle and $OUT)
 #
 # 1. `lora-engine gen --shape llama-3.1-8b` writes the random-weight 8B checkpoint (HF safetensors, bf16,
 #    16.1 GB) to /tmp/llama8b/model and one rank-16 PEFT adapter to /tmp/llama8b/adapters/adapter-0 (for
@@ -9,9 +9,9 @@
 #    backend over the same host weights (16 concurrent requests, input 1600, output 600, greedy,
 #    ignore_eos, max_num_batched_tokens 2048, KV from 0.9 of the free memory); adapters are random rank-r
 #    LoRAs on all 7 modules, made in memory on every core. Rows, in this order:
-#      graph + 1 adapter r16, graph + no LoRA (max_loras 0), graph + 1 adapter r16 on the two-launch LoRA
-#      kernels (`lora_kernels=shrink-expand`, the A/B of the fused kernel), eager + 1 adapter r16,
-#      graph + 16 distinct r16, the same on the two-launch kernels, mixed ranks 8/16/64 (16 adapters), 64 adapters r16 over 16 slots
+#      graph + 1 adapter r16, graph + no LoRA (max_loras 0), graph + 1 adapter r16 on the fused LoRA
+#      kernel (`lora_kernels=fused`, its A/B), eager + 1 adapter r16,
+#      graph + 16 distinct r16, the same on the fused kernel, mixed ranks 8/16/64 (16 adapters), 64 adapters r16 over 16 slots
 #      (64 requests, 16 at a time: 4 waves, each wave needs new adapters → slot churn).
 #    Every row appends one JSON object to $OUT/engine_bench.json and prints a table line
 #    ($OUT/engine_bench.txt); the log is $OUT/engine_bench.log.
@@ -58,19 +58,37 @@ common=(bench --model "$model_root/model" --device cuda --json "$json" --copy-gb
   --page-size 16 --gpu-memory-utilization 0.9 --host-cache-mib 8192)
 
 # One process, one model load; rows in order of importance (each appends its JSON line when done, so a
-# timeout loses only the rows not yet run).
+# timeout loses only the rows not yet run). ROWSET (third argument): `table` (default, the reference table
+# with the fused-kernel A/B rows) or `priority` (the LoRA branch's stream priority: two rows at normal
+# priority, then a second process with LORA_BRANCH_PRIORITY=high for the same two rows).
+rowset="${3:-table}"
+if [ "$rowset" = priority ]; then
+  rows=(--row name=graph-lora1-r16,adapters=1,ranks=16,max_loras=1,max_rank=16
+        --row name=graph-16distinct-r16,adapters=16,ranks=16,max_loras=16,max_rank=16)
+  stamp "bench: 2 rows at normal branch priority"
+  timeout 150 "$bin" "${common[@]}" --row name=graph-base,adapters=0,max_loras=0,max_rank=16 "${rows[@]}" \
+    >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
+  brc=$?
+  stamp "bench: 2 rows at high branch priority"
+  rows=(--row name=graph-lora1-r16-high,adapters=1,ranks=16,max_loras=1,max_rank=16
+        --row name=graph-16distinct-r16-high,adapters=16,ranks=16,max_loras=16,max_rank=16)
+  LORA_BRANCH_PRIORITY=high timeout 130 "$bin" "${common[@]}" "${rows[@]}" \
+    >>"$out/engine_bench.txt" 2>>"$out/engine_bench.log"
+  brc=$(( brc | $? ))
+else
 stamp "bench: 8 rows"
 timeout 330 "$bin" "${common[@]}" \
   --row name=graph-lora1-r16,adapters=1,ranks=16,max_loras=1,max_rank=16 \
   --row name=graph-base,adapters=0,max_loras=0,max_rank=16 \
-  --row name=graph-lora1-r16-two-launch,adapters=1,ranks=16,max_loras=1,max_rank=16,lora_kernels=shrink-expand \
+  --row name=graph-lora1-r16-fused,adapters=1,ranks=16,max_loras=1,max_rank=16,lora_kernels=fused \
   --row name=eager-lora1-r16,adapters=1,ranks=16,max_loras=1,max_rank=16,eager=1 \
   --row name=graph-16distinct-r16,adapters=16,ranks=16,max_loras=16,max_rank=16 \
-  --row name=graph-16distinct-r16-two-launch,adapters=16,ranks=16,max_loras=16,max_rank=16,lora_kernels=shrink-expand \
+  --row name=graph-16distinct-r16-fused,adapters=16,ranks=16,max_loras=16,max_rank=16,lora_kernels=fused \
   --row name=graph-mixed-8-16-64,adapters=16,ranks=8/16/64,max_loras=16,max_rank=64 \
   --row name=graph-churn-64-over-16,adapters=64,ranks=16,max_loras=16,max_rank=16,requests=64 \
   >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
 brc=$?
+fi
 [ "$brc" -ne 0 ] && { rc=1; stamp "bench failed (rc $brc, 124 = timeout)"; grep -E "ERROR|error|panicked" "$out/engine_bench.log" | head -n 20; }
 cat "$out/engine_bench.txt"
 grep -E "model loaded|backend cuda|random adapters|warm-up" "$out/engine_bench.log" | sed 's/\x1b\[[0-9;]*m//g' | head -n 30

@@ -43,7 +43,7 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
 
     /// The LoRA work of a group that needs only the prep and `x`, for the parallel branch beside the base
     /// GEMM: the shrink, and in [`ExpandMode::Delta`] the expand into the runtime's delta buffer — one
-    /// launch of the fused kernel where the plan says [`LoraPath::Fused`] (decode buckets).
+    /// launch of the fused kernel where the geometry says [`LoraPath::Fused`] (forced; decode buckets).
     pub fn launch_branch(
         &self,
         stream: &B::Stream,
