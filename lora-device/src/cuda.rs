@@ -144,6 +144,21 @@ impl Cuda {
         &self.ctx
     }
 
+    /// Copy `src` into `dst` on the backend's stream and wait for it: no staging copy (the synchronous
+    /// [`Backend::upload`] and [`Backend::write`] of gigabytes of weights would pay for it twice: the copy
+    /// and the first-touch page faults of a fresh vector), since `src` is not used again before the wait.
+    fn copy_and_wait<T: Pod>(&self, src: &[T], dst: DevSlice<T>) -> Result<(), DeviceError> {
+        let dst = dst.at(0, src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `dst` is a device range of `src.len()` elements (checked above; the caller owns it), and
+        // `src` outlives the copy: the stream is synchronized before returning.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst.addr(), src, self.stream.cu_stream()) }?;
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
     fn addr<T>(&self, b: &CudaSlice<T>) -> u64 {
         let (p, _sync) = b.device_ptr(&self.stream);
         p
@@ -226,6 +241,16 @@ impl Backend for Cuda {
         unsafe { std::ptr::write_bytes(ptr, 0, bytes.max(1)) };
         // SAFETY: `ptr` stays valid while `p` (owned by the buffer) lives and holds `len` initialized `T`.
         Ok(unsafe { PinnedBuffer::new(ptr as *mut T, len, Box::new(p)) })
+    }
+
+    fn upload<T: Pod>(&self, data: &[T]) -> Result<DeviceBuffer<T>, DeviceError> {
+        let b = self.alloc_zeroed::<T>(data.len())?;
+        self.copy_and_wait(data, b.slice())?;
+        Ok(b)
+    }
+
+    fn write<T: Pod>(&self, dst: DevSlice<T>, data: &[T]) -> Result<(), DeviceError> {
+        self.copy_and_wait(data, dst)
     }
 
     fn copy_to_device<T: Pod>(&self, stream: &Arc<CudaStream>, src: &[T], dst: DevSlice<T>) -> Result<(), DeviceError> {

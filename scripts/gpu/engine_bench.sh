@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The issue-10 engine benchmark on the H200, from the GPU bundle (`cargo xtask gpu-bundle`).
-# Usage: engine_bench.sh BUNDLE_DIR OUT_DIR [table|priority]   (called by scripts/gpu_round.sh with the bundle and $OUT)
+# Usage: engine_bench.sh BUNDLE_DIR OUT_DIR [table|quick|priority]   (called by scripts/gpu_round.sh with the bundle and $OUT)
 #
 # 1. `lora-engine gen --shape llama-3.1-8b` writes the random-weight 8B checkpoint (HF safetensors, bf16,
 #    16.1 GB) to /tmp/llama8b/model and one rank-16 PEFT adapter to /tmp/llama8b/adapters/adapter-0 (for
@@ -59,10 +59,16 @@ common=(bench --model "$model_root/model" --device cuda --json "$json" --copy-gb
 
 # One process, one model load; rows in order of importance (each appends its JSON line when done, so a
 # timeout loses only the rows not yet run). ROWSET (third argument): `table` (default, the reference table
-# with the fused-kernel A/B rows) or `priority` (the LoRA branch's stream priority: two rows at normal
+# with the fused-kernel A/B rows), `quick` (no LoRA and one adapter) or `priority` (the LoRA branch's stream priority: two rows at normal
 # priority, then a second process with LORA_BRANCH_PRIORITY=high for the same two rows).
 rowset="${3:-table}"
-if [ "$rowset" = priority ]; then
+if [ "$rowset" = quick ]; then
+  stamp "bench: 2 rows (no LoRA, 1 adapter)"
+  timeout 150 "$bin" "${common[@]}" --row name=graph-base,adapters=0,max_loras=0,max_rank=16 \
+    --row name=graph-lora1-r16,adapters=1,ranks=16,max_loras=1,max_rank=16 \
+    >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
+  brc=$?
+elif [ "$rowset" = priority ]; then
   rows=(--row name=graph-lora1-r16,adapters=1,ranks=16,max_loras=1,max_rank=16
         --row name=graph-16distinct-r16,adapters=16,ranks=16,max_loras=16,max_rank=16)
   stamp "bench: 2 rows at normal branch priority"

@@ -210,12 +210,24 @@ pub(crate) fn dev_err(e: impl std::fmt::Display) -> ModelError {
     ModelError::Backend(e.to_string())
 }
 
-fn bits(t: &Tensor) -> Vec<u16> {
-    t.data.iter().map(|v| v.to_bits()).collect()
+/// A tensor's values as the bf16 bit patterns the device buffers hold (a view, no copy: weights are
+/// gigabytes, and a host copy of them costs first-touch page faults as well as the copy).
+fn bits(t: &Tensor) -> &[u16] {
+    bytemuck::cast_slice(&t.data)
 }
 
-fn cat(ts: &[&Tensor]) -> Vec<u16> {
-    ts.iter().flat_map(|t| t.data.iter().map(|v| v.to_bits())).collect()
+/// One device buffer holding `ts` one after another (fused projections), written part by part from the
+/// tensors themselves.
+fn cat<B: Backend>(d: &B, ts: &[&Tensor]) -> Result<DeviceBuffer<u16>, ModelError> {
+    let len = ts.iter().map(|t| t.data.len()).sum();
+    let buf = d.alloc_zeroed::<u16>(len).map_err(dev_err)?;
+    let mut at = 0;
+    for t in ts {
+        let part = buf.slice().at(at, t.data.len()).map_err(dev_err)?;
+        d.write(part, bits(t)).map_err(dev_err)?;
+        at += t.data.len();
+    }
+    Ok(buf)
 }
 
 /// RoPE inverse frequencies (`head_dim / 2` f32), with Hugging Face's linear and llama3 scaling.
@@ -287,16 +299,16 @@ impl<B: Backend> DeviceBackend<B> {
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in &weights.layers {
             layers.push(Layer {
-                attn_norm: up(&bits(&l.attn_norm))?,
-                qkv: up(&cat(&[&l.q, &l.k, &l.v]))?,
+                attn_norm: up(bits(&l.attn_norm))?,
+                qkv: cat(d, &[&l.q, &l.k, &l.v])?,
                 qkv_bias: match &l.qkv_bias {
-                    Some([a, b, cc]) => Some(up(&cat(&[a, b, cc]))?),
+                    Some([a, b, cc]) => Some(cat(d, &[a, b, cc])?),
                     None => None,
                 },
-                o: up(&bits(&l.o))?,
-                mlp_norm: up(&bits(&l.mlp_norm))?,
-                gate_up: up(&cat(&[&l.gate, &l.up]))?,
-                down: up(&bits(&l.down))?,
+                o: up(bits(&l.o))?,
+                mlp_norm: up(bits(&l.mlp_norm))?,
+                gate_up: cat(d, &[&l.gate, &l.up])?,
+                down: up(bits(&l.down))?,
                 k_cache: DeviceBuffer::empty(),
                 v_cache: DeviceBuffer::empty(),
             });
@@ -321,12 +333,12 @@ impl<B: Backend> DeviceBackend<B> {
             part_o: d.alloc_zeroed(1).map_err(dev_err)?,
             part_ml: d.alloc_zeroed(1).map_err(dev_err)?,
         };
-        let embed = up(&bits(&weights.embed))?;
+        let embed = up(bits(&weights.embed))?;
         let lm_head = match &weights.lm_head {
-            Some(t) => Some(up(&bits(t))?),
+            Some(t) => Some(up(bits(t))?),
             None => None,
         };
-        let final_norm = up(&bits(&weights.final_norm))?;
+        let final_norm = up(bits(&weights.final_norm))?;
         let inv_freq = d.upload(&rope_inv_freq(&c)).map_err(dev_err)?;
         // The KV cache last, so that `num_pages: 0` can take what the rest left free; one page more than
         // the engine sees: the graphs' padding rows write their K/V there.
