@@ -23,7 +23,8 @@
 #   per row: backend 16 GB converted + H2D ≈ 5–10 s, adapters ≈ 1–5 s, warm-up < 1 s,
 #            prefill 25,600 tokens ≈ 1–3 s, decode 600 steps × 7–10 ms ≈ 5–6 s (eager + LoRA maybe 2–3×)
 #   rows: 5 × ≈ 15–25 s + churn (4 waves) ≈ 35–50 s                        ≈ 110–175 s
-#   measured (run 18): ≈ 30 s per row, 25 of them the backend rebuild; 8 rows ≈ 4–4.5 min;
+#   measured: run 18 ≈ 30 s per row, 25 of them the backend build; since run 20 the build takes 2–3 s,
+#   so 8 rows ≈ 1.5–2 min after the 15 s model load;
 #   the caps (gen 80 s, bench 330 s) bound it at 7 min.
 set -u
 bundle="$(cd "${1:?usage: engine_bench.sh BUNDLE_DIR OUT_DIR}" && pwd)"
