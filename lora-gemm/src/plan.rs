@@ -130,7 +130,7 @@ pub enum ExpandMode {
 /// Buckets up to this many tokens split the expand ([`ExpandMode::Delta`]); larger ones run it directly.
 pub const DELTA_MAX_TOKENS: u32 = 64;
 
-/// Which kernels run a group's LoRA (a planner decision per capacity: it fixes the graph's shape).
+/// Which kernels run a group's LoRA (it fixes the graph's shape; the planner takes [`PLANNED_PATH`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoraPath {
     /// The shrink and the expand, two launches (any token count).

@@ -205,6 +205,13 @@ pub const fn fused_sync_words(max_tiles: u32, n_mod: u32) -> usize {
     FUSED_READY + max_tiles as usize * n_mod as usize
 }
 
+/// Coordinates `(module, tile, inner)` of work item `w` of a grouped GEMM's item list, numbered module
+/// slowest and `inner` (the shrink's split, the expand's column block) fastest over `inner` values and
+/// `tiles` tiles. The shrink, the expand and the fused kernel all number their items this way.
+pub const fn work_item(w: u32, inner: u32, tiles: u32) -> (u32, u32, u32) {
+    (w / inner / tiles, (w / inner) % tiles, w % inner)
+}
+
 /// The split-K factor and chunk of the shrink for a step: `blocks` is the shrink's grid, `items` the step's
 /// `tiles × n_mod`. About one work item per block, at most `max_splits`, every chunk a multiple of
 /// [`SHRINK_K_STEP`] and no empty split. The expand recomputes it to know how many partials to sum.

@@ -327,24 +327,26 @@ pub fn load_hf_weights(dir: &Path) -> Result<ModelWeights, ModelError> {
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, c.num_layers.max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut slots: Vec<Option<Result<LayerWeights, ModelError>>> = (0..c.num_layers).map(|_| None).collect();
-    let done = std::sync::Mutex::new(&mut slots);
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| loop {
-                let l = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if l >= c.num_layers {
-                    break;
-                }
-                let r = load_layer(l);
-                done.lock().unwrap_or_else(|e| e.into_inner())[l] = Some(r);
-            });
-        }
+    // Each thread takes the next layer index until none is left and returns what it loaded, by index.
+    let mut loaded: Vec<(usize, Result<LayerWeights, ModelError>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut got = Vec::new();
+                    loop {
+                        let l = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if l >= c.num_layers {
+                            break got;
+                        }
+                        got.push((l, load_layer(l)));
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
     });
-    let mut layers = Vec::with_capacity(c.num_layers);
-    for (l, r) in slots.into_iter().enumerate() {
-        layers.push(r.ok_or_else(|| ModelError::Unsupported(format!("layer {l} was not loaded")))??);
-    }
+    loaded.sort_by_key(|(l, _)| *l);
+    let layers = loaded.into_iter().map(|(_, r)| r).collect::<Result<Vec<_>, _>>()?;
     let final_norm = shards.read("model.norm.weight", &[h])?;
     let lm_head = if c.tie_embeddings { None } else { Some(shards.read("lm_head.weight", &[c.vocab_size, h])?) };
     Ok(ModelWeights { config: c, embed, layers, final_norm, lm_head })

@@ -31,7 +31,7 @@
 //! module, B pointers valid for `[n, rank]`; in delta mode `delta` holds `max_tokens` rows of `ld_delta >=
 //! y_col + n` f32 for every token of the step.
 
-use crate::abi::{shrink_splits, GemmDesc, Tile, EXPAND_BN, MAX_RANK};
+use crate::abi::{shrink_splits, work_item, GemmDesc, Tile, EXPAND_BN, MAX_RANK};
 use crate::dsl::*;
 
 kernel! {
@@ -65,9 +65,7 @@ pub unsafe fn lora_expand(
         let o = ExpandOperands { partial, r_pad, max_tokens, perm, tiles, descs, num_slots, n_mod, y, ldy, delta, ld_delta };
         let mut w = block_idx_x();
         while w < total {
-            let nb = w % n_blocks;
-            let tile_i = (w / n_blocks) % nt;
-            let module = w / n_blocks / nt;
+            let (module, tile_i, nb) = work_item(w, n_blocks, nt);
             w += grid_dim_x();
             expand_item(&o, module, tile_i, nb, splits, core::ptr::null());
         }

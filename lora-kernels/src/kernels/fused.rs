@@ -32,7 +32,9 @@
 //! zero at launch and are not touched by anything else during it, no two launches use the same `sync` at
 //! once, dynamic shared memory `fused_shared_bytes(r_pad)`.
 
-use crate::abi::{shrink_splits, GemmDesc, Tile, FUSED_EXITS, FUSED_READY, FUSED_TICKET, GEMM_WARPS, TILE_M};
+use crate::abi::{
+    shrink_splits, work_item, GemmDesc, Tile, FUSED_EXITS, FUSED_READY, FUSED_TICKET, GEMM_WARPS, TILE_M,
+};
 use crate::dsl::*;
 use crate::kernels::expand::{expand_item, ExpandOperands};
 use crate::kernels::shrink::{shrink_item, ShrinkOperands};
@@ -113,9 +115,7 @@ unsafe fn fused<const RT: usize>(
                 break;
             }
             if item < shrink_items {
-                let split = item % splits;
-                let tile_i = (item / splits) % nt;
-                let module = item / splits / nt;
+                let (module, tile_i, split) = work_item(item, splits, nt);
                 shrink_item::<RT>(&so, module, tile_i, split, k_chunk);
                 // Publish: every thread's partial stores are fenced before the barrier, then one count.
                 threadfence();
@@ -124,10 +124,7 @@ unsafe fn fused<const RT: usize>(
                     atomic_add_u32(ready.add((tile_i * n_mod + module) as usize), 1);
                 }
             } else {
-                let e = item - shrink_items;
-                let nb = e % n_blocks;
-                let tile_i = (e / n_blocks) % nt;
-                let module = e / n_blocks / nt;
+                let (module, tile_i, nb) = work_item(item - shrink_items, n_blocks, nt);
                 let flag = ready.add((tile_i * n_mod + module) as usize) as *const u32;
                 expand_item(&eo, module, tile_i, nb, splits, flag);
             }

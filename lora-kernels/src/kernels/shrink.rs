@@ -38,7 +38,7 @@
 //! `r_pad >= rank_pad(max rank)`; `num_tiles <= max_tiles`; dynamic shared memory
 //! `shrink_shared_bytes(max rank)`.
 
-use crate::abi::{rank_pad, shrink_splits, GemmDesc, Tile, GEMM_THREADS, GEMM_WARPS, SHRINK_K_STEP, TILE_M};
+use crate::abi::{rank_pad, shrink_splits, work_item, GemmDesc, Tile, GEMM_THREADS, GEMM_WARPS, SHRINK_K_STEP, TILE_M};
 use crate::dsl::*;
 
 /// What a shrink work item reads besides its coordinates: one launch's operands (see the module docs).
@@ -91,9 +91,7 @@ unsafe fn shrink<const RT: usize>(
         let o = ShrinkOperands { x, ldx, perm, tiles, descs, num_slots, n_mod, k, partial, max_tokens, r_pad };
         let mut w = block_idx_x();
         while w < items * splits {
-            let split = w % splits;
-            let tile_i = (w / splits) % nt;
-            let module = w / splits / nt;
+            let (module, tile_i, split) = work_item(w, splits, nt);
             w += blocks;
             shrink_item::<RT>(&o, module, tile_i, split, k_chunk);
         }
