@@ -73,6 +73,18 @@ pub struct Geometry {
     pub sync_words: usize,
 }
 
+impl Geometry {
+    /// The same geometry with each persistent LoRA grid (shrink, expand, fused) cut to at most `blocks`
+    /// blocks (at least 1). The results are the same bits: every kernel walks its items with whatever grid
+    /// it has, and the expand reads the shrink's grid (`shrink.grid`, from which the device derives the
+    /// split factor) from this geometry. For measuring how many SMs the LoRA branch should ask for beside
+    /// the base GEMM.
+    pub fn with_grid_cap(self, blocks: u32) -> Geometry {
+        let cap = |s: LaunchShape| LaunchShape { grid: (s.grid.0.min(blocks.max(1)), s.grid.1, s.grid.2), ..s };
+        Geometry { shrink: cap(self.shrink), expand: cap(self.expand), fused: cap(self.fused), ..self }
+    }
+}
+
 /// The buffers the prep kernel writes once per step and every layer reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepBuffers {

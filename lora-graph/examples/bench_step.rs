@@ -2,9 +2,11 @@
 //! the graph memory, replay and eager time at 16 tokens with no adapter, one rank-16 adapter and 16 distinct
 //! rank-16 adapters, and the host time of the per-step update for 64 requests.
 //!
-//! Run (GPU machine): `bench_step [--layers N] [--max-tokens N] [--path fused|shrink-expand]` (`--path`
-//! forces the groups' LoRA path, default the planner's: shrink + expand; `LORA_BRANCH_PRIORITY=high|low`
-//! sets the LoRA branch's stream priority); prints a table and the goals
+//! Run (GPU machine): `bench_step [--layers N] [--max-tokens N] [--path fused|shrink-expand] [--grid-cap N]`
+//! (`--path` forces the groups' LoRA path, default the planner's: shrink + expand; `--grid-cap` cuts every
+//! persistent LoRA grid to N blocks; `LORA_BRANCH_PRIORITY=high|low` sets the LoRA branch's stream
+//! priority, `LORA_BRANCH_ORDER=base-first` captures each base GEMM before its LoRA branch); prints a table — with, for attribution, the LoRA graph replayed for a step without adapters
+//! (every LoRA kernel launched, none with work: the cost of the graph's shape) — and the goals
 //! (one adapter ≤ 1.08 × no adapter, 16 distinct ≤ 1.20 × no adapter, update ≤ 20 µs).
 
 use std::time::Instant;
@@ -84,6 +86,7 @@ fn main() -> Result<()> {
     let layers = arg("--layers", 32);
     let max_tokens = arg("--max-tokens", 256);
     let lora_path = path_arg()?;
+    let grid_cap = Some(arg("--grid-cap", 0)).filter(|&c| c > 0);
     let dev = match Cuda::open(0) {
         Ok(d) => d,
         Err(e) => {
@@ -92,7 +95,11 @@ fn main() -> Result<()> {
         }
     };
     let path = lora_path.map_or("planner".to_string(), |p| format!("{p:?}"));
-    println!("device: {}; LoRA path: {path}; branch priority: {:?}", dev.name(), dev.branch_priority());
+    println!(
+        "device: {}; LoRA path: {path}; grid cap: {grid_cap:?}; branch priority: {:?}",
+        dev.name(),
+        dev.branch_priority()
+    );
     let cfg = RuntimeConfig {
         capacity: Capacity { max_tokens, num_slots: 64, max_rank: 64, max_reqs: max_tokens },
         num_layers: layers,
@@ -100,9 +107,12 @@ fn main() -> Result<()> {
         buckets: Buckets::default_for(max_tokens)?,
         host_cache_bytes: 8 << 30,
         lora_path,
+        lora_grid_cap: grid_cap,
+        lora_branch_order: None,
     };
     let n_buckets = cfg.buckets.sizes().len();
     let rt = LoraRuntime::<u32, Cuda>::new(dev, cfg).context("runtime")?;
+    println!("branch order: {:?}", rt.branch_order());
     println!(
         "runtime device memory: {:.2} GiB (slot pool {} × {:.1} MiB)",
         rt.device_bytes() as f64 / (1u64 << 30) as f64,
@@ -160,6 +170,14 @@ fn main() -> Result<()> {
     }
     model.set_lora_parts(true, true);
     model.capture_all()?;
+    // The LoRA graph for a step without adapters: no tiles, so every LoRA kernel launches and leaves.
+    let empty = time_us(&mut model, reps, rounds, &mut |m| {
+        let p = m.rt.prepare_step(&none)?;
+        m.replay(p.bucket, true)?;
+        m.rt.finish_step()?;
+        Ok(())
+    })?;
+    parts.push(("LoRA graph, no adapter used", empty));
 
     println!("\n{:<18} {:>12} {:>12} {:>10}", "step (16 tokens)", "graph µs", "eager µs", "× none");
     let base = rows[0].1;
@@ -168,7 +186,7 @@ fn main() -> Result<()> {
     }
 
     for (name, t) in &parts {
-        println!("{:<26} {:>12.1} (graph, for attribution only)", name, t);
+        println!("{:<32} {:>12.1} (graph, for attribution only)", name, t);
     }
 
     // Host time of the per-step update for 64 requests over 16 resident adapters (steady state).

@@ -48,6 +48,38 @@ pub struct RuntimeConfig {
     /// buckets that write the LoRA delta on the parallel branch (`plan::DELTA_MAX_TOKENS`); larger buckets
     /// keep the shrink and the expand. For A/B measurements and as an escape hatch.
     pub lora_path: Option<LoraPath>,
+    /// Cut every persistent LoRA grid to at most this many blocks (`Geometry::with_grid_cap`; the same
+    /// results). `None`: the environment variable `LORA_GRID_CAP` if it holds a positive number, else the
+    /// planner's grids. For measuring how wide the LoRA branch beside the base GEMM should be.
+    pub lora_grid_cap: Option<u32>,
+    /// Which of a group's two parallel launches is captured first: the LoRA branch or the base GEMM
+    /// ([`BranchOrder`]). `None`: the environment variable `LORA_BRANCH_ORDER` (`lora-first`,
+    /// `base-first`), else [`BranchOrder::LoraFirst`].
+    pub lora_branch_order: Option<BranchOrder>,
+}
+
+/// The capture order of a group's parallel work. Both orders give the same graph edges (the branch and the
+/// base GEMM each depend only on what produced `x`); what differs is which the device launches first, and
+/// so whose blocks take the SMs first: the base GEMM's blocks fill whole SMs (their registers), so LoRA
+/// blocks resident on an SM delay the GEMM block that wants it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BranchOrder {
+    /// The LoRA branch, then the base GEMM.
+    #[default]
+    LoraFirst,
+    /// The base GEMM, then the LoRA branch.
+    BaseFirst,
+}
+
+impl BranchOrder {
+    /// `lora-first` or `base-first`.
+    pub fn parse(s: &str) -> Result<BranchOrder, GraphError> {
+        match s.trim() {
+            "lora-first" => Ok(BranchOrder::LoraFirst),
+            "base-first" => Ok(BranchOrder::BaseFirst),
+            other => Err(GraphError::Config(format!("branch order {other:?}: give lora-first or base-first"))),
+        }
+    }
 }
 
 /// One request of a step.
@@ -150,6 +182,7 @@ pub struct LoraRuntime<A: Copy + Eq + Hash + Debug, B: Backend> {
     /// The plan at full capacity (module numbering, shapes, descriptor count).
     pub plan: ModelPlan,
     geometry: BTreeMap<u32, Vec<Geometry>>,
+    branch_order: BranchOrder,
     slots: SlotManager<A>,
     cache: HostCache<A, Registered>,
     slot_bytes: u64,
@@ -174,6 +207,19 @@ pub struct LoraRuntime<A: Copy + Eq + Hash + Debug, B: Backend> {
 
 const STAGING_RING: usize = 4;
 
+/// `LORA_GRID_CAP` (see [`RuntimeConfig::lora_grid_cap`]): unset or empty is `None`, anything but a
+/// positive number an error.
+fn grid_cap_from_env() -> Result<Option<u32>, GraphError> {
+    match std::env::var("LORA_GRID_CAP") {
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => match v.trim().parse::<u32>() {
+            Ok(c) if c > 0 => Ok(Some(c)),
+            _ => Err(GraphError::Config(format!("LORA_GRID_CAP={v:?}: give a positive number of blocks"))),
+        },
+        Err(_) => Ok(None),
+    }
+}
+
 impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
     /// Allocate everything for `cfg` on `dev` (which the runtime then owns; steps run on `dev.stream()`).
     pub fn new(dev: B, cfg: RuntimeConfig) -> Result<Self, GraphError> {
@@ -189,6 +235,15 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
             return Err(GraphError::Config("a model needs at least one layer".into()));
         }
         let sms = dev.sm_count();
+        let grid_cap = match cfg.lora_grid_cap {
+            Some(c) => Some(c),
+            None => grid_cap_from_env()?,
+        };
+        let branch_order = match (cfg.lora_branch_order, std::env::var("LORA_BRANCH_ORDER")) {
+            (Some(o), _) => o,
+            (None, Ok(v)) if !v.trim().is_empty() => BranchOrder::parse(&v)?,
+            (None, _) => BranchOrder::LoraFirst,
+        };
         let plan = plan_model(&cap, &cfg.groups, cfg.num_layers, sms)?;
         let mut geometry = BTreeMap::new();
         let (mut ws_size, mut delta_rows) = (plan.workspace, plan.delta_rows);
@@ -197,7 +252,10 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
             ws_size = ws_size.max(p.workspace);
             delta_rows = delta_rows.max(p.delta_rows);
             let geoms = p.groups.iter().map(|g| {
-                let geo = g.geometry();
+                let geo = match grid_cap {
+                    Some(blocks) => g.geometry().with_grid_cap(blocks),
+                    None => g.geometry(),
+                };
                 match cfg.lora_path {
                     Some(LoraPath::Fused) if geo.expand_mode != ExpandMode::Delta => geo,
                     Some(path) => Geometry { path, ..geo },
@@ -271,6 +329,7 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
             cfg,
             plan,
             geometry,
+            branch_order,
             slot_bytes,
             entries_per_slot,
             staging,
@@ -297,6 +356,11 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
     /// The stream steps run on (and graphs are captured on): the device's stream.
     pub fn stream(&self) -> &B::Stream {
         self.dev.stream()
+    }
+
+    /// Which of a group's parallel launches is captured first (config, else `LORA_BRANCH_ORDER`).
+    pub fn branch_order(&self) -> BranchOrder {
+        self.branch_order
     }
 
     /// The configuration.

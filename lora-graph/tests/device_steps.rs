@@ -115,6 +115,8 @@ fn graph_replay_matches_eager_and_reference_over_200_steps<B: Backend>(dev: B, l
         buckets: Buckets::default_for(CAP).unwrap(),
         host_cache_bytes: 1 << 30,
         lora_path: None,
+        lora_grid_cap: None,
+        lora_branch_order: None,
     };
     let rt = LoraRuntime::<u32, B>::new(dev, cfg).unwrap();
     let mut model = SyntheticModel::new(rt, 0.02, 11).unwrap();

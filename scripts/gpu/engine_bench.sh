@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The issue-10 engine benchmark on the H200, from the GPU bundle (`cargo xtask gpu-bundle`).
-# Usage: engine_bench.sh BUNDLE_DIR OUT_DIR [table|quick|priority]   (called by scripts/gpu_round.sh with the bundle and $OUT)
+# Usage: engine_bench.sh BUNDLE_DIR OUT_DIR [table|quick|order|priority]   (called by scripts/gpu_round.sh with the bundle and $OUT)
 #
 # 1. `lora-engine gen --shape llama-3.1-8b` writes the random-weight 8B checkpoint (HF safetensors, bf16,
 #    16.1 GB) to /tmp/llama8b/model and one rank-16 PEFT adapter to /tmp/llama8b/adapters/adapter-0 (for
@@ -32,7 +32,7 @@ out="${2:-${OUT:-$bundle/logs}}"
 mkdir -p "$out"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export RUST_LOG="${RUST_LOG:-info}"
-bin="$bundle/bin/lora-engine"
+bin="${ENGINE_BIN:-$bundle/bin/lora-engine}"   # ENGINE_BIN: another build, for A/B runs
 [ -x "$bin" ] || bin="$bundle/lora-engine"   # the bundle, or its bin/ folder
 model_root="${LLAMA8B_DIR:-/tmp/llama8b}"
 json="$out/engine_bench.json"
@@ -60,13 +60,15 @@ common=(bench --model "$model_root/model" --device cuda --json "$json" --copy-gb
 
 # One process, one model load; rows in order of importance (each appends its JSON line when done, so a
 # timeout loses only the rows not yet run). ROWSET (third argument): `table` (default, the reference table
-# with the fused-kernel A/B rows), `quick` (no LoRA and one adapter) or `priority` (the LoRA branch's stream priority: two rows at normal
+# with the fused-kernel A/B rows), `quick` (no LoRA, one adapter, 16 distinct), `order` (the LoRA branch's capture
+# order and grid cap: ORDER_SETTINGS="order:cap …", cap 0 = planned) or `priority` (the LoRA branch's stream priority: two rows at normal
 # priority, then a second process with LORA_BRANCH_PRIORITY=high for the same two rows).
 rowset="${3:-table}"
 if [ "$rowset" = quick ]; then
-  stamp "bench: 2 rows (no LoRA, 1 adapter)"
+  stamp "bench: 3 rows (no LoRA, 1 adapter, 16 distinct)"
   timeout 150 "$bin" "${common[@]}" --row name=graph-base,adapters=0,max_loras=0,max_rank=16 \
     --row name=graph-lora1-r16,adapters=1,ranks=16,max_loras=1,max_rank=16 \
+    --row name=graph-16distinct-r16,adapters=16,ranks=16,max_loras=16,max_rank=16 \
     >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
   brc=$?
 elif [ "$rowset" = priority ]; then
@@ -82,6 +84,23 @@ elif [ "$rowset" = priority ]; then
   LORA_BRANCH_PRIORITY=high timeout 130 "$bin" "${common[@]}" "${rows[@]}" \
     >>"$out/engine_bench.txt" 2>>"$out/engine_bench.log"
   brc=$(( brc | $? ))
+elif [ "$rowset" = order ]; then
+  # The LoRA branch's capture order and grid width (LORA_BRANCH_ORDER, LORA_GRID_CAP): one process per
+  # setting, the same two LoRA rows each, the no-LoRA row once.
+  rows=(--row name=graph-lora1-r16,adapters=1,ranks=16,max_loras=1,max_rank=16
+        --row name=graph-16distinct-r16,adapters=16,ranks=16,max_loras=16,max_rank=16)
+  stamp "bench: lora-first (default)"
+  timeout 110 "$bin" "${common[@]}" --row name=graph-base,adapters=0,max_loras=0,max_rank=16 "${rows[@]}" \
+    >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
+  brc=$?
+  for setting in ${ORDER_SETTINGS:-base-first:0 base-first:132}; do
+    order="${setting%%:*}"; cap="${setting##*:}"; [ "$cap" = 0 ] && cap=""
+    stamp "bench: order $order, grid cap ${cap:-planned}"
+    echo "# LORA_BRANCH_ORDER=$order LORA_GRID_CAP=${cap:-planned}" >>"$out/engine_bench.txt"
+    LORA_BRANCH_ORDER=$order LORA_GRID_CAP=$cap timeout 90 "$bin" "${common[@]}" "${rows[@]}" \
+      >>"$out/engine_bench.txt" 2>>"$out/engine_bench.log"
+    brc=$(( brc | $? ))
+  done
 else
 stamp "bench: 8 rows"
 timeout 330 "$bin" "${common[@]}" \

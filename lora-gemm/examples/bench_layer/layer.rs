@@ -282,8 +282,10 @@ pub(crate) fn emu_check(sms: u32) -> Result<()> {
     // Each on both LoRA paths.
     let cases = [Config { tokens: 3, rank: 8, distinct: 2 }, Config { tokens: 2, rank: 64, distinct: 2 }];
     let paths = [LoraPath::ShrinkExpand, LoraPath::Fused];
-    let plans: Vec<ConfigPlan> =
-        cases.iter().flat_map(|&c| paths.iter().map(move |&p| plan_config(c, sms, Some(p)))).collect::<Result<_>>()?;
+    let plans: Vec<ConfigPlan> = cases
+        .iter()
+        .flat_map(|&c| paths.iter().map(move |&p| plan_config(c, sms, Some(p), None)))
+        .collect::<Result<_>>()?;
     let s = sizes(&plans);
     let h = host_data(&plans[0].model, &s);
     let d = TestBed::new(lora_device::Emulator::with_sms(sms));

@@ -29,7 +29,8 @@
 //! against the f64 product; no CUDA either), `--check-all` (correctness check on every config, not only the
 //! default subset), `--sms N` (SM count assumed by `--dry-run`), `--tokens L`, `--ranks L`, `--distinct L`
 //! (comma-separated lists replacing an axis of the matrix, for tuning), `--path fused|shrink-expand` (force
-//! the groups' LoRA path; default: what the planner picks per token count). With `OUT` set, the table is also
+//! the groups' LoRA path; default: what the planner picks per token count), `--grid-cap N` (cut every
+//! persistent LoRA grid to N blocks: the same bits, for sizing the grids). With `OUT` set, the table is also
 //! written to `$OUT/bench_layer.csv` (rewritten after every config, so a partial run leaves its rows).
 
 use std::collections::HashMap;
@@ -199,13 +200,21 @@ impl ConfigPlan {
     }
 }
 
-/// Plan a config; `path` overrides the planner's choice of [`LoraPath`] for every group.
-pub(crate) fn plan_config(cfg: Config, sms: u32, path: Option<LoraPath>) -> Result<ConfigPlan> {
+/// Plan a config; `path` overrides the planner's choice of [`LoraPath`] for every group, `grid_cap` cuts
+/// every persistent LoRA grid (`Geometry::with_grid_cap`).
+pub(crate) fn plan_config(cfg: Config, sms: u32, path: Option<LoraPath>, grid_cap: Option<u32>) -> Result<ConfigPlan> {
     let req = requests(cfg.tokens, cfg.distinct);
     let cap =
         Capacity { max_tokens: cfg.tokens, num_slots: NUM_SLOTS, max_rank: cfg.rank, max_reqs: req.slot.len() as u32 };
     let model = plan_model(&cap, &llama3_8b_groups(), 1, sms)?;
-    let geoms = model.groups.iter().map(|g| Geometry { path: path.unwrap_or(g.path), ..geometry(g) }).collect();
+    let geoms = model
+        .groups
+        .iter()
+        .map(|g| {
+            let geo = Geometry { path: path.unwrap_or(g.path), ..geometry(g) };
+            grid_cap.map_or(geo, |c| geo.with_grid_cap(c))
+        })
+        .collect();
     let step = pack_step_input(model.prep.layout, &req, cap.max_tokens)?;
     let twin = reorder(&req.slot, &req.tok_off, NUM_SLOTS)?;
     let bytes = min_bytes(&model.groups, cfg);
@@ -302,10 +311,11 @@ pub(crate) struct Args {
     pub(crate) ranks: Option<Vec<u32>>,
     pub(crate) distinct: Option<Vec<u32>>,
     pub(crate) path: Option<LoraPath>,
+    pub(crate) grid_cap: Option<u32>,
 }
 
 pub(crate) const USAGE: &str = "usage: bench_layer [--quick] [--dry-run [--sms N]] [--emu-check] [--check-all] \
-                     [--tokens 16,256] [--ranks 16] [--distinct 1,16] [--path fused|shrink-expand]";
+                     [--tokens 16,256] [--ranks 16] [--distinct 1,16] [--path fused|shrink-expand] [--grid-cap N]";
 
 pub(crate) fn parse_args() -> Result<Args> {
     let mut a = Args {
@@ -318,6 +328,7 @@ pub(crate) fn parse_args() -> Result<Args> {
         ranks: None,
         distinct: None,
         path: None,
+        grid_cap: None,
     };
     let mut it = std::env::args().skip(1);
     let list = |v: Option<String>, name: &str| -> Result<Option<Vec<u32>>> {
@@ -350,6 +361,14 @@ pub(crate) fn parse_args() -> Result<Args> {
                     other => bail!("--path {other:?}: give fused or shrink-expand ({USAGE})"),
                 })
             }
+            "--grid-cap" => {
+                let v: u32 =
+                    it.next().ok_or_else(|| anyhow!("--grid-cap needs a value"))?.parse().context("--grid-cap")?;
+                if v == 0 {
+                    bail!("--grid-cap 0: give at least one block");
+                }
+                a.grid_cap = Some(v);
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -376,7 +395,8 @@ pub(crate) fn dry_run(configs: &[Config], args: &Args) -> Result<()> {
     if configs.is_empty() {
         bail!("no configs (every adapter count exceeds every token count?)");
     }
-    let plans: Vec<ConfigPlan> = configs.iter().map(|&c| plan_config(c, args.sms, args.path)).collect::<Result<_>>()?;
+    let plans: Vec<ConfigPlan> =
+        configs.iter().map(|&c| plan_config(c, args.sms, args.path, args.grid_cap)).collect::<Result<_>>()?;
     let groups: Vec<String> = plans[0].model.groups.iter().map(group_line).collect();
     println!("groups: {}", groups.join("; "));
     println!("geometry per group: max splits x k_chunk, max_tiles, expand blocks, r_pad, shrink shared bytes");
@@ -453,7 +473,7 @@ pub(crate) fn dry_run(configs: &[Config], args: &Args) -> Result<()> {
     }
     // Self-checks of the pure helpers.
     let c = Config { tokens: 16, rank: 16, distinct: 16 };
-    let p = plan_config(c, args.sms, None)?;
+    let p = plan_config(c, args.sms, None, args.grid_cap)?;
     let want = 16 * 26624 * 2 + 2 * 16 * 16 * 81920 + 4 * 16 * 43008;
     if p.bytes.total() != want {
         bail!("min bytes of {c:?}: {} != {want}", p.bytes.total());
@@ -496,7 +516,8 @@ fn main() -> Result<()> {
     let sms = dev.sm_count();
     let (cc_major, cc_minor) = dev.context().compute_capability()?;
     println!("device: {name} (sm_{cc_major}{cc_minor}, {sms} SMs)");
-    let plans: Vec<ConfigPlan> = configs.iter().map(|&c| plan_config(c, sms, args.path)).collect::<Result<_>>()?;
+    let plans: Vec<ConfigPlan> =
+        configs.iter().map(|&c| plan_config(c, sms, args.path, args.grid_cap)).collect::<Result<_>>()?;
     let started = std::time::Instant::now();
     let bench = match Bench::new(dev, &plans) {
         Ok(b) => b,

@@ -3,16 +3,25 @@
 //! ranks 1 to 128, several splits, many tiles (and so many tickets per block on the emulator's small grid),
 //! and — with `big` on the GPU — Llama widths and a full 2304-token capacity forced onto the fused path.
 //! After every fused launch the sync area must be zero again (the last block's reset, which lets a graph
-//! replay the launch), and a second launch must reproduce the first.
+//! replay the launch), and a second launch must reproduce the first. The same comparison checks that
+//! cutting the persistent grids (`Geometry::with_grid_cap`, down to one block) changes no bit on either path.
 
 #[allow(unused_imports)]
 use super::*;
 
 /// y after the group's LoRA into a restored y, and the f32 delta (bits) into a NaN-poisoned buffer, on
-/// `path`, with the workspace partials poisoned before each launch.
-fn outputs<B: Backend>(d: &TestBed<B>, r: &CaseRun<'_, B>, path: LoraPath, name: &str) -> (Vec<u16>, Vec<u32>) {
+/// `path` with the grids cut to `cap` blocks (if given), with the workspace partials poisoned before each
+/// launch.
+fn outputs<B: Backend>(
+    d: &TestBed<B>,
+    r: &CaseRun<'_, B>,
+    path: LoraPath,
+    cap: Option<u32>,
+    name: &str,
+) -> (Vec<u16>, Vec<u32>) {
     let g = &r.rig.plan.groups[0];
-    let geo = Geometry { path, ..g.geometry() };
+    let planned = Geometry { path, ..g.geometry() };
+    let geo = cap.map_or(planned, |c| planned.with_grid_cap(c));
     let descs = r.rig.descs_at(0, 0);
     let (dev, st, rig, io) = (d.dev(), d.stream(), &r.rig, &r.io);
     let ld = g.out_cols() + 2;
@@ -39,9 +48,9 @@ fn outputs<B: Backend>(d: &TestBed<B>, r: &CaseRun<'_, B>, path: LoraPath, name:
 /// Run `c` (checked against the reference on the planner's path), then both paths by hand: equal bits.
 fn compare<B: Backend>(d: &TestBed<B>, c: &Case, name: &str) {
     let r = run_case(d, name, c);
-    let two = outputs(d, &r, LoraPath::ShrinkExpand, name);
-    let fused = outputs(d, &r, LoraPath::Fused, name);
-    let again = outputs(d, &r, LoraPath::Fused, name);
+    let two = outputs(d, &r, LoraPath::ShrinkExpand, None, name);
+    let fused = outputs(d, &r, LoraPath::Fused, None, name);
+    let again = outputs(d, &r, LoraPath::Fused, None, name);
     let diff = |a: &[u32], b: &[u32]| a.iter().zip(b).filter(|(x, y)| x != y).count();
     let y_diff = two.0.iter().zip(&fused.0).filter(|(a, b)| a != b).count();
     assert_eq!(y_diff, 0, "{name}: {y_diff} elements of y differ between the fused kernel and shrink + expand");
@@ -82,5 +91,37 @@ device_test!(fused_matches_shrink_expand, |d, big| {
         compare(d, &c, "big_fused_down_16_tokens_one_adapter");
         let c = big_mixed(94, 64, 4096, 4096, &[789, 456, 123], 2304, 2304, &ALL_RANKS);
         compare(d, &c, "big_fused_2304_tokens");
+    }
+});
+
+/// Run `c`, then each path with its grids cut to each of `caps`: the bits of the planned grids.
+fn compare_capped<B: Backend>(d: &TestBed<B>, c: &Case, caps: &[u32], name: &str) {
+    let r = run_case(d, name, c);
+    for path in [LoraPath::ShrinkExpand, LoraPath::Fused] {
+        let planned = outputs(d, &r, path, None, name);
+        assert!(planned.0 != r.io.y0, "{name}: no adapted element");
+        for &cap in caps {
+            let capped = outputs(d, &r, path, Some(cap), name);
+            let y_diff = planned.0.iter().zip(&capped.0).filter(|(a, b)| a != b).count();
+            assert_eq!(y_diff, 0, "{name} {path:?}: {y_diff} elements of y differ with the grids cut to {cap}");
+            assert!(planned.1 == capped.1, "{name} {path:?}: the delta differs with the grids cut to {cap}");
+        }
+    }
+}
+
+device_test!(capped_grids_match_planned_grids, |d, big| {
+    // Two splits planned, so a grid cut below the item count changes the device's split factor too.
+    let mut c = mixed_case();
+    c.chunk = Chunk::Fixed(32);
+    c.seed = 21;
+    compare_capped(d, &c, &[1, 3, 7], "capped_mixed_two_splits");
+    let order = [5u32, 0, 7, 2, 6, 1, 3, 4];
+    let reqs: Vec<(u32, u32)> = order.iter().map(|&s| (s, 1)).collect();
+    let mut c = Case::new(8, 72, &[45, 123], &reqs);
+    c.chunk = Chunk::Fixed(32);
+    compare_capped(d, &c, &[2, 5], "capped_every_token_its_own_adapter");
+    if big {
+        let c = big_mixed(95, 16, 4096, 4096, &[4096, 1024, 1024], 16, 16, &[8, 16, 64]);
+        compare_capped(d, &c, &[16, 66, 132], "big_capped_qkv_16_tokens");
     }
 });

@@ -15,7 +15,7 @@ use lora_gemm::model::LoraDelta;
 use lora_gemm::plan::{ExpandMode, LoraPath};
 use lora_kernels::abi::GemmDesc;
 
-use super::{GroupIo, LoraRuntime};
+use super::{BranchOrder, GroupIo, LoraRuntime};
 use crate::GraphError;
 
 impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
@@ -146,8 +146,16 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
         base: impl FnOnce() -> Result<(), GraphError>,
     ) -> Result<Option<LoraDelta>, GraphError> {
         branch.fork(&self.dev, main)?;
-        self.launch_branch(branch.side(), bucket, layer, group, io.x, io.ldx)?;
-        base()?;
+        match self.branch_order {
+            BranchOrder::LoraFirst => {
+                self.launch_branch(branch.side(), bucket, layer, group, io.x, io.ldx)?;
+                base()?;
+            }
+            BranchOrder::BaseFirst => {
+                base()?;
+                self.launch_branch(branch.side(), bucket, layer, group, io.x, io.ldx)?;
+            }
+        }
         branch.join(&self.dev, main)?;
         let (g, _) = self.group_args(bucket, layer, group)?;
         if g.expand_mode == ExpandMode::Delta {

@@ -4,9 +4,13 @@
 //! taken in split order 0, 1, 2, … (deterministic) and rounded to bf16 while it is loaded.
 //!
 //! **Work decomposition (persistent grid).** A fixed grid of `G` blocks of [`GEMM_THREADS`] threads walks the
-//! step's `n_mod · nt · n_blocks` work items `(module, tile, column block)` — column block fastest, so
-//! consecutive blocks share a tile's `t` rows — in a grid-stride loop (`nt = *num_tiles` is read from the
-//! device, `n_blocks = ceil(max n / EXPAND_BN)`). Item `(m, i, nb)` covers tile `i` (up to 16 rows of one
+//! step's `I = n_mod · nt · n_blocks` work items `(module, tile, column block)` — column block fastest
+//! (`nt = *num_tiles` is read from the device, `n_blocks = ceil(max n / EXPAND_BN)`). Block b takes the
+//! contiguous run of items `b·c .. b·c + c` with `c = ceil(I / G)`: with `I ≤ G` (one adapter at decode)
+//! that is item b, and with more items a block's consecutive items share a tile and a module, so their tile,
+//! descriptor, token and partial loads after the first hit L1 and each item waits on one memory latency (its
+//! B columns) instead of a chain of three (measured: a grid-stride order, where a block's items are `G`
+//! apart, left 16 distinct adapters at decode latency-bound, docs/perf.md run 22). Item `(m, i, nb)` covers tile `i` (up to 16 rows of one
 //! slot) and output columns `[nb·128, nb·128 + 128)` of module m; warp w owns columns `nb·128 + 32w ..+32` as
 //! four `n8` tiles and skips the item if they start past the module's width (there is no block barrier in
 //! this kernel, so warps may diverge freely). Each warp walks the rank in steps of 16: lane
@@ -63,10 +67,12 @@ pub unsafe fn lora_expand(
         let total = n_mod * nt * n_blocks;
         let (splits, _) = shrink_splits(shrink_blocks, nt * n_mod, max_splits, k);
         let o = ExpandOperands { partial, r_pad, max_tokens, perm, tiles, descs, num_slots, n_mod, y, ldy, delta, ld_delta };
-        let mut w = block_idx_x();
-        while w < total {
+        let run = total.div_ceil(grid_dim_x());
+        let mut w = block_idx_x() * run;
+        let end = if w + run < total { w + run } else { total };
+        while w < end {
             let (module, tile_i, nb) = work_item(w, n_blocks, nt);
-            w += grid_dim_x();
+            w += 1;
             expand_item(&o, module, tile_i, nb, splits, core::ptr::null());
         }
     }

@@ -203,6 +203,8 @@ fn runtime_config(c: &ModelConfig, o: &DeviceOptions) -> Result<RuntimeConfig, M
         buckets: Buckets::default_for(t).map_err(graph_err)?,
         host_cache_bytes: o.host_cache_bytes,
         lora_path: o.lora_path,
+        lora_grid_cap: None,
+        lora_branch_order: None,
     })
 }
 
