@@ -7,14 +7,15 @@
 # model kernels, racecheck and synccheck on decode attention, memcheck on the graph-replayed forward);
 # `skinny` — the skinny decode GEMM benchmark; `lora` — issue 13's LoRA kernels (scripts/gpu/lora_kernels.sh:
 # group tests, both LoRA paths in bench_layer and bench_step); `lora-sanitize` — memcheck and racecheck
-# on the fused kernel; `grid` — the LoRA grids' width beside the base GEMM (scripts/gpu/lora_grid.sh); `order` — its capture order, in the step and the engine; `ab` — old (target/ab) vs new LoRA kernels in the
+# on the fused kernel; `grid` — the LoRA grids' width beside the base GEMM (scripts/gpu/lora_grid.sh); `order` — its capture order, in the step and the engine; `planned` — the planner's expand item orders, ncu on the
+# expand, and the bundle's tests; `ab` — old (target/ab) vs new LoRA kernels in the
 # layer, the step and the engine;
 # `priority` — the LoRA branch's stream priority in bench_step and two engine rows; `engine` — the engine's reference table on the Llama-3.1-8B
 # shape (scripts/gpu/engine_bench.sh); `serve` — the HTTP serving benchmark (scripts/gpu/serve_bench.sh,
 # on the checkpoint the engine phase wrote).
 # Expects the bundle of `cargo xtask gpu-bundle` at target/gpu-bundle (carried in the `checks` call);
 # writes every log into $OUT/<phase>-logs.tgz, the JSON results into $OUT, and prints the short results.
-# Usage: bash scripts/gpu_round.sh checks|engine|serve|skinny|lora|lora-sanitize|grid|order|ab|priority
+# Usage: bash scripts/gpu_round.sh checks|engine|serve|skinny|lora|lora-sanitize|grid|order|planned|ab|priority
 set -u
 PHASE="${1:-checks}"
 B="$(pwd)/target/gpu-bundle"
@@ -52,6 +53,12 @@ lora)
 grid)
   run lora_grid 380 bash scripts/gpu/lora_grid.sh "$B" "$L"
   tail -n 80 "$L/lora_grid.txt"
+  ;;
+planned)
+  run lora_planned 420 bash scripts/gpu/lora_grid.sh "$B" "$L" planned
+  OUT="$L/tests" run tests 230 bash "$B/run.sh" tests
+  tail -n 90 "$L/lora_planned.txt"
+  grep -E "^SUITE|bundle tests|panicked|FAILED" "$L/tests.txt" | tail -n 45
   ;;
 ab)
   # A/B of a LoRA kernel change: old binaries carried in target/ab (see scripts/gpu/lora_ab.sh).

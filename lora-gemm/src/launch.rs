@@ -16,7 +16,7 @@ use lora_kernels::kernels::prep::PrepArgs;
 use lora_kernels::kernels::shrink::{ShrinkR128Args, ShrinkR16Args, ShrinkR32Args, ShrinkR64Args};
 use lora_kernels::Kernel;
 
-use crate::plan::{ExpandMode, LaunchShape, LoraPath, PrepPlan};
+use crate::plan::{ExpandMode, ItemOrder, LaunchShape, LoraPath, PrepPlan};
 use crate::GemmError;
 
 fn dims(s: &LaunchShape) -> LaunchDims {
@@ -41,6 +41,8 @@ pub struct Geometry {
     pub expand: LaunchShape,
     /// Direct expand, or delta expand + add (split across the base GEMM's parallel branch).
     pub expand_mode: ExpandMode,
+    /// How the expand's grid walks its items.
+    pub expand_order: ItemOrder,
     /// The delta add's grid (used in [`ExpandMode::Delta`]).
     pub add_delta: LaunchShape,
     /// Largest split-K factor.
@@ -302,6 +304,7 @@ pub unsafe fn launch_expand<B: Backend>(
         ldy,
         delta: delta.ptr_mut(),
         ld_delta,
+        item_runs: u32::from(g.expand_order == ItemOrder::Runs),
     };
     // SAFETY: sizes checked above; the caller vouches for the prep, the shrink and the weights.
     unsafe { dev.launch(stream, dims(&g.expand), args) }?;
@@ -529,6 +532,7 @@ impl crate::plan::GroupPlan {
             shrink: self.shrink,
             expand: self.expand,
             expand_mode: self.expand_mode,
+            expand_order: self.expand_order,
             add_delta: self.add_delta,
             max_splits: self.splits,
             k: self.k,

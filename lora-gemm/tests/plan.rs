@@ -59,7 +59,7 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
     let mut s = String::new();
     writeln!(
         s,
-        "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:<16} {:<6} {:<8}",
+        "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:<16} {:<6} {:<7} {:<12} {:<8}",
         "tokens",
         "group",
         "k",
@@ -74,6 +74,8 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
         "partial",
         "shrink",
         "expand",
+        "order",
+        "path",
         "add grid"
     )
     .unwrap();
@@ -84,7 +86,7 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
             let ns: Vec<String> = p.shapes.iter().map(|s| s.n.to_string()).collect();
             writeln!(
                 s,
-                "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:<16} {:<6} {:<8}",
+                "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:<16} {:<6} {:<7} {:<12} {:<8}",
                 t,
                 p.name,
                 p.k,
@@ -99,6 +101,8 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
                 p.workspace.partial_f32,
                 p.shrink_kernel.name(),
                 format!("{:?}", p.expand_mode),
+                format!("{:?}", p.expand_order),
+                format!("{:?}", p.path),
                 p.add_delta.grid.0,
             )
             .unwrap();

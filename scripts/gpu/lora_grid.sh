@@ -7,7 +7,9 @@
 # GEMMs (grid, block, registers, shared memory: what the LoRA blocks must share an SM with).
 # `lora_grid.sh BUNDLE OUT order` (≤ 8 minutes): the capture order of the branch (LORA_BRANCH_ORDER=base-first)
 # with the planned grid and caps of 144/132/96 blocks in bench_step, then the engine (engine_bench.sh order).
-# Usage: bash scripts/gpu/lora_grid.sh BUNDLE_DIR OUT_DIR [order]
+# `lora_grid.sh BUNDLE OUT planned` (≤ 7 minutes): the group tests, the layer with the planner's expand item
+# orders (decode and prefill), and Nsight Compute on the expand and the shrink at 16 distinct adapters.
+# Usage: bash scripts/gpu/lora_grid.sh BUNDLE_DIR OUT_DIR [order|planned]
 set -u
 B="${1:?usage: lora_grid.sh BUNDLE_DIR OUT_DIR}"
 O="${2:?usage: lora_grid.sh BUNDLE_DIR OUT_DIR}"
@@ -32,6 +34,27 @@ if [ "${3:-}" = order ]; then
   step summary
   for f in "$O"/step_*.txt; do echo "-- $(basename "$f")"; grep -E "grid cap|order|no adapter|1 adapter|16 adapters|LoRA graph" "$f"; done
   tail -n 25 "$O/engine_order.txt"
+  exit 0
+fi
+if [ "${3:-}" = planned ]; then
+  # Third round: the planner's item orders (runs at decode, grid-stride at prefill) in the layer, and why
+  # the expand at 16 distinct adapters is slow (Nsight Compute: warp states and memory of gate_up's expand).
+  run groups 150 "$B/tests/lora-gemm--device_groups" --test-threads=1 gpu
+  run layer_decode 90 "$B/bench/lora-gemm--bench_layer" --tokens 1,16,64 --ranks 16,64 --distinct 1,4,16
+  run layer_prefill 60 "$B/bench/lora-gemm--bench_layer" --tokens 2048 --ranks 16 --distinct 1,16
+  for k in 0 1 2 3; do
+    run "ncu_expand16_$k" 90 ncu --clock-control none --section LaunchStats --section Occupancy \
+      --section WarpStateStats --section MemoryWorkloadAnalysis --section SpeedOfLight \
+      --kernel-name lora_expand --launch-skip "$k" --launch-count 1 \
+      "$B/bench/lora-gemm--bench_layer" --tokens 16 --ranks 16 --distinct 16
+  done
+  run ncu_shrink16 90 ncu --clock-control none --section WarpStateStats --section SpeedOfLight \
+    --kernel-name regex:lora_shrink --launch-skip 2 --launch-count 1 \
+    "$B/bench/lora-gemm--bench_layer" --tokens 16 --ranks 16 --distinct 16
+  step summary
+  grep -E "test result|panicked|rc=" "$O/groups.txt"
+  for f in layer_decode layer_prefill; do echo "-- $f"; grep -E "^ +[0-9]+ +[0-9]+ +[0-9]+ \|" "$O/$f.txt"; done
+  for f in "$O"/ncu_*.txt; do echo "-- $(basename "$f")"; grep -E "Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Stall|Warp Cycles Per Issued|Issued Warp|L1/TEX Hit|L2 Hit|Registers|Grid Size|Waves" "$f" | head -24; done
   exit 0
 fi
 run capped_test 90 "$B/tests/lora-gemm--device_groups" --test-threads=1 capped_grids_match_planned_grids::gpu

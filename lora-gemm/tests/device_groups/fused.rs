@@ -4,7 +4,8 @@
 //! and — with `big` on the GPU — Llama widths and a full 2304-token capacity forced onto the fused path.
 //! After every fused launch the sync area must be zero again (the last block's reset, which lets a graph
 //! replay the launch), and a second launch must reproduce the first. The same comparison checks that
-//! cutting the persistent grids (`Geometry::with_grid_cap`, down to one block) changes no bit on either path.
+//! cutting the persistent grids (`Geometry::with_grid_cap`, down to one block) changes no bit on either path,
+//! and that the expand's two item orders (`ItemOrder`) give the same bits.
 
 #[allow(unused_imports)]
 use super::*;
@@ -21,7 +22,13 @@ fn outputs<B: Backend>(
 ) -> (Vec<u16>, Vec<u32>) {
     let g = &r.rig.plan.groups[0];
     let planned = Geometry { path, ..g.geometry() };
-    let geo = cap.map_or(planned, |c| planned.with_grid_cap(c));
+    outputs_of(d, r, cap.map_or(planned, |c| planned.with_grid_cap(c)), name)
+}
+
+/// [`outputs`] for a given geometry.
+fn outputs_of<B: Backend>(d: &TestBed<B>, r: &CaseRun<'_, B>, geo: Geometry, name: &str) -> (Vec<u16>, Vec<u32>) {
+    let g = &r.rig.plan.groups[0];
+    let path = geo.path;
     let descs = r.rig.descs_at(0, 0);
     let (dev, st, rig, io) = (d.dev(), d.stream(), &r.rig, &r.io);
     let ld = g.out_cols() + 2;
@@ -108,6 +115,38 @@ fn compare_capped<B: Backend>(d: &TestBed<B>, c: &Case, caps: &[u32], name: &str
         }
     }
 }
+
+/// Run `c`, then the two-launch path with the expand's items in each order: the same bits.
+fn compare_orders<B: Backend>(d: &TestBed<B>, c: &Case, cap: Option<u32>, name: &str) {
+    let r = run_case(d, name, c);
+    let planned = Geometry { path: LoraPath::ShrinkExpand, ..r.rig.plan.groups[0].geometry() };
+    let geo = cap.map_or(planned, |c| planned.with_grid_cap(c));
+    let strided = outputs_of(d, &r, Geometry { expand_order: ItemOrder::Strided, ..geo }, name);
+    let runs = outputs_of(d, &r, Geometry { expand_order: ItemOrder::Runs, ..geo }, name);
+    assert!(strided.0 != r.io.y0, "{name}: no adapted element");
+    let y_diff = strided.0.iter().zip(&runs.0).filter(|(a, b)| a != b).count();
+    assert_eq!(y_diff, 0, "{name}: {y_diff} elements of y differ between the expand's item orders");
+    assert!(strided.1 == runs.1, "{name}: the delta differs between the expand's item orders");
+}
+
+device_test!(expand_item_orders_match, |d, big| {
+    // Several items per block: the emulator's small grid, and a grid cut to 3 blocks (uneven runs).
+    let mut c = mixed_case();
+    c.chunk = Chunk::Fixed(32);
+    c.seed = 23;
+    compare_orders(d, &c, None, "orders_mixed");
+    compare_orders(d, &c, Some(3), "orders_mixed_3_blocks");
+    let order = [5u32, 0, 7, 2, 6, 1, 3, 4];
+    let reqs: Vec<(u32, u32)> = order.iter().map(|&s| (s, 1)).collect();
+    let c = Case::new(8, 72, &[45, 123], &reqs);
+    compare_orders(d, &c, Some(5), "orders_every_token_its_own_adapter");
+    if big {
+        let c = big_mixed(96, 16, 4096, 4096, &[14336, 14336], 16, 16, &[16]);
+        compare_orders(d, &c, None, "big_orders_gate_up_16_tokens");
+        let c = big_mixed(97, 16, 4096, 4096, &[4096, 1024, 1024], 300, 300, &[8, 16, 64]);
+        compare_orders(d, &c, None, "big_orders_qkv_300_tokens");
+    }
+});
 
 device_test!(capped_grids_match_planned_grids, |d, big| {
     // Two splits planned, so a grid cut below the item count changes the device's split factor too.

@@ -31,7 +31,7 @@ use lora_gemm::launch::{
     PrepInputs, StepBuffers, Workspace,
 };
 use lora_gemm::plan::{
-    plan_group_with_k_chunk, plan_model, plan_prep, Capacity, LoraPath, ModelPlan, ModuleGroup, ModuleSpec,
+    plan_group_with_k_chunk, plan_model, plan_prep, Capacity, ItemOrder, LoraPath, ModelPlan, ModuleGroup, ModuleSpec,
     WorkspaceSize,
 };
 use lora_gemm::reference::{lora_module_reference, rel_error, scale_for, AdapterModule};

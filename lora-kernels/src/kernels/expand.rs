@@ -5,12 +5,12 @@
 //!
 //! **Work decomposition (persistent grid).** A fixed grid of `G` blocks of [`GEMM_THREADS`] threads walks the
 //! step's `I = n_mod · nt · n_blocks` work items `(module, tile, column block)` — column block fastest
-//! (`nt = *num_tiles` is read from the device, `n_blocks = ceil(max n / EXPAND_BN)`). Block b takes the
-//! contiguous run of items `b·c .. b·c + c` with `c = ceil(I / G)`: with `I ≤ G` (one adapter at decode)
-//! that is item b, and with more items a block's consecutive items share a tile and a module, so their tile,
-//! descriptor, token and partial loads after the first hit L1 and each item waits on one memory latency (its
-//! B columns) instead of a chain of three (measured: a grid-stride order, where a block's items are `G`
-//! apart, left 16 distinct adapters at decode latency-bound, docs/perf.md run 22). Item `(m, i, nb)` covers tile `i` (up to 16 rows of one
+//! (`nt = *num_tiles` is read from the device, `n_blocks = ceil(max n / EXPAND_BN)`) — in one of two orders
+//! (`item_runs`, the planner's `ItemOrder`): grid-stride (block b takes items b, b + G, …: the blocks running
+//! at once share a tile's rows), or runs (block b takes the contiguous items `b·c .. b·c + c`,
+//! `c = ceil(I / G)`: a block's consecutive items share a tile and a module, so their tile, descriptor,
+//! token and partial loads after the first hit L1). With `I ≤ G` both are item b. Runs are faster at decode
+//! sizes and grid-stride at prefill sizes (docs/perf.md run 22). Item `(m, i, nb)` covers tile `i` (up to 16 rows of one
 //! slot) and output columns `[nb·128, nb·128 + 128)` of module m; warp w owns columns `nb·128 + 32w ..+32` as
 //! four `n8` tiles and skips the item if they start past the module's width (there is no block barrier in
 //! this kernel, so warps may diverge freely). Each warp walks the rank in steps of 16: lane
@@ -60,6 +60,7 @@ pub unsafe fn lora_expand(
     ldy: u32,
     delta: *mut f32,
     ld_delta: u32,
+    item_runs: u32,
 ) {
     // SAFETY: the launch contract in the module docs keeps every address below in bounds.
     unsafe {
@@ -67,12 +68,17 @@ pub unsafe fn lora_expand(
         let total = n_mod * nt * n_blocks;
         let (splits, _) = shrink_splits(shrink_blocks, nt * n_mod, max_splits, k);
         let o = ExpandOperands { partial, r_pad, max_tokens, perm, tiles, descs, num_slots, n_mod, y, ldy, delta, ld_delta };
-        let run = total.div_ceil(grid_dim_x());
-        let mut w = block_idx_x() * run;
-        let end = if w + run < total { w + run } else { total };
+        // Runs: [b·c, b·c + c) one by one; grid-stride: b, b + G, … up to the end.
+        let (mut w, end, stride) = if item_runs != 0 {
+            let run = total.div_ceil(grid_dim_x());
+            let start = block_idx_x() * run;
+            (start, if start + run < total { start + run } else { total }, 1)
+        } else {
+            (block_idx_x(), total, grid_dim_x())
+        };
         while w < end {
             let (module, tile_i, nb) = work_item(w, n_blocks, nt);
-            w += 1;
+            w += stride;
             expand_item(&o, module, tile_i, nb, splits, core::ptr::null());
         }
     }
