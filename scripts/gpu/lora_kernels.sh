@@ -4,7 +4,7 @@
 # engine on CUDA (fused vs two launches token for token), the layer benchmark on both LoRA paths
 # (bench_layer --path shrink-expand | fused; 1/16/64 tokens, ranks 16/64, 1/4/16 adapters) and the
 # synthetic 32-layer step on both paths (bench_step). `lora_kernels.sh BUNDLE OUT sanitize` (≤ 3 minutes):
-# compute-sanitizer memcheck and racecheck on the fused test's GPU arm. Expects the bundle of `cargo xtask gpu-bundle`; one log per step in OUT_DIR,
+# compute-sanitizer memcheck and racecheck on the fused test's and the expand-order test's GPU arms. Expects the bundle of `cargo xtask gpu-bundle`; one log per step in OUT_DIR,
 # the short results printed last.
 # Usage: bash scripts/gpu/lora_kernels.sh BUNDLE_DIR OUT_DIR [sanitize]
 set -u
@@ -23,8 +23,11 @@ run() { # name timeout command...
 if [ "${3:-}" = sanitize ]; then
   run memcheck_fused 90 compute-sanitizer --tool memcheck --print-limit 20 "$G" --test-threads=1 fused_matches_shrink_expand::gpu
   run racecheck_fused 90 compute-sanitizer --tool racecheck --print-limit 20 "$G" --test-threads=1 fused_matches_shrink_expand::gpu
+  # The expand in both item orders (runs and grid-stride), Llama widths included.
+  run memcheck_expand 90 compute-sanitizer --tool memcheck --print-limit 20 "$G" --test-threads=1 expand_item_orders_match::gpu
+  run racecheck_expand 90 compute-sanitizer --tool racecheck --print-limit 20 "$G" --test-threads=1 expand_item_orders_match::gpu
   step summary
-  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|rc=" "$O/memcheck_fused.txt" "$O/racecheck_fused.txt"
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|rc=" "$O"/memcheck_*.txt "$O"/racecheck_*.txt
   exit 0
 fi
 run groups 150 "$G" --test-threads=1 --nocapture gpu
