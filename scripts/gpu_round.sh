@@ -23,12 +23,8 @@ L="$(mktemp -d)"
 OUTDIR="${OUT:-/tmp/gpu-round-out}"; mkdir -p "$OUTDIR"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export PATH="/usr/local/cuda/bin:$PATH"
-step() { echo "== $1 ($(date -u +%H:%M:%S))"; }
-run() { # name timeout command...
-  local name="$1" t="$2"; shift 2
-  step "$name"
-  timeout "$t" "$@" > "$L/$name.txt" 2>&1; echo "rc=$?" >> "$L/$name.txt"
-}
+. "$(dirname "$0")/gpu/lib.sh"
+LOG_DIR="$L"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem --format=csv,noheader
 case "$PHASE" in
 checks)

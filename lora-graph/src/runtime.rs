@@ -207,16 +207,26 @@ pub struct LoraRuntime<A: Copy + Eq + Hash + Debug, B: Backend> {
 
 const STAGING_RING: usize = 4;
 
-/// `LORA_GRID_CAP` (see [`RuntimeConfig::lora_grid_cap`]): unset or empty is `None`, anything but a
-/// positive number an error.
-fn grid_cap_from_env() -> Result<Option<u32>, GraphError> {
-    match std::env::var("LORA_GRID_CAP") {
-        Ok(v) if v.trim().is_empty() => Ok(None),
-        Ok(v) => match v.trim().parse::<u32>() {
-            Ok(c) if c > 0 => Ok(Some(c)),
-            _ => Err(GraphError::Config(format!("LORA_GRID_CAP={v:?}: give a positive number of blocks"))),
-        },
-        Err(_) => Ok(None),
+/// `set` if given, else the environment variable `name` through `parse` (unset or empty: `None`): how the
+/// runtime's experiment knobs ([`RuntimeConfig::lora_grid_cap`], [`RuntimeConfig::lora_branch_order`]) take
+/// their environment defaults.
+fn config_or_env<T>(
+    set: Option<T>,
+    name: &str,
+    parse: impl Fn(&str) -> Result<T, GraphError>,
+) -> Result<Option<T>, GraphError> {
+    match (set, std::env::var(name)) {
+        (Some(v), _) => Ok(Some(v)),
+        (None, Ok(v)) if !v.trim().is_empty() => parse(v.trim()).map(Some),
+        (None, _) => Ok(None),
+    }
+}
+
+/// A positive block count (`LORA_GRID_CAP`).
+fn parse_grid_cap(v: &str) -> Result<u32, GraphError> {
+    match v.parse::<u32>() {
+        Ok(c) if c > 0 => Ok(c),
+        _ => Err(GraphError::Config(format!("LORA_GRID_CAP={v:?}: give a positive number of blocks"))),
     }
 }
 
@@ -235,15 +245,9 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
             return Err(GraphError::Config("a model needs at least one layer".into()));
         }
         let sms = dev.sm_count();
-        let grid_cap = match cfg.lora_grid_cap {
-            Some(c) => Some(c),
-            None => grid_cap_from_env()?,
-        };
-        let branch_order = match (cfg.lora_branch_order, std::env::var("LORA_BRANCH_ORDER")) {
-            (Some(o), _) => o,
-            (None, Ok(v)) if !v.trim().is_empty() => BranchOrder::parse(&v)?,
-            (None, _) => BranchOrder::LoraFirst,
-        };
+        let grid_cap = config_or_env(cfg.lora_grid_cap, "LORA_GRID_CAP", parse_grid_cap)?;
+        let branch_order =
+            config_or_env(cfg.lora_branch_order, "LORA_BRANCH_ORDER", BranchOrder::parse)?.unwrap_or_default();
         let plan = plan_model(&cap, &cfg.groups, cfg.num_layers, sms)?;
         let mut geometry = BTreeMap::new();
         let (mut ws_size, mut delta_rows) = (plan.workspace, plan.delta_rows);
@@ -533,6 +537,20 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn knob_values_parse_or_give_typed_errors() {
+        assert_eq!(parse_grid_cap("132").unwrap(), 132);
+        for bad in ["0", "-3", "many", ""] {
+            assert!(matches!(parse_grid_cap(bad), Err(GraphError::Config(_))), "{bad:?} accepted as a grid cap");
+        }
+        assert_eq!(BranchOrder::parse("base-first").unwrap(), BranchOrder::BaseFirst);
+        assert_eq!(BranchOrder::parse(" lora-first ").unwrap(), BranchOrder::LoraFirst);
+        assert!(matches!(BranchOrder::parse("gemm-first"), Err(GraphError::Config(_))));
+        // A value given in the configuration wins without reading the environment.
+        assert_eq!(config_or_env(Some(7), "LORA_TEST_UNSET_KNOB", parse_grid_cap).unwrap(), Some(7));
+        assert_eq!(config_or_env(None, "LORA_TEST_UNSET_KNOB", parse_grid_cap).unwrap(), None);
+    }
 
     #[test]
     fn a_cuda_runtime_can_move_to_another_thread() {

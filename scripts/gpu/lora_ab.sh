@@ -12,12 +12,8 @@ A="${3:?usage: lora_ab.sh BUNDLE_DIR OUT_DIR AB_DIR}"
 mkdir -p "$O"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export PATH="/usr/local/cuda/bin:$PATH"
-step() { echo "== $1 ($(date -u +%H:%M:%S))"; }
-run() { # name timeout command...
-  local name="$1" t="$2"; shift 2
-  step "$name"
-  timeout "$t" "$@" > "$O/$name.txt" 2>&1; echo "rc=$?" >> "$O/$name.txt"
-}
+. "$(dirname "$0")/lib.sh"
+LOG_DIR="$O"
 la=$(ls "$A"/bench_layer_* | head -1); sa=$(ls "$A"/bench_step_* | head -1); ea=$(ls "$A"/lora-engine-* | head -1)
 run groups 150 "$B/tests/lora-gemm--device_groups" --test-threads=1 gpu
 decode=(--tokens 1,16,64 --ranks 16,64 --distinct 1,4,16)

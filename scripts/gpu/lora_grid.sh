@@ -16,12 +16,8 @@ O="${2:?usage: lora_grid.sh BUNDLE_DIR OUT_DIR}"
 mkdir -p "$O"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export PATH="/usr/local/cuda/bin:$PATH"
-step() { echo "== $1 ($(date -u +%H:%M:%S))"; }
-run() { # name timeout command...
-  local name="$1" t="$2"; shift 2
-  step "$name"
-  timeout "$t" "$@" > "$O/$name.txt" 2>&1; echo "rc=$?" >> "$O/$name.txt"
-}
+. "$(dirname "$0")/lib.sh"
+LOG_DIR="$O"
 CAPS="${GRID_CAPS:-132 66 33 16}"
 if [ "${3:-}" = order ]; then
   # Second round: the capture order (LORA_BRANCH_ORDER) × grid caps in the step, then the engine.

@@ -14,12 +14,8 @@ mkdir -p "$O"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export PATH="/usr/local/cuda/bin:$PATH"
 G="$B/tests/lora-gemm--device_groups"
-step() { echo "== $1 ($(date -u +%H:%M:%S))"; }
-run() { # name timeout command...
-  local name="$1" t="$2"; shift 2
-  step "$name"
-  timeout "$t" "$@" > "$O/$name.txt" 2>&1; echo "rc=$?" >> "$O/$name.txt"
-}
+. "$(dirname "$0")/lib.sh"
+LOG_DIR="$O"
 if [ "${3:-}" = sanitize ]; then
   run memcheck_fused 90 compute-sanitizer --tool memcheck --print-limit 20 "$G" --test-threads=1 fused_matches_shrink_expand::gpu
   run racecheck_fused 90 compute-sanitizer --tool racecheck --print-limit 20 "$G" --test-threads=1 fused_matches_shrink_expand::gpu

@@ -11,7 +11,7 @@ mkdir -p "$O"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export PATH="/usr/local/cuda/bin:$PATH"
 T="$B/tests/lora-gemm--device_skinny"
-step() { echo "== $1 ($(date -u +%H:%M:%S))"; }
+. "$(dirname "$0")/lib.sh"
 step test
 timeout 25 "$T" --test-threads=1 --nocapture gpu > "$O/skinny_test.txt" 2>&1; echo "rc=$?" >> "$O/skinny_test.txt"
 step bench

@@ -52,16 +52,22 @@ fn outputs_of<B: Backend>(d: &TestBed<B>, r: &CaseRun<'_, B>, geo: Geometry, nam
     (y, delta.iter().map(|v| v.to_bits()).collect())
 }
 
+/// Both outputs of [`outputs`] (y, and the delta's bits) must be equal element for element.
+fn assert_same_bits(a: &(Vec<u16>, Vec<u32>), b: &(Vec<u16>, Vec<u32>), what: &str) {
+    assert_eq!((a.0.len(), a.1.len()), (b.0.len(), b.1.len()), "{what}: output sizes differ");
+    let y_diff = a.0.iter().zip(&b.0).filter(|(x, y)| x != y).count();
+    assert_eq!(y_diff, 0, "{what}: {y_diff} elements of y differ");
+    let delta_diff = a.1.iter().zip(&b.1).filter(|(x, y)| x != y).count();
+    assert_eq!(delta_diff, 0, "{what}: {delta_diff} elements of the delta differ");
+}
+
 /// Run `c` (checked against the reference on the planner's path), then both paths by hand: equal bits.
 fn compare<B: Backend>(d: &TestBed<B>, c: &Case, name: &str) {
     let r = run_case(d, name, c);
     let two = outputs(d, &r, LoraPath::ShrinkExpand, None, name);
     let fused = outputs(d, &r, LoraPath::Fused, None, name);
     let again = outputs(d, &r, LoraPath::Fused, None, name);
-    let diff = |a: &[u32], b: &[u32]| a.iter().zip(b).filter(|(x, y)| x != y).count();
-    let y_diff = two.0.iter().zip(&fused.0).filter(|(a, b)| a != b).count();
-    assert_eq!(y_diff, 0, "{name}: {y_diff} elements of y differ between the fused kernel and shrink + expand");
-    assert_eq!(diff(&two.1, &fused.1), 0, "{name}: the delta differs between the fused kernel and shrink + expand");
+    assert_same_bits(&two, &fused, &format!("{name}: the fused kernel and shrink + expand"));
     assert!(again == fused, "{name}: a second fused launch must reproduce the first bit for bit");
     // The comparison must compare something: the adapted rows changed y.
     assert!(r.stats.adapted > 0 && two.0 != r.io.y0, "{name}: no adapted element");
@@ -109,9 +115,7 @@ fn compare_capped<B: Backend>(d: &TestBed<B>, c: &Case, caps: &[u32], name: &str
         assert!(planned.0 != r.io.y0, "{name}: no adapted element");
         for &cap in caps {
             let capped = outputs(d, &r, path, Some(cap), name);
-            let y_diff = planned.0.iter().zip(&capped.0).filter(|(a, b)| a != b).count();
-            assert_eq!(y_diff, 0, "{name} {path:?}: {y_diff} elements of y differ with the grids cut to {cap}");
-            assert!(planned.1 == capped.1, "{name} {path:?}: the delta differs with the grids cut to {cap}");
+            assert_same_bits(&planned, &capped, &format!("{name} {path:?}: planned grids and grids cut to {cap}"));
         }
     }
 }
@@ -124,9 +128,7 @@ fn compare_orders<B: Backend>(d: &TestBed<B>, c: &Case, cap: Option<u32>, name: 
     let strided = outputs_of(d, &r, Geometry { expand_order: ItemOrder::Strided, ..geo }, name);
     let runs = outputs_of(d, &r, Geometry { expand_order: ItemOrder::Runs, ..geo }, name);
     assert!(strided.0 != r.io.y0, "{name}: no adapted element");
-    let y_diff = strided.0.iter().zip(&runs.0).filter(|(a, b)| a != b).count();
-    assert_eq!(y_diff, 0, "{name}: {y_diff} elements of y differ between the expand's item orders");
-    assert!(strided.1 == runs.1, "{name}: the delta differs between the expand's item orders");
+    assert_same_bits(&strided, &runs, &format!("{name}: the expand's item orders"));
 }
 
 device_test!(expand_item_orders_match, |d, big| {
