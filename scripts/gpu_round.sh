@@ -71,7 +71,7 @@ lora-sanitize)
   tail -n 20 "$L/lora_sanitize.txt"
   ;;
 skinny)
-  run skinny 180 bash scripts/gpu/skinny.sh "$B" "$L"
+  run skinny 480 bash scripts/gpu/skinny.sh "$B" "$L"
   tail -n 50 "$L/skinny.txt"
   ;;
 engine)

@@ -11,6 +11,8 @@
 //! - [`model`]: the model kernels' launches over any backend (norm, RoPE + KV write, decode attention and
 //!   its merge, prefill attention, SiLU·mul, embedding, argmax, sampling) and the pure decode split planner.
 //! - [`skinny`]: the skinny decode projection `x · Wᵀ` (≤ 64 tokens): pure planner and launch.
+//! - [`projection`]: the LoRA decode projection — a group's base projection and its LoRA in one launch
+//!   (≤ 64 tokens): pure planner and launch.
 //! - [`step`]: the packed per-step input (requests, token offsets, pointer-table updates).
 //!
 //! Buffers, streams, launches, dense GEMMs and graphs live one layer down, in `lora-device`.
@@ -19,6 +21,7 @@ pub mod error;
 pub mod launch;
 pub mod model;
 pub mod plan;
+pub mod projection;
 pub mod reference;
 pub mod reorder;
 pub mod skinny;

@@ -123,6 +123,14 @@ fn fits(what: &str, s: &DevSlice<u16>, rows: u32, cols: u32, ld: u32, aligned: b
     Ok(())
 }
 
+/// Check the views of `ops` against `shape` (extents; x and W 16-byte aligned). Shared with the LoRA
+/// projection (`crate::projection`), which takes the same operands.
+pub(crate) fn check_operands(shape: &SkinnyShape, ops: &SkinnyOperands) -> Result<(), GemmError> {
+    fits("x", &ops.x, shape.m, shape.k, ops.ldx, true)?;
+    fits("W", &ops.w, shape.n, shape.k, ops.ldw, true)?;
+    fits("y", &ops.y, shape.m, shape.n, ops.ldy, false)
+}
+
 /// Launch the skinny projection of `shape` with `plan` (from [`SkinnyShape::plan`] for this shape) on
 /// `stream`. One launch; no allocation, no synchronization (capturable).
 pub fn launch_skinny<B: Backend>(
@@ -139,9 +147,7 @@ pub fn launch_skinny<B: Backend>(
     {
         return Err(GemmError::Invalid(format!("skinny projection: plan {plan:?} is not the plan of {shape:?}")));
     }
-    fits("x", &ops.x, shape.m, shape.k, ops.ldx, true)?;
-    fits("W", &ops.w, shape.n, shape.k, ops.ldw, true)?;
-    fits("y", &ops.y, shape.m, shape.n, ops.ldy, false)?;
+    check_operands(shape, ops)?;
     let dims = LaunchDims::linear(plan.grid, SKINNY_THREADS, plan.shared);
     macro_rules! args {
         ($t:ident) => {

@@ -205,6 +205,16 @@ pub const fn fused_sync_words(max_tiles: u32, n_mod: u32) -> usize {
     FUSED_READY + max_tiles as usize * n_mod as usize
 }
 
+/// Word of the LoRA projection's sync area (`kernels::projection`) that hands out block tickets.
+pub const PROJ_TICKET: usize = 0;
+/// Word of the LoRA projection's sync area that counts the A blocks whose shrink result is published.
+pub const PROJ_A_DONE: usize = 1;
+/// Word of the LoRA projection's sync area that counts the blocks that have left.
+pub const PROJ_EXITS: usize = 2;
+/// Words of the LoRA projection's sync area (one 16-byte cell). Zero before the first launch; every launch
+/// leaves it zero again (the last block to leave resets it).
+pub const PROJ_SYNC_WORDS: usize = 4;
+
 /// Coordinates `(module, tile, inner)` of work item `w` of a grouped GEMM's item list, numbered module
 /// slowest and `inner` (the shrink's split, the expand's column block) fastest over `inner` values and
 /// `tiles` tiles. The shrink, the expand and the fused kernel all number their items this way.

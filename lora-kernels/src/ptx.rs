@@ -69,11 +69,19 @@ pub enum Kernel {
     SkinnyM32,
     /// [`crate::kernels::model::skinny::skinny_gemm_m64`] (≤ 64 tokens).
     SkinnyM64,
+    /// [`crate::kernels::projection::lora_projection_m8`] (base projection + LoRA, ≤ 8 tokens).
+    ProjectionM8,
+    /// [`crate::kernels::projection::lora_projection_m16`] (≤ 16 tokens).
+    ProjectionM16,
+    /// [`crate::kernels::projection::lora_projection_m32`] (≤ 32 tokens).
+    ProjectionM32,
+    /// [`crate::kernels::projection::lora_projection_m64`] (≤ 64 tokens).
+    ProjectionM64,
 }
 
 impl Kernel {
     /// All kernels, in PTX order of definition.
-    pub const ALL: [Kernel; 31] = [
+    pub const ALL: [Kernel; 35] = [
         Kernel::SmokeMma,
         Kernel::ProbeWarpOps,
         Kernel::Prep,
@@ -105,6 +113,10 @@ impl Kernel {
         Kernel::SkinnyM16,
         Kernel::SkinnyM32,
         Kernel::SkinnyM64,
+        Kernel::ProjectionM8,
+        Kernel::ProjectionM16,
+        Kernel::ProjectionM32,
+        Kernel::ProjectionM64,
     ];
 
     /// The PTX entry name (the Rust function name, unmangled).
@@ -141,6 +153,10 @@ impl Kernel {
             Kernel::SkinnyM16 => "skinny_gemm_m16",
             Kernel::SkinnyM32 => "skinny_gemm_m32",
             Kernel::SkinnyM64 => "skinny_gemm_m64",
+            Kernel::ProjectionM8 => "lora_projection_m8",
+            Kernel::ProjectionM16 => "lora_projection_m16",
+            Kernel::ProjectionM32 => "lora_projection_m32",
+            Kernel::ProjectionM64 => "lora_projection_m64",
         }
     }
 }

@@ -48,6 +48,7 @@ use proptest::test_runner::{FileFailurePersistence, TestRunner};
 mod cases;
 mod fused;
 mod prep;
+mod projection;
 mod rig;
 #[allow(unused_imports)]
 use cases::*;

@@ -57,5 +57,6 @@ pub mod fused;
 pub mod model;
 pub mod prep;
 pub mod probe;
+pub mod projection;
 pub mod shrink;
 pub mod smoke;

@@ -41,13 +41,126 @@ pub const SKINNY_ROWS: u32 = 32;
 /// Largest token count of any class (8 n8 tiles).
 pub const SKINNY_MAX_TOKENS: u32 = 64;
 /// Width of one warp's k step.
-const K_STEP: u32 = 32;
+pub(crate) const K_STEP: u32 = 32;
 /// Partial-sum slabs of the epilogue.
 const SLABS: u32 = 4;
 
 /// Dynamic shared memory of the class with `token_tiles` n8 tiles: four f32 slabs of 32 rows × 8·NT tokens.
 pub const fn skinny_shared_bytes(token_tiles: u32) -> u32 {
     SLABS * SKINNY_ROWS * 8 * token_tiles * 4
+}
+
+/// Stream `k` of the 32 rows whose pointers are `w_row` (row `g + 8r` of the block's rows, null: a zero row)
+/// against the token rows `x_row` (token `8j + g`, null: a zero token) and return this warp's accumulators
+/// `acc[i][j]` (W tile i, token tile j) over its k steps `w, w + 8, …`, `S` steps per iteration with every
+/// load of those steps issued before the first MMA (see the module docs). The projection kernel of
+/// `kernels::projection` runs this same loop.
+///
+/// # Safety
+/// Every non-null row pointer is readable for `k` elements and 16-byte aligned.
+#[inline(always)]
+pub(crate) unsafe fn stream_rows<const NT: usize, const S: usize>(
+    w_row: &[*const u16; 4],
+    x_row: &[*const u16; 8],
+    k: u32,
+) -> [[[f32; 4]; 8]; 2] {
+    // SAFETY: the caller's contract covers every load below (chunks at or past k are never loaded).
+    unsafe {
+        let t = lane_id() % 4;
+        let mut acc = [[[0f32; 4]; 8]; 2];
+        let stride = K_STEP * SKINNY_WARPS;
+        let mut kk = warp_id() * K_STEP;
+        while kk < k {
+            // S k steps: chunk kc[h] = kk + h·stride + 8t of every row, all loads before any MMA.
+            let mut wv = [[[0u32; 4]; 4]; S];
+            let mut xv = [[[0u32; 4]; 8]; S];
+            crate::unroll!(h in [0, 1, 2, 3] {
+                let kc = kk + h as u32 * stride + 8 * t;
+                if h < S && kc < k {
+                    crate::unroll!(r in [0, 1, 2, 3] {
+                        if !w_row[r].is_null() {
+                            wv[h][r] = ld_v4(w_row[r].add(kc as usize) as *const u32);
+                        }
+                    });
+                    crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
+                        if j < NT && !x_row[j].is_null() {
+                            xv[h][j] = ld_v4(x_row[j].add(kc as usize) as *const u32);
+                        }
+                    });
+                }
+            });
+            crate::unroll!(h in [0, 1, 2, 3] {
+                if h < S {
+                    crate::unroll!(i in [0, 1] {
+                        // A fragments of W tile i for the two MMAs of this 32-wide step (rows g and g + 8).
+                        let (lo, hi) = (wv[h][2 * i], wv[h][2 * i + 1]);
+                        let a0 = [lo[0], hi[0], lo[1], hi[1]];
+                        let a1 = [lo[2], hi[2], lo[3], hi[3]];
+                        crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
+                            if j < NT {
+                                let b = xv[h][j];
+                                acc[i][j] = mma_bf16_m16n8k16(a0, [b[0], b[1]], acc[i][j]);
+                                acc[i][j] = mma_bf16_m16n8k16(a1, [b[2], b[3]], acc[i][j]);
+                            }
+                        });
+                    });
+                }
+            });
+            kk += S as u32 * stride;
+        }
+        acc
+    }
+}
+
+/// Sum the 8 warps' accumulators of [`stream_rows`] into slab 0 of the dynamic shared memory,
+/// `slab0[row][tok]` (32 rows × 8·NT tokens, f32), in the fixed order `s0 + s1 + s2 + s3` (warps 0–3 store
+/// slabs 0–3, warps 4–7 add theirs into slab `w − 4`); returns slab 0 after a block barrier.
+///
+/// # Safety
+/// Called by every thread of the block, with [`skinny_shared_bytes`]`(NT)` of dynamic shared memory.
+#[inline(always)]
+pub(crate) unsafe fn reduce_to_slab<const NT: usize>(acc: &[[[f32; 4]; 8]; 2]) -> *mut f32 {
+    // SAFETY: every index stays inside the four slabs of skinny_shared_bytes(NT).
+    unsafe {
+        let (tid, lane, warp) = (thread_idx_x(), lane_id(), warp_id());
+        let (g, t) = (lane / 4, lane % 4);
+        // slab[s][row][tok], row = local W row (0..32), tok = 8j + 2t (+1); C fragment element e of tile
+        // (i, j) is row 16i + g + 8(e / 2), token 8j + 2t + e % 2.
+        let tokens = 8 * NT as u32;
+        let slabs = dyn_smem::<f32>();
+        let slab = slabs.add(((warp % SLABS) * SKINNY_ROWS * tokens) as usize);
+        crate::unroll!(phase in [0, 1] {
+            if warp / SLABS == phase as u32 {
+                crate::unroll!(i in [0, 1] {
+                    crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
+                        if j < NT {
+                            crate::unroll!(e in [0, 1, 2, 3] {
+                                let row = 16 * i as u32 + g + 8 * (e as u32 / 2);
+                                let tok = 8 * j as u32 + 2 * t + e as u32 % 2;
+                                let at = slab.add((row * tokens + tok) as usize);
+                                *at = if phase == 0 { acc[i][j][e] } else { *at + acc[i][j][e] };
+                            });
+                        }
+                    });
+                });
+            }
+            sync_threads();
+        });
+        let per_slab = SKINNY_ROWS * tokens;
+        let mut idx = tid;
+        while idx < per_slab {
+            let mut sum = 0f32;
+            let mut s = 0;
+            while s < SLABS {
+                sum += *slabs.add((s * per_slab + idx) as usize);
+                s += 1;
+            }
+            *slabs.add(idx as usize) = sum;
+            idx += SKINNY_THREADS;
+        }
+        sync_threads();
+        slabs
+    }
 }
 
 /// The body of every token class: `NT` n8 token tiles (see the module docs).
@@ -70,10 +183,8 @@ unsafe fn skinny<const NT: usize>(
 ) {
     // SAFETY: the launch contract in the module docs keeps every address below in bounds.
     unsafe {
-        let (tid, lane, warp) = (thread_idx_x(), lane_id(), warp_id());
-        let (g, t) = (lane / 4, lane % 4);
+        let g = lane_id() / 4;
         let n0 = block_idx_x() * SKINNY_ROWS;
-
         // Row pointers of this lane: W rows n0 + g + 8r (r = 0..4: tiles 0 and 1, low and high halves),
         // token rows 8j + g. A row out of range keeps a null marker and is never loaded.
         let mut w_row = [core::ptr::null::<u16>(); 4];
@@ -90,80 +201,36 @@ unsafe fn skinny<const NT: usize>(
                 x_row[j] = x.add(tok as usize * ldx as usize);
             }
         });
+        let acc = stream_rows::<NT, 2>(&w_row, &x_row, k);
+        let slab = reduce_to_slab::<NT>(&acc);
+        write_rows::<NT>(slab, y, ldy, m, n, n0, accumulate);
+    }
+}
 
-        let mut acc = [[[0f32; 4]; 8]; 2];
-        let stride = K_STEP * SKINNY_WARPS;
-        let mut kk = warp * K_STEP;
-        while kk < k {
-            // Two k steps: chunk kc[h] = kk + h·stride + 8t of every row, all loads before any MMA.
-            let kc = [kk + 8 * t, kk + stride + 8 * t];
-            let mut wv = [[[0u32; 4]; 4]; 2];
-            let mut xv = [[[0u32; 4]; 8]; 2];
-            crate::unroll!(h in [0, 1] {
-                if kc[h] < k {
-                    crate::unroll!(r in [0, 1, 2, 3] {
-                        if !w_row[r].is_null() {
-                            wv[h][r] = ld_v4(w_row[r].add(kc[h] as usize) as *const u32);
-                        }
-                    });
-                    crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
-                        if j < NT && !x_row[j].is_null() {
-                            xv[h][j] = ld_v4(x_row[j].add(kc[h] as usize) as *const u32);
-                        }
-                    });
-                }
-            });
-            crate::unroll!(h in [0, 1] {
-                crate::unroll!(i in [0, 1] {
-                    // A fragments of W tile i for the two MMAs of this 32-wide step (rows g and g + 8).
-                    let (lo, hi) = (wv[h][2 * i], wv[h][2 * i + 1]);
-                    let a0 = [lo[0], hi[0], lo[1], hi[1]];
-                    let a1 = [lo[2], hi[2], lo[3], hi[3]];
-                    crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
-                        if j < NT {
-                            let b = xv[h][j];
-                            acc[i][j] = mma_bf16_m16n8k16(a0, [b[0], b[1]], acc[i][j]);
-                            acc[i][j] = mma_bf16_m16n8k16(a1, [b[2], b[3]], acc[i][j]);
-                        }
-                    });
-                });
-            });
-            kk += 2 * stride;
-        }
-
-        // Epilogue: slab[s][row][tok], row = local W row (0..32), tok = 8j + 2t (+1); C fragment element e
-        // of tile (i, j) is row 16i + g + 8(e / 2), token 8j + 2t + e % 2.
+/// The epilogue of a 32-row block: `y[tok][n0 + c] = bf16(slab0[c][tok] (+ f32(y)))` for every token `< m`
+/// and column `< n`, consecutive threads on consecutive columns.
+///
+/// # Safety
+/// `slab` is slab 0 of [`reduce_to_slab`]`::<NT>`; y holds `m` rows of stride `ldy ≥ n`.
+#[inline(always)]
+pub(crate) unsafe fn write_rows<const NT: usize>(
+    slab: *const f32,
+    y: *mut u16,
+    ldy: u32,
+    m: u32,
+    n: u32,
+    n0: u32,
+    accumulate: u32,
+) {
+    // SAFETY: tok < m and col < n keep the stores inside y; the slab reads inside slab 0.
+    unsafe {
         let tokens = 8 * NT as u32;
-        let slabs = dyn_smem::<f32>();
-        let slab = slabs.add(((warp % SLABS) * SKINNY_ROWS * tokens) as usize);
-        crate::unroll!(phase in [0, 1] {
-            if warp / SLABS == phase as u32 {
-                crate::unroll!(i in [0, 1] {
-                    crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
-                        if j < NT {
-                            crate::unroll!(e in [0, 1, 2, 3] {
-                                let row = 16 * i as u32 + g + 8 * (e as u32 / 2);
-                                let tok = 8 * j as u32 + 2 * t + e as u32 % 2;
-                                let at = slab.add((row * tokens + tok) as usize);
-                                *at = if phase == 0 { acc[i][j][e] } else { *at + acc[i][j][e] };
-                            });
-                        }
-                    });
-                });
-            }
-            sync_threads();
-        });
-        let mut idx = tid;
+        let mut idx = thread_idx_x();
         while idx < m * SKINNY_ROWS {
             let (tok, c) = (idx / SKINNY_ROWS, idx % SKINNY_ROWS);
             let col = n0 + c;
             if col < n {
-                let mut sum = 0f32;
-                let mut s = 0;
-                while s < SLABS {
-                    sum += *slabs.add(((s * SKINNY_ROWS + c) * tokens + tok) as usize);
-                    s += 1;
-                }
+                let mut sum = *slab.add((c * tokens + tok) as usize);
                 let out = y.add(tok as usize * ldy as usize + col as usize);
                 if accumulate != 0 {
                     sum += bf16_to_f32(*out);

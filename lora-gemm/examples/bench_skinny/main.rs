@@ -2,6 +2,10 @@
 //! (`Backend::gemm` with a `DenseGemm`, beta = 0), in one run: the four Llama-3.1-8B decode projections
 //! (qkv 6144 × 4096, o 4096 × 4096, gate_up 28672 × 4096, down 4096 × 14336) × m ∈ {1, 4, 16, 32, 64}.
 //!
+//! Beside it the base-only launch of the LoRA decode projection (`lora_gemm::projection`, the same main
+//! loop with up to 4 k steps in flight per warp), and then, in `lora.rs`, the projection with LoRA against
+//! cuBLAS followed by the shrink and expand kernels.
+//!
 //! Reported per case: the kernel the planner chose and its grid, the median µs of each, GB/s of W read
 //! (`n · k · 2` bytes; x and y are under 2% and not counted), that as % of 4150 GB/s (90% of it is the
 //! goal: the H200's measured copy rate, read + write counted) and of the copy bandwidth measured in this
@@ -20,7 +24,10 @@ use lora_device::testing::{Rng, TestBed};
 use lora_device::{Backend, Cuda, DenseGemm, DevSlice};
 use lora_gemm::model::launch_argmax_f32;
 use lora_gemm::skinny::{launch_skinny, SkinnyOperands, SkinnyShape};
+use lora_gemm::projection::{launch_projection, plan_projection};
 use lora_kernels::dsl::bf16_to_f32;
+
+mod lora;
 
 const SHAPES: [(&str, u32, u32); 4] =
     [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)];
@@ -28,6 +35,17 @@ const TOKENS: [u32; 5] = [1, 4, 16, 32, 64];
 const GOAL_GBS: f64 = 4150.0;
 const WARMUP: usize = 3;
 const REPS: usize = 25;
+
+/// Max |a − b| over two bf16 outputs (infinite on NaN) and max |b|.
+fn max_diff(a: &[u16], b: &[u16]) -> (f32, f32) {
+    let (mut diff, mut scale) = (0f32, 0f32);
+    for (&p, &q) in a.iter().zip(b) {
+        let (p, q) = (bf16_to_f32(p), bf16_to_f32(q));
+        diff = if (p - q).abs().is_nan() { f32::INFINITY } else { diff.max((p - q).abs()) };
+        scale = scale.max(q.abs());
+    }
+    (diff, scale)
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -132,7 +150,7 @@ fn main() -> Result<()> {
         "\nskinny decode projection y = x·Wᵀ (bf16, f32 accumulation, beta 0) vs cuBLAS; median of {REPS}, L2 flushed before each"
     );
     println!(
-        "{:>8} {:>3} {:>11} {:>5} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7} {:>10} {:>9}",
+        "{:>8} {:>3} {:>11} {:>5} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7} {:>10} {:>9} {:>8} {:>9}",
         "module",
         "m",
         "kernel",
@@ -144,7 +162,9 @@ fn main() -> Result<()> {
         "of copy",
         "cuBLAS",
         "cuBLAS/us",
-        "max diff"
+        "max diff",
+        "proj µs",
+        "cuBLAS/pj"
     );
     let mut all_ok = true;
     for &(name, n, k) in &SHAPES {
@@ -173,30 +193,36 @@ fn main() -> Result<()> {
             theirs()?;
             dev.sync()?;
             let (a, b): (Vec<u16>, Vec<u16>) = (dev.download(ops.y)?, dev.download(blas.y)?);
-            let (mut diff, mut scale) = (0f32, 0f32);
-            for (&p, &q) in a.iter().zip(&b) {
-                let (p, q) = (bf16_to_f32(p), bf16_to_f32(q));
-                diff = if (p - q).abs().is_nan() { f32::INFINITY } else { diff.max((p - q).abs()) };
-                scale = scale.max(q.abs());
-            }
+            let (diff, scale) = max_diff(&a, &b);
+            // The projection without LoRA on the same operands.
+            let pplan = plan_projection(&shape, None)?;
+            // SAFETY: no LoRA operands, so only the checked x, W and y are read and written.
+            let proj = || Ok(unsafe { launch_projection(dev.dev(), dev.stream(), &shape, None, &pplan, &ops, None) }?);
+            proj()?;
+            dev.sync()?;
+            let (pdiff, _) = max_diff(&dev.download(ops.y)?, &b);
             // Both round an f32 sum once to bf16: a few ulps of the largest output apart at most.
-            let ok = diff <= scale / 64.0;
+            let ok = diff <= scale / 64.0 && pdiff <= scale / 64.0;
             all_ok &= ok;
             let us = timer.time(&ours)?;
             let blas_us = timer.time(&theirs)?;
+            let proj_us = timer.time(&proj)?;
             let gbs = shape.weight_bytes() as f64 / (us * 1e-6) / 1e9;
             println!(
-                "{name:>8} {m:>3} {:>11} {:>5} {:>8.1} {us:>8.2} {gbs:>7.0} {:>7.1}% {:>7.1}% {blas_us:>7.2} {:>9.2}x {diff:>9.4}{} (max |y| {scale:.2})",
+                "{name:>8} {m:>3} {:>11} {:>5} {:>8.1} {us:>8.2} {gbs:>7.0} {:>7.1}% {:>7.1}% {blas_us:>7.2} {:>9.2}x {diff:>9.4} {proj_us:>8.2} {:>8.2}x{} (max |y| {scale:.2})",
                 format!("{:?}", plan.kernel),
                 plan.grid,
                 shape.weight_bytes() as f64 / 1e6,
                 100.0 * gbs / GOAL_GBS,
                 100.0 * gbs / copy_bw,
                 blas_us / us,
+                blas_us / proj_us,
                 if ok { "" } else { " MISMATCH" },
             );
         }
     }
+    let lora_ok = lora::run(&dev, &timer, copy_bw)?;
     ensure!(all_ok, "the skinny kernel's output differs from cuBLAS (see MISMATCH above)");
+    ensure!(lora_ok, "the LoRA projection's output differs from cuBLAS + shrink + expand (see MISMATCH above)");
     Ok(())
 }

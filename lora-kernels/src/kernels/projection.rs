@@ -1,0 +1,291 @@
+//! The LoRA decode projection (issue 13 item 4): the base GEMM of a module group **and** its LoRA in one
+//! launch, `y[t, c] = bf16(x[t] · W[c]ᵀ + scale_s · B_s[c] · (A_s · x[t]))` for the few tokens of a decode
+//! step (`m ≤ 64`), with the slot `s` of token t's adapter (the prep's tiles), no adapter: the plain base.
+//! The base part is the skinny projection of `model::skinny` — the very same main loop
+//! ([`stream_rows`]) and slab reduction — so LoRA adds only the bytes of A and B and no launch.
+//!
+//! **Blocks.** 256 threads (8 warps), grid `ceil(n / 32) + max_tiles · n_mod · r_chunks`. A block is one
+//! of two kinds of work, each 32 rows streamed over all of `k`:
+//! - an **A block** `(module, tile, chunk)`: rows `32·chunk ..` of `A_s` (rank rows, null past the rank)
+//!   against the tile's ≤ 16 slot-sorted tokens (`x[perm[row_start + q]]`), reduced to the f32 shrink
+//!   result `u[tile][module][q][32·chunk + c]` (`r_u = 32 · r_chunks` per row); a module the adapter lacks
+//!   (`desc.m == 0`) or a chunk past its rank computes nothing;
+//! - a **W block** `b`: rows `32b ..` of W against every token, as the skinny projection; its epilogue adds,
+//!   for every tile and every (row q, column c) of it, `scale · Σ_r f32(B[c − y_col][r]) · u[..][q][r]` into
+//!   the f32 sum of token `perm[row_start + q]`, then writes `bf16(sum (+ y))`. Rows of tokens without an
+//!   adapter get exactly the skinny projection's bits.
+//!
+//! **Order without deadlock.** With adapters in the step (`num_tiles > 0`) a block's work is its **ticket**
+//! (thread 0 `atomicAdd`s `sync[PROJ_TICKET]`, as CUB numbers tiles): tickets `0 .. a_blocks` are the A
+//! blocks, the next `ceil(n / 32)` the W blocks, later ones leave. An A block publishes its `u` (fence,
+//! barrier, one `atomicAdd` on `sync[PROJ_A_DONE]`); a W block streams its rows first and only its epilogue
+//! waits (`ld.acquire` poll) until all `a_blocks` are done. A ticket goes only to a running block, so every
+//! A block a W block waits for is held by a running block that never waits: no deadlock whatever the
+//! residency, and in the emulator (blocks one after another) the A blocks simply come first. Without
+//! adapters no ticket is taken: block b is W block b, the rest leave, `sync` is not touched.
+//!
+//! **Reset.** With adapters every block counts itself out in `sync[PROJ_EXITS]` when done; the last one
+//! zeroes the three words, so a CUDA graph replays the launch with no memset node.
+//!
+//! **Sum order.** Fixed: the base is the skinny projection's `s0 + s1 + s2 + s3`, then the LoRA term is added
+//! in f32 (ranks in order 0, 1, …), then y (`accumulate`). Same inputs, same bits, every launch.
+//!
+//! Safety contract: the skinny projection's (x, W, y, `1 ≤ m ≤ 8·NT`, `k` a multiple of 8, 16-byte aligned
+//! rows); `num_tiles == null` or `*num_tiles == 0` means no LoRA (then `perm`, `tiles`, `descs`, `u`,
+//! `sync` are not read). Otherwise: `perm`, `tiles`, `num_tiles` are the prep's for this step with every
+//! token `< m`, `descs` holds `n_mod × num_slots` descriptors of this layer's group (module `mi`'s `y_col
+//! .. y_col + n` a column range of `0 .. n`, `k` the kernel's, rank ≤ `32 · r_chunks`, A and B rows 16-byte
+//! aligned), `u` holds `max_tiles · n_mod · 16 · 32 · r_chunks` f32, `sync` [`PROJ_SYNC_WORDS`] words that
+//! are zero at launch and used by no other launch meanwhile; dynamic shared memory
+//! [`skinny_shared_bytes`]`(NT) + 16`.
+
+use crate::abi::{work_item, GemmDesc, Tile, PROJ_A_DONE, PROJ_EXITS, PROJ_TICKET, TILE_M};
+use crate::dsl::*;
+use crate::kernels::model::skinny::{
+    reduce_to_slab, skinny_shared_bytes, stream_rows, write_rows, SKINNY_ROWS, SKINNY_THREADS,
+};
+
+/// Rank rows of one A block (one block's 32 rows).
+pub const PROJ_RANK_CHUNK: u32 = SKINNY_ROWS;
+
+/// Dynamic shared memory of the class with `token_tiles` n8 tiles: the skinny slabs plus the ticket cell.
+pub const fn projection_shared_bytes(token_tiles: u32) -> u32 {
+    skinny_shared_bytes(token_tiles) + 16
+}
+
+/// The LoRA side of a launch (see the module docs).
+#[derive(Clone, Copy)]
+struct LoraSide {
+    perm: *const u32,
+    tiles: *const Tile,
+    descs: *const GemmDesc,
+    num_slots: u32,
+    n_mod: u32,
+    r_chunks: u32,
+    u: *mut f32,
+}
+
+/// The body of every token class: `NT` n8 token tiles, `S` k steps per iteration (see the module docs).
+///
+/// # Safety
+/// The launch contract of the module docs.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn projection<const NT: usize, const S: usize>(
+    x: *const u16,
+    ldx: u32,
+    w: *const u16,
+    ldw: u32,
+    y: *mut u16,
+    ldy: u32,
+    m: u32,
+    n: u32,
+    k: u32,
+    accumulate: u32,
+    l: LoraSide,
+    nt: u32,
+    sync: *mut u32,
+) {
+    // SAFETY: the launch contract in the module docs keeps every address below in bounds.
+    unsafe {
+        let (tid, g) = (thread_idx_x(), lane_id() / 4);
+        let w_blocks = n.div_ceil(SKINNY_ROWS);
+        let a_blocks = nt * l.n_mod * l.r_chunks;
+        let work = if nt == 0 {
+            block_idx_x()
+        } else {
+            let cell = dyn_smem::<u8>().add(skinny_shared_bytes(NT as u32) as usize) as *mut u32;
+            if tid == 0 {
+                *cell = atomic_add_u32(sync.add(PROJ_TICKET), 1);
+            }
+            sync_threads();
+            *cell
+        };
+        let mut w_row = [core::ptr::null::<u16>(); 4];
+        let mut x_row = [core::ptr::null::<u16>(); 8];
+        // A block: (module, tile, chunk), or None (W block, or nothing to compute).
+        let mut a_item = None;
+        if work < a_blocks {
+            let (module, tile_i, chunk) = work_item(work, l.r_chunks, nt);
+            let tile = *l.tiles.add(tile_i as usize);
+            let d = *l.descs.add((module * l.num_slots + tile.slot) as usize);
+            if d.m != 0 && chunk * PROJ_RANK_CHUNK < d.rank {
+                let a = d.a as usize as *const u16;
+                crate::unroll!(r in [0, 1, 2, 3] {
+                    let row = chunk * PROJ_RANK_CHUNK + g + 8 * r as u32;
+                    if row < d.rank {
+                        w_row[r] = a.add(row as usize * d.lda as usize);
+                    }
+                });
+                crate::unroll!(j in [0, 1]{
+                    let q = 8 * j as u32 + g;
+                    if j < NT && q < tile.rows {
+                        let tok = *l.perm.add((tile.row_start + q) as usize);
+                        x_row[j] = x.add(tok as usize * ldx as usize);
+                    }
+                });
+                a_item = Some((module, tile_i, chunk));
+            }
+        } else if work < a_blocks + w_blocks {
+            let n0 = (work - a_blocks) * SKINNY_ROWS;
+            crate::unroll!(r in [0, 1, 2, 3] {
+                let row = n0 + g + 8 * r as u32;
+                if row < n {
+                    w_row[r] = w.add(row as usize * ldw as usize);
+                }
+            });
+            crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
+                let tok = 8 * j as u32 + g;
+                if j < NT && tok < m {
+                    x_row[j] = x.add(tok as usize * ldx as usize);
+                }
+            });
+        }
+        if work < a_blocks {
+            if let Some((module, tile_i, chunk)) = a_item {
+                let acc = stream_rows::<NT, S>(&w_row, &x_row, k);
+                let slab = reduce_to_slab::<NT>(&acc);
+                store_u::<NT>(slab, &l, module, tile_i, chunk);
+            }
+            // Publish: every thread's u stores are fenced before the barrier, then one count.
+            threadfence();
+            sync_threads();
+            if tid == 0 {
+                atomic_add_u32(sync.add(PROJ_A_DONE), 1);
+            }
+        } else if work < a_blocks + w_blocks {
+            let n0 = (work - a_blocks) * SKINNY_ROWS;
+            let acc = stream_rows::<NT, S>(&w_row, &x_row, k);
+            let slab = reduce_to_slab::<NT>(&acc);
+            if nt > 0 {
+                spin_until_at_least(sync.add(PROJ_A_DONE) as *const u32, a_blocks);
+                add_lora::<NT>(slab, &l, nt, n, n0);
+                sync_threads();
+            }
+            write_rows::<NT>(slab, y, ldy, m, n, n0, accumulate);
+        }
+        // Leave; with tickets, the last block out resets the sync area (every block took its ticket and
+        // no block reads the counters after counting itself out).
+        if nt > 0 && tid == 0 {
+            threadfence();
+            if atomic_add_u32(sync.add(PROJ_EXITS), 1) == grid_dim_x() - 1 {
+                *sync.add(PROJ_TICKET) = 0;
+                *sync.add(PROJ_A_DONE) = 0;
+                *sync.add(PROJ_EXITS) = 0;
+                threadfence();
+            }
+        }
+    }
+}
+
+/// Store an A block's slab (`slab0[A row c][sorted row q]`) as `u[tile][module][q][32·chunk + c]`.
+///
+/// # Safety
+/// `slab` is slab 0 of [`reduce_to_slab`]`::<NT>`; `u` as the module docs say.
+#[inline(always)]
+unsafe fn store_u<const NT: usize>(slab: *const f32, l: &LoraSide, module: u32, tile_i: u32, chunk: u32) {
+    // SAFETY: q < 16 and c < 32 keep the stores in the (tile, module) rows of u, the reads in slab 0.
+    unsafe {
+        let tokens = 8 * NT as u32;
+        let r_u = PROJ_RANK_CHUNK * l.r_chunks;
+        let base = l.u.add(((tile_i * l.n_mod + module) * TILE_M * r_u) as usize);
+        let mut idx = thread_idx_x();
+        while idx < TILE_M * PROJ_RANK_CHUNK {
+            let (q, c) = (idx / PROJ_RANK_CHUNK, idx % PROJ_RANK_CHUNK);
+            let v = if q < tokens { *slab.add((c * tokens + q) as usize) } else { 0.0 };
+            *base.add((q * r_u + chunk * PROJ_RANK_CHUNK + c) as usize) = v;
+            idx += SKINNY_THREADS;
+        }
+    }
+}
+
+/// Add every tile's LoRA term to the W block's f32 sums `slab0[c][token]` (columns `n0 .. n0 + 32`).
+///
+/// # Safety
+/// Every A block of the step is done (its `u` visible); `slab` is slab 0 of [`reduce_to_slab`]`::<NT>`.
+#[inline(always)]
+unsafe fn add_lora<const NT: usize>(slab: *mut f32, l: &LoraSide, nt: u32, n: u32, n0: u32) {
+    // SAFETY: descriptors, tiles and perm are the prep's (module docs); r < rank keeps B and u in bounds;
+    // each (tile, q) is a distinct token, so no two threads add into the same slab cell.
+    unsafe {
+        let tokens = 8 * NT as u32;
+        let r_u = PROJ_RANK_CHUNK * l.r_chunks;
+        let mut tile_i = 0;
+        while tile_i < nt {
+            let tile = *l.tiles.add(tile_i as usize);
+            let mut idx = thread_idx_x();
+            while idx < TILE_M * SKINNY_ROWS {
+                let (q, c) = (idx / SKINNY_ROWS, idx % SKINNY_ROWS);
+                let col = n0 + c;
+                if q < tile.rows && col < n {
+                    let mut mi = 0;
+                    while mi < l.n_mod {
+                        let d = *l.descs.add((mi * l.num_slots + tile.slot) as usize);
+                        if col >= d.y_col && col < d.y_col + d.n {
+                            if d.m != 0 {
+                                let b = (d.b as usize as *const u16).add(((col - d.y_col) * d.ldb) as usize);
+                                let u = l.u.add((((tile_i * l.n_mod + mi) * TILE_M + q) * r_u) as usize);
+                                let mut sum = 0f32;
+                                let mut r = 0;
+                                while r < d.rank {
+                                    sum += bf16_to_f32(*b.add(r as usize)) * *u.add(r as usize);
+                                    r += 1;
+                                }
+                                let tok = *l.perm.add((tile.row_start + q) as usize);
+                                let at = slab.add((c * tokens + tok) as usize);
+                                *at += d.scale * sum;
+                            }
+                            break;
+                        }
+                        mi += 1;
+                    }
+                }
+                idx += SKINNY_THREADS;
+            }
+            tile_i += 1;
+        }
+    }
+}
+
+macro_rules! projection_entry {
+    ($name:ident, $variant:ident, $args:ident, $nt:literal, $s:literal, $max:literal) => {
+        kernel! {
+            #[kernel($variant, $args)]
+            #[doc = concat!("LoRA decode projection for up to ", $max, " tokens. See the module docs.")]
+            pub unsafe fn $name(
+                x: *const u16,
+                ldx: u32,
+                w: *const u16,
+                ldw: u32,
+                y: *mut u16,
+                ldy: u32,
+                m: u32,
+                n: u32,
+                k: u32,
+                accumulate: u32,
+                perm: *const u32,
+                tiles: *const Tile,
+                num_tiles: *const u32,
+                max_tiles: u32,
+                descs: *const GemmDesc,
+                num_slots: u32,
+                n_mod: u32,
+                r_chunks: u32,
+                u: *mut f32,
+                sync: *mut u32,
+            ) {
+                // SAFETY: forwarded launch contract.
+                unsafe {
+                    let nt = if num_tiles.is_null() { 0 } else { (*num_tiles).min(max_tiles) };
+                    let l = LoraSide { perm, tiles, descs, num_slots, n_mod, r_chunks, u };
+                    projection::<$nt, $s>(x, ldx, w, ldw, y, ldy, m, n, k, accumulate, l, nt, sync)
+                }
+            }
+        }
+    };
+}
+
+projection_entry!(lora_projection_m8, ProjectionM8, ProjectionM8Args, 1, 4, "8");
+projection_entry!(lora_projection_m16, ProjectionM16, ProjectionM16Args, 2, 3, "16");
+projection_entry!(lora_projection_m32, ProjectionM32, ProjectionM32Args, 4, 2, "32");
+projection_entry!(lora_projection_m64, ProjectionM64, ProjectionM64Args, 8, 2, "64");
