@@ -15,7 +15,7 @@
 # on the checkpoint the engine phase wrote).
 # Expects the bundle of `cargo xtask gpu-bundle` at target/gpu-bundle (carried in the `checks` call);
 # writes every log into $OUT/<phase>-logs.tgz, the JSON results into $OUT, and prints the short results.
-# Usage: bash scripts/gpu_round.sh checks|engine|serve|skinny|lora|lora-sanitize|grid|order|planned|ab|priority
+# Usage: bash scripts/gpu_round.sh checks|engine|serve|skinny|projection|lora|lora-sanitize|grid|order|planned|ab|priority
 set -u
 PHASE="${1:-checks}"
 B="$(pwd)/target/gpu-bundle"
@@ -73,6 +73,16 @@ lora-sanitize)
 skinny)
   run skinny 480 bash scripts/gpu/skinny.sh "$B" "$L"
   tail -n 50 "$L/skinny.txt"
+  ;;
+projection)
+  # The LoRA projection (issue 13 item 4): its tests, bench_skinny (base and LoRA tables), sanitizers, then
+  # the engine A/B (planned path vs lora_kernels=projection).
+  run skinny 330 bash scripts/gpu/skinny.sh "$B" "$L"
+  run engine_projection 230 bash scripts/gpu/engine_bench.sh "$B" "$L" projection
+  cp "$L"/*.json "$OUTDIR"/ 2>/dev/null
+  step summary
+  tail -n 75 "$L/skinny.txt"
+  tail -n 8 "$L/engine_projection.txt"
   ;;
 engine)
   run engine_bench_run 440 bash scripts/gpu/engine_bench.sh "$B" "$L"

@@ -38,6 +38,9 @@ pub enum LoraKernels {
     Fused,
     /// The shrink and the expand kernels, two launches, at every bucket.
     ShrinkExpand,
+    /// The LoRA projection (base projection and LoRA in one launch) wherever it applies (decode buckets up
+    /// to 64 tokens, groups without a bias); the shrink and the expand elsewhere.
+    Projection,
 }
 
 impl LoraKernels {
@@ -47,6 +50,7 @@ impl LoraKernels {
             LoraKernels::Auto => None,
             LoraKernels::Fused => Some(lora_graph::LoraPath::Fused),
             LoraKernels::ShrinkExpand => Some(lora_graph::LoraPath::ShrinkExpand),
+            LoraKernels::Projection => Some(lora_graph::LoraPath::Projection),
         }
     }
 }

@@ -332,7 +332,9 @@ pub unsafe fn launch_lora<B: Backend>(
     // SAFETY: forwarded contract.
     unsafe {
         match g.path {
-            LoraPath::ShrinkExpand => {
+            // The projection carries a group's LoRA only together with its base (crate::projection); alone,
+            // the LoRA runs as the shrink and the expand.
+            LoraPath::ShrinkExpand | LoraPath::Projection => {
                 launch_shrink(dev, stream, g, s, ws, descs, x, ldx)?;
                 launch_expand(dev, stream, g, s, ws, descs, out)
             }

@@ -162,7 +162,16 @@ pub enum LoraPath {
     /// counters for the shrink splits they read. Any capacity when the output is written directly; in a
     /// model step only where the expand writes the delta on the branch ([`ExpandMode::Delta`]).
     Fused,
+    /// The group's base projection and its LoRA in one launch (`kernels::projection`, issue 13 item 4),
+    /// for decode buckets (`max_tokens ≤` [`PROJECTION_MAX_TOKENS`], `k` a multiple of 8). It needs the
+    /// base weight, so it applies where the caller hands the runtime the base projection (the model's
+    /// forward); a group whose base it cannot take (a bias, a caller with only a GEMM closure) runs the
+    /// shrink and the expand instead, which is also what [`crate::launch::launch_lora`] does with it.
+    Projection,
 }
+
+/// Largest bucket the LoRA projection serves (its largest token class).
+pub const PROJECTION_MAX_TOKENS: u32 = lora_kernels::kernels::model::skinny::SKINNY_MAX_TOKENS;
 
 /// The planner's path for every capacity: [`LoraPath::ShrinkExpand`]. Measured on the H200 (GPU run 19,
 /// docs/perf.md): alone, the fused kernel is 5–8% faster for one rank-16 adapter at 1–64 tokens and
@@ -170,6 +179,13 @@ pub enum LoraPath {
 /// every measured mix (synthetic 8B step, 16 tokens, one adapter: 1.314× vs 1.191× the no-LoRA step;
 /// engine ITL 8.15 vs 7.63 ms), so the planner never picks it. `Fused` is kept for A/B runs.
 pub const PLANNED_PATH: LoraPath = LoraPath::ShrinkExpand;
+
+/// The planner's path for a bucket of `max_tokens` over input width `k`: [`PLANNED_PATH`] everywhere until
+/// the projection's measurement says otherwise (see [`LoraPath::Projection`]).
+pub const fn planned_path(max_tokens: u32, k: u32) -> LoraPath {
+    let _ = (max_tokens, k);
+    PLANNED_PATH
+}
 
 /// Grid, block and dynamic shared memory of one launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -472,7 +488,7 @@ pub fn plan_group_with_k_chunk(
             block: GEMM_THREADS,
             shared_bytes: 0,
         },
-        path: PLANNED_PATH,
+        path: planned_path(cap.max_tokens, k),
         fused_kernel,
         fused: LaunchShape { grid: shrink_grid, block: GEMM_THREADS, shared_bytes: fused_shared_bytes(r_pad) },
         workspace: WorkspaceSize { partial_f32: partial as usize, sync_words: fused_sync_words(mt, n_mod) },

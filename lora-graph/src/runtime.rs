@@ -19,7 +19,7 @@ use std::hash::Hash;
 
 use lora_device::{Backend, DevSlice, DeviceBuffer, PinnedBuffer};
 use lora_gemm::launch::{launch_prep, Geometry, PrepInputs, StepBuffers, Workspace};
-use lora_gemm::plan::{plan_model, Capacity, ExpandMode, LoraPath, ModelPlan, ModuleGroup};
+use lora_gemm::plan::{plan_model, Capacity, ExpandMode, LoraPath, ModelPlan, ModuleGroup, PROJECTION_MAX_TOKENS};
 use lora_gemm::step::StepPacker;
 use lora_kernels::abi::{GemmDesc, ModuleShape, SlotWeights, StepLayout, Tile};
 use lora_slots::{HostCache, SlotManager};
@@ -29,6 +29,7 @@ use crate::buckets::Buckets;
 use crate::GraphError;
 
 mod group;
+mod projection;
 
 /// What the runtime is sized for.
 #[derive(Clone, Debug)]
@@ -202,6 +203,7 @@ pub struct LoraRuntime<A: Copy + Eq + Hash + Debug, B: Backend> {
     step_bufs: StepBuffers,
     ws: Workspace,
     device_bytes: usize,
+    projection: projection::ProjectionBuffers,
     dev: B,
 }
 
@@ -262,12 +264,14 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
                 };
                 match cfg.lora_path {
                     Some(LoraPath::Fused) if geo.expand_mode != ExpandMode::Delta => geo,
+                    Some(LoraPath::Projection) if b > PROJECTION_MAX_TOKENS || g.k % 8 != 0 => geo,
                     Some(path) => Geometry { path, ..geo },
                     None => geo,
                 }
             });
             geometry.insert(b, geoms.collect::<Vec<_>>());
         }
+        let projection = projection::ProjectionBuffers::new(&dev, &geometry, cap.max_rank)?;
         let n_modules = plan.shapes.len();
         let entries_per_slot = cfg.num_layers as usize * n_modules;
         let layout = plan.prep.layout;
@@ -323,7 +327,8 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
         let upload_done = dev.new_event()?;
         dev.sync(dev.stream())?;
         Ok(LoraRuntime {
-            device_bytes: bufs.bytes(),
+            device_bytes: bufs.bytes() + projection.bytes(),
+            projection,
             slots: SlotManager::new(s)?,
             cache: HostCache::new(cfg.host_cache_bytes),
             host_table: vec![SlotWeights::default(); s * entries_per_slot],

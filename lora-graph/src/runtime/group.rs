@@ -68,7 +68,8 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
                 (LoraPath::Fused, ExpandMode::Direct) => {
                     return Err(GraphError::Config("the fused LoRA path needs the delta expand".into()))
                 }
-                (LoraPath::ShrinkExpand, mode) => {
+                // A projection bucket's group whose base the runtime does not launch: shrink and expand.
+                (LoraPath::ShrinkExpand | LoraPath::Projection, mode) => {
                     launch_shrink(d, stream, g, &self.step_bufs, &self.ws, descs, x, ldx)?;
                     if mode == ExpandMode::Delta {
                         launch_expand(d, stream, g, &self.step_bufs, &self.ws, descs, delta)?;

@@ -199,50 +199,88 @@ unsafe fn store_u<const NT: usize>(slab: *const f32, l: &LoraSide, module: u32, 
     }
 }
 
-/// Add every tile's LoRA term to the W block's f32 sums `slab0[c][token]` (columns `n0 .. n0 + 32`).
+/// Add every tile's LoRA term to the W block's f32 sums `slab0[c][token]` (columns `n0 .. n0 + 32`) on the
+/// tensor cores: warp w takes tiles w, w + 8, …; per tile and per module overlapping the block, the 16 × 32
+/// term `u[tile][module] (16 × rank) · B_sᵀ (rank × 32)` is four `mma.m16n8k16` n8 tiles per 16 ranks, with u
+/// rounded to bf16 (as the expand kernel does) and B's columns outside the module (or past the rank) zero;
+/// then `scale · acc` is added at the tile's token rows.
 ///
 /// # Safety
 /// Every A block of the step is done (its `u` visible); `slab` is slab 0 of [`reduce_to_slab`]`::<NT>`.
 #[inline(always)]
 unsafe fn add_lora<const NT: usize>(slab: *mut f32, l: &LoraSide, nt: u32, n: u32, n0: u32) {
-    // SAFETY: descriptors, tiles and perm are the prep's (module docs); r < rank keeps B and u in bounds;
-    // each (tile, q) is a distinct token, so no two threads add into the same slab cell.
+    // SAFETY: descriptors, tiles and perm are the prep's (module docs); k < rank keeps the B loads in
+    // bounds, k < 32·r_chunks the u loads; each (tile, row) is a distinct token and each column belongs to
+    // one module, so no two lanes add into the same slab cell.
     unsafe {
+        let (lane, warp) = (lane_id(), warp_id());
+        let (g, t) = (lane / 4, lane % 4);
         let tokens = 8 * NT as u32;
         let r_u = PROJ_RANK_CHUNK * l.r_chunks;
-        let mut tile_i = 0;
+        let block_end = if n0 + SKINNY_ROWS < n { n0 + SKINNY_ROWS } else { n };
+        let mut tile_i = warp;
         while tile_i < nt {
             let tile = *l.tiles.add(tile_i as usize);
-            let mut idx = thread_idx_x();
-            while idx < TILE_M * SKINNY_ROWS {
-                let (q, c) = (idx / SKINNY_ROWS, idx % SKINNY_ROWS);
-                let col = n0 + c;
-                if q < tile.rows && col < n {
-                    let mut mi = 0;
-                    while mi < l.n_mod {
-                        let d = *l.descs.add((mi * l.num_slots + tile.slot) as usize);
-                        if col >= d.y_col && col < d.y_col + d.n {
-                            if d.m != 0 {
-                                let b = (d.b as usize as *const u16).add(((col - d.y_col) * d.ldb) as usize);
-                                let u = l.u.add((((tile_i * l.n_mod + mi) * TILE_M + q) * r_u) as usize);
-                                let mut sum = 0f32;
-                                let mut r = 0;
-                                while r < d.rank {
-                                    sum += bf16_to_f32(*b.add(r as usize)) * *u.add(r as usize);
-                                    r += 1;
-                                }
-                                let tok = *l.perm.add((tile.row_start + q) as usize);
-                                let at = slab.add((c * tokens + tok) as usize);
-                                *at += d.scale * sum;
+            let mut mi = 0;
+            while mi < l.n_mod {
+                let d = *l.descs.add((mi * l.num_slots + tile.slot) as usize);
+                let lo = if d.y_col > n0 { d.y_col } else { n0 };
+                let hi = if d.y_col + d.n < block_end { d.y_col + d.n } else { block_end };
+                if d.m != 0 && lo < hi {
+                    let b = d.b as usize as *const u16;
+                    let u = l.u.add(((tile_i * l.n_mod + mi) * TILE_M * r_u) as usize) as *const f32;
+                    let mut acc = [[0f32; 4]; 4];
+                    let mut kk = 0;
+                    while kk < d.rank {
+                        // A fragment: u rows g and g + 8 at k = kk + 2t (+1) and kk + 2t + 8 (+9), as bf16.
+                        let mut a = [0u32; 4];
+                        crate::unroll!(f in [0, 1, 2, 3] {
+                            let row = g + 8 * (f as u32 % 2);
+                            let k = kk + 2 * t + 8 * (f as u32 / 2);
+                            let v = ld_v2(u.add((row * r_u + k) as usize) as *const u32);
+                            a[f] = pack_bf16x2(
+                                f32_to_bf16(f32::from_bits(v[0])),
+                                f32_to_bf16(f32::from_bits(v[1])),
+                            );
+                        });
+                        // B fragments of the four n8 column tiles: column n0 + 8j + g, k = kk + 2t (+1), +8 (+9).
+                        let mut bf = [[0u32; 2]; 4];
+                        crate::unroll!(j in [0, 1, 2, 3] {
+                            let col = n0 + 8 * j as u32 + g;
+                            if col >= lo && col < hi {
+                                let row = b.add(((col - d.y_col) * d.ldb) as usize);
+                                crate::unroll!(h in [0, 1] {
+                                    let k = kk + 2 * t + 8 * h as u32;
+                                    let e0 = if k < d.rank { *row.add(k as usize) } else { 0 };
+                                    let e1 = if k + 1 < d.rank { *row.add(k as usize + 1) } else { 0 };
+                                    bf[j][h] = pack_bf16x2(e0, e1);
+                                });
                             }
-                            break;
-                        }
-                        mi += 1;
+                        });
+                        crate::unroll!(j in [0, 1, 2, 3] {
+                            acc[j] = mma_bf16_m16n8k16(a, bf[j], acc[j]);
+                        });
+                        kk += 16;
                     }
+                    // C fragment element e of column tile j: row g + 8(e / 2), column 8j + 2t + e % 2.
+                    crate::unroll!(e in [0, 1, 2, 3] {
+                        let q = g + 8 * (e as u32 / 2);
+                        if q < tile.rows {
+                            let tok = *l.perm.add((tile.row_start + q) as usize);
+                            crate::unroll!(j in [0, 1, 2, 3] {
+                                let c = 8 * j as u32 + 2 * t + e as u32 % 2;
+                                let col = n0 + c;
+                                if col >= lo && col < hi {
+                                    let at = slab.add((c * tokens + tok) as usize);
+                                    *at += d.scale * acc[j][e];
+                                }
+                            });
+                        }
+                    });
                 }
-                idx += SKINNY_THREADS;
+                mi += 1;
             }
-            tile_i += 1;
+            tile_i += SKINNY_THREADS / WARP;
         }
     }
 }
@@ -286,6 +324,6 @@ macro_rules! projection_entry {
 }
 
 projection_entry!(lora_projection_m8, ProjectionM8, ProjectionM8Args, 1, 4, "8");
-projection_entry!(lora_projection_m16, ProjectionM16, ProjectionM16Args, 2, 3, "16");
+projection_entry!(lora_projection_m16, ProjectionM16, ProjectionM16Args, 2, 2, "16");
 projection_entry!(lora_projection_m32, ProjectionM32, ProjectionM32Args, 4, 2, "32");
 projection_entry!(lora_projection_m64, ProjectionM64, ProjectionM64Args, 8, 2, "64");

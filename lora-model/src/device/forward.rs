@@ -44,6 +44,9 @@ impl<B: Backend> DeviceBackend<B> {
     /// A group's `base` GEMM (which writes `y`), with the group's LoRA beside it when the step uses LoRA
     /// (`bucket`): `x`, `y` are the full scratch rows (the runtime's capacity), strides `ldx`, `ldy`.
     /// Returns the group's delta when it is folded into the next kernel (which must then add it).
+    /// `proj` is `(W, tokens)` when the base is exactly `y = x · Wᵀ` (W `[ldy-wide group, ldx]`): where the
+    /// plan says so (`LoraRuntime::uses_projection`), base and LoRA then run as one LoRA projection launch
+    /// and nothing is folded.
     #[allow(clippy::too_many_arguments)]
     fn group(
         &self,
@@ -54,12 +57,18 @@ impl<B: Backend> DeviceBackend<B> {
         ldx: usize,
         y: &DeviceBuffer<u16>,
         ldy: usize,
+        proj: Option<(DevSlice<u16>, usize)>,
         base: impl FnOnce() -> Result<(), ModelError>,
     ) -> Result<Option<LoraDelta>, ModelError> {
         let (Some(bucket), Dev::Lora(l)) = (bucket, &self.dev) else {
             return base().map(|()| None);
         };
         let io = GroupIo { x: x.slice(), ldx: ldx as u32, y: y.slice(), ldy: ldy as u32 };
+        if let Some((w, tokens)) = proj.filter(|_| l.rt.uses_projection(bucket, group)) {
+            let (st, layer, m) = (l.rt.stream(), layer as u32, tokens as u32);
+            l.rt.launch_projection(st, bucket, layer, group, io, w, ldx as u32, m).map_err(graph_err)?;
+            return Ok(None);
+        }
         let mut err = None;
         let r = l.rt.launch_group_folded(l.rt.stream(), &l.branch, bucket, layer as u32, group, io, || {
             base().map_err(|e| {
@@ -161,7 +170,8 @@ impl<B: Backend> DeviceBackend<B> {
             let norm = w.attn_norm.slice();
             launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, sub, h32, down.as_ref(), r, norm, xn, h32)
                 .map_err(dev_err)?;
-            let qkv_delta = self.group(bucket, l, 0, &s.xn, h, &s.qkv, qkvw, || {
+            let qkv_proj = w.qkv_bias.is_none().then(|| (w.qkv.slice(), t));
+            let qkv_delta = self.group(bucket, l, 0, &s.xn, h, &s.qkv, qkvw, qkv_proj, || {
                 let mut beta = 0.0;
                 if let Some(b) = &w.qkv_bias {
                     self.gemm(t, qkvw, 1, view(&s.ones, 0, t)?, b.slice(), qkv, 0.0)?;
@@ -233,16 +243,19 @@ impl<B: Backend> DeviceBackend<B> {
                 launch_prefill_attention(dev, st, &shape, &b, scale).map_err(dev_err)?;
             }
             let o_delta =
-                self.group(bucket, l, 1, &s.attn, qd, &s.sub, h, || self.gemm(t, h, qd, attn, w.o.slice(), sub, 0.0))?;
+                self.group(bucket, l, 1, &s.attn, qd, &s.sub, h, Some((w.o.slice(), t)), || {
+                    self.gemm(t, h, qd, attn, w.o.slice(), sub, 0.0)
+                })?;
             let (r, norm) = (Residual::Add(resid, h32), w.mlp_norm.slice());
             launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, sub, h32, o_delta.as_ref(), r, norm, xn, h32)
                 .map_err(dev_err)?;
-            let gu_delta = self.group(bucket, l, 2, &s.xn, h, &s.gu, 2 * inter, || {
+            let gu_proj = Some((w.gate_up.slice(), t));
+            let gu_delta = self.group(bucket, l, 2, &s.xn, h, &s.gu, 2 * inter, gu_proj, || {
                 self.gemm(t, 2 * inter, h, xn, w.gate_up.slice(), gu, 0.0)
             })?;
             launch_silu_mul(dev, st, t32, inter as u32, gu, 2 * inter as u32, gu_delta.as_ref(), act, inter as u32)
                 .map_err(dev_err)?;
-            down = self.group(bucket, l, 3, &s.act, inter, &s.sub, h, || {
+            down = self.group(bucket, l, 3, &s.act, inter, &s.sub, h, Some((w.down.slice(), t)), || {
                 self.gemm(t, h, inter, act, w.down.slice(), sub, 0.0)
             })?;
         }
