@@ -78,10 +78,12 @@ projection)
   # The LoRA projection (issue 13 item 4): its tests, bench_skinny (base and LoRA tables), sanitizers, then
   # the engine A/B (planned path vs lora_kernels=projection).
   run skinny 330 bash scripts/gpu/skinny.sh "$B" "$L"
+  run device_lora 120 "$B/tests/lora-model--device_lora" --test-threads=1 --nocapture
   run engine_projection 230 bash scripts/gpu/engine_bench.sh "$B" "$L" projection
   cp "$L"/*.json "$OUTDIR"/ 2>/dev/null
   step summary
   tail -n 75 "$L/skinny.txt"
+  grep -E "^test |test result|panicked" "$L/device_lora.txt"
   tail -n 8 "$L/engine_projection.txt"
   ;;
 engine)

@@ -163,7 +163,11 @@ device_test!(projection_matches_the_reference, |d, big| {
         let mut c = Case::new(4, 4096, &[14336, 14336], &[(2, 16)]);
         c.weights = vec![vec![W::Rank(16); 4]; 2];
         check_projection(d, &c, "big_projection_gate_up_one_adapter");
-        let c = big_mixed(94, 64, 14336, 14336, &[4096], 64, 64, &ALL_RANKS);
+        // down at 64 tokens: 16 adapters of ranks 4, 16, 64 and 128, 4 tokens each.
+        let reqs: Vec<(u32, u32)> = (0..16).map(|s| (s, 4)).collect();
+        let mut c = Case::new(16, 14336, &[4096], &reqs);
+        c.max_rank = 128;
+        c.weights = vec![(0..16).map(|s| W::Rank([4, 16, 64, 128][s % 4])).collect()];
         check_projection(d, &c, "big_projection_down_64_tokens");
     }
 });

@@ -155,11 +155,12 @@ unsafe fn projection<const NT: usize, const S: usize>(
             }
         } else if work < a_blocks + w_blocks {
             let n0 = (work - a_blocks) * SKINNY_ROWS;
+            let pre = if nt > 0 { prefetch(&l, nt, n, n0) } else { None };
             let acc = stream_rows::<NT, S>(&w_row, &x_row, k);
             let slab = reduce_to_slab::<NT>(&acc);
             if nt > 0 {
                 spin_until_at_least(sync.add(PROJ_A_DONE) as *const u32, a_blocks);
-                add_lora::<NT>(slab, &l, nt, n, n0);
+                add_lora::<NT>(slab, &l, nt, n, n0, pre);
                 sync_threads();
             }
             write_rows::<NT>(slab, y, ldy, m, n, n0, accumulate);
@@ -199,84 +200,218 @@ unsafe fn store_u<const NT: usize>(slab: *const f32, l: &LoraSide, module: u32, 
     }
 }
 
-/// Add every tile's LoRA term to the W block's f32 sums `slab0[c][token]` (columns `n0 .. n0 + 32`) on the
-/// tensor cores: warp w takes tiles w, w + 8, …; per tile and per module overlapping the block, the 16 × 32
-/// term `u[tile][module] (16 × rank) · B_sᵀ (rank × 32)` is four `mma.m16n8k16` n8 tiles per 16 ranks, with u
-/// rounded to bf16 (as the expand kernel does) and B's columns outside the module (or past the rank) zero;
-/// then `scale · acc` is added at the tile's token rows.
+/// One module's LoRA term of one tile inside a W block: the module's live descriptor fields and the block
+/// columns `lo .. hi` it covers.
+#[derive(Clone, Copy)]
+struct ModuleTerm {
+    mi: u32,
+    b: *const u16,
+    ldb: u32,
+    rank: u32,
+    y_col: u32,
+    scale: f32,
+    lo: u32,
+    hi: u32,
+}
+
+/// Module `mi`'s term for the tile of slot `slot` in the block of columns `n0 .. block_end`, if the adapter
+/// carries the module and it overlaps the block.
+///
+/// # Safety
+/// `l.descs` as the module docs say.
+#[inline(always)]
+unsafe fn module_term(l: &LoraSide, slot: u32, mi: u32, n0: u32, block_end: u32) -> Option<ModuleTerm> {
+    // SAFETY: mi < n_mod and slot < num_slots index the group's descriptors.
+    let d = unsafe { *l.descs.add((mi * l.num_slots + slot) as usize) };
+    let lo = if d.y_col > n0 { d.y_col } else { n0 };
+    let hi = if d.y_col + d.n < block_end { d.y_col + d.n } else { block_end };
+    (d.m != 0 && lo < hi).then_some(ModuleTerm {
+        mi,
+        b: d.b as usize as *const u16,
+        ldb: d.ldb,
+        rank: d.rank,
+        y_col: d.y_col,
+        scale: d.scale,
+        lo,
+        hi,
+    })
+}
+
+/// This lane's B fragments of the four n8 column tiles at ranks `kk ..` (column `n0 + 8j + g`, k = kk + 2t
+/// (+1) and + 8 (+9)); zero outside the module's columns and past its rank.
+///
+/// # Safety
+/// `m.b` holds the module's B rows (`ldb` = rank elements each).
+#[inline(always)]
+unsafe fn b_frags(m: &ModuleTerm, n0: u32, kk: u32) -> [[u32; 2]; 4] {
+    // SAFETY: col in lo..hi and k < rank keep every load inside B.
+    unsafe {
+        let (g, t) = (lane_id() / 4, lane_id() % 4);
+        let mut bf = [[0u32; 2]; 4];
+        crate::unroll!(j in [0, 1, 2, 3] {
+            let col = n0 + 8 * j as u32 + g;
+            if col >= m.lo && col < m.hi {
+                let row = m.b.add(((col - m.y_col) * m.ldb) as usize);
+                crate::unroll!(h in [0, 1] {
+                    let k = kk + 2 * t + 8 * h as u32;
+                    let e0 = if k < m.rank { *row.add(k as usize) } else { 0 };
+                    let e1 = if k + 1 < m.rank { *row.add(k as usize + 1) } else { 0 };
+                    bf[j][h] = pack_bf16x2(e0, e1);
+                });
+            }
+        });
+        bf
+    }
+}
+
+/// The tokens of this lane's C rows g and g + 8 of a tile (`NO_TOKEN` past its rows).
+///
+/// # Safety
+/// `l.perm` as the module docs say.
+#[inline(always)]
+unsafe fn tile_tokens(l: &LoraSide, tile: &Tile) -> [u32; 2] {
+    let g = lane_id() / 4;
+    let mut tok = [NO_TOKEN; 2];
+    crate::unroll!(h in [0, 1] {
+        let q = g + 8 * h as u32;
+        if q < tile.rows {
+            // SAFETY: row_start + q is a sorted row of this step.
+            tok[h] = unsafe { *l.perm.add((tile.row_start + q) as usize) };
+        }
+    });
+    tok
+}
+
+/// A lane's C row without a token.
+const NO_TOKEN: u32 = u32::MAX;
+
+/// What warp w of a W block loads for its first tile (tile w) before streaming W, so that its epilogue's
+/// chain starts at u: the tile, the tokens of its rows, the first live module's term and B fragments of
+/// ranks 0..16.
+#[derive(Clone, Copy)]
+struct Prefetch {
+    tile: Tile,
+    tok: [u32; 2],
+    term: Option<ModuleTerm>,
+    bf0: [[u32; 2]; 4],
+}
+
+/// The prefetch of warp w's first tile (`None` past the step's tiles).
+///
+/// # Safety
+/// The step's LoRA operands as the module docs say.
+#[inline(always)]
+unsafe fn prefetch(l: &LoraSide, nt: u32, n: u32, n0: u32) -> Option<Prefetch> {
+    let warp = warp_id();
+    if warp >= nt {
+        return None;
+    }
+    // SAFETY: warp < nt indexes the step's tiles; the descriptors and B as module_term and b_frags say.
+    unsafe {
+        let tile = *l.tiles.add(warp as usize);
+        let block_end = if n0 + SKINNY_ROWS < n { n0 + SKINNY_ROWS } else { n };
+        let mut term = None;
+        let mut mi = 0;
+        while mi < l.n_mod && term.is_none() {
+            term = module_term(l, tile.slot, mi, n0, block_end);
+            mi += 1;
+        }
+        let bf0 = match &term {
+            Some(m) => b_frags(m, n0, 0),
+            None => [[0u32; 2]; 4],
+        };
+        Some(Prefetch { tile, tok: tile_tokens(l, &tile), term, bf0 })
+    }
+}
+
+/// Add one module's term of one tile: `scale · u[tile][module] (16 × rank, as bf16) · B_sᵀ` over the
+/// block's 32 columns on the tensor cores (four n8 tiles per 16 ranks; `bf0`: the fragments of ranks
+/// 0..16 if already loaded), into `slab0[c][token]` at the lane's C rows.
+///
+/// # Safety
+/// The tile's A blocks are done; `slab` is slab 0 of [`reduce_to_slab`]`::<NT>`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn add_term<const NT: usize>(
+    slab: *mut f32,
+    l: &LoraSide,
+    tile_i: u32,
+    tok: [u32; 2],
+    m: &ModuleTerm,
+    bf0: Option<[[u32; 2]; 4]>,
+    n0: u32,
+) {
+    // SAFETY: k < 32·r_chunks keeps the u loads in the tile's rows; tokens are the tile's (distinct).
+    unsafe {
+        let t = lane_id() % 4;
+        let g = lane_id() / 4;
+        let tokens = 8 * NT as u32;
+        let r_u = PROJ_RANK_CHUNK * l.r_chunks;
+        let u = l.u.add(((tile_i * l.n_mod + m.mi) * TILE_M * r_u) as usize) as *const f32;
+        let mut acc = [[0f32; 4]; 4];
+        let mut kk = 0;
+        while kk < m.rank {
+            // A fragment: u rows g and g + 8 at k = kk + 2t (+1) and kk + 2t + 8 (+9), as bf16.
+            let mut a = [0u32; 4];
+            crate::unroll!(f in [0, 1, 2, 3] {
+                let row = g + 8 * (f as u32 % 2);
+                let k = kk + 2 * t + 8 * (f as u32 / 2);
+                let v = ld_v2(u.add((row * r_u + k) as usize) as *const u32);
+                a[f] = pack_bf16x2(f32_to_bf16(f32::from_bits(v[0])), f32_to_bf16(f32::from_bits(v[1])));
+            });
+            let bf = match bf0 {
+                Some(b) if kk == 0 => b,
+                _ => b_frags(m, n0, kk),
+            };
+            crate::unroll!(j in [0, 1, 2, 3] {
+                acc[j] = mma_bf16_m16n8k16(a, bf[j], acc[j]);
+            });
+            kk += 16;
+        }
+        // C fragment element e of column tile j: row g + 8(e / 2), column 8j + 2t + e % 2.
+        crate::unroll!(e in [0, 1, 2, 3] {
+            let tk = tok[e / 2];
+            if tk != NO_TOKEN {
+                crate::unroll!(j in [0, 1, 2, 3] {
+                    let c = 8 * j as u32 + 2 * t + e as u32 % 2;
+                    if n0 + c >= m.lo && n0 + c < m.hi {
+                        let at = slab.add((c * tokens + tk) as usize);
+                        *at += m.scale * acc[j][e];
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// Add every tile's LoRA term to the W block's f32 sums `slab0[c][token]` (columns `n0 .. n0 + 32`): warp w
+/// takes tiles w, w + 8, …, each module overlapping the block through [`add_term`]; its first tile's data
+/// come from `pre`.
 ///
 /// # Safety
 /// Every A block of the step is done (its `u` visible); `slab` is slab 0 of [`reduce_to_slab`]`::<NT>`.
 #[inline(always)]
-unsafe fn add_lora<const NT: usize>(slab: *mut f32, l: &LoraSide, nt: u32, n: u32, n0: u32) {
-    // SAFETY: descriptors, tiles and perm are the prep's (module docs); k < rank keeps the B loads in
-    // bounds, k < 32·r_chunks the u loads; each (tile, row) is a distinct token and each column belongs to
-    // one module, so no two lanes add into the same slab cell.
+unsafe fn add_lora<const NT: usize>(slab: *mut f32, l: &LoraSide, nt: u32, n: u32, n0: u32, pre: Option<Prefetch>) {
+    // SAFETY: each (tile, row) is a distinct token and each column belongs to one module, so no two lanes
+    // add into the same slab cell; the rest as add_term says.
     unsafe {
-        let (lane, warp) = (lane_id(), warp_id());
-        let (g, t) = (lane / 4, lane % 4);
-        let tokens = 8 * NT as u32;
-        let r_u = PROJ_RANK_CHUNK * l.r_chunks;
         let block_end = if n0 + SKINNY_ROWS < n { n0 + SKINNY_ROWS } else { n };
-        let mut tile_i = warp;
+        let mut tile_i = warp_id();
         while tile_i < nt {
-            let tile = *l.tiles.add(tile_i as usize);
-            let mut mi = 0;
+            let (tile, tok, first) = match pre {
+                Some(p) if tile_i == warp_id() => (p.tile, p.tok, p.term),
+                _ => {
+                    let tile = *l.tiles.add(tile_i as usize);
+                    (tile, tile_tokens(l, &tile), None)
+                }
+            };
+            if let (Some(m), Some(p)) = (first, pre) {
+                add_term::<NT>(slab, l, tile_i, tok, &m, Some(p.bf0), n0);
+            }
+            let mut mi = first.map_or(0, |m| m.mi + 1);
             while mi < l.n_mod {
-                let d = *l.descs.add((mi * l.num_slots + tile.slot) as usize);
-                let lo = if d.y_col > n0 { d.y_col } else { n0 };
-                let hi = if d.y_col + d.n < block_end { d.y_col + d.n } else { block_end };
-                if d.m != 0 && lo < hi {
-                    let b = d.b as usize as *const u16;
-                    let u = l.u.add(((tile_i * l.n_mod + mi) * TILE_M * r_u) as usize) as *const f32;
-                    let mut acc = [[0f32; 4]; 4];
-                    let mut kk = 0;
-                    while kk < d.rank {
-                        // A fragment: u rows g and g + 8 at k = kk + 2t (+1) and kk + 2t + 8 (+9), as bf16.
-                        let mut a = [0u32; 4];
-                        crate::unroll!(f in [0, 1, 2, 3] {
-                            let row = g + 8 * (f as u32 % 2);
-                            let k = kk + 2 * t + 8 * (f as u32 / 2);
-                            let v = ld_v2(u.add((row * r_u + k) as usize) as *const u32);
-                            a[f] = pack_bf16x2(
-                                f32_to_bf16(f32::from_bits(v[0])),
-                                f32_to_bf16(f32::from_bits(v[1])),
-                            );
-                        });
-                        // B fragments of the four n8 column tiles: column n0 + 8j + g, k = kk + 2t (+1), +8 (+9).
-                        let mut bf = [[0u32; 2]; 4];
-                        crate::unroll!(j in [0, 1, 2, 3] {
-                            let col = n0 + 8 * j as u32 + g;
-                            if col >= lo && col < hi {
-                                let row = b.add(((col - d.y_col) * d.ldb) as usize);
-                                crate::unroll!(h in [0, 1] {
-                                    let k = kk + 2 * t + 8 * h as u32;
-                                    let e0 = if k < d.rank { *row.add(k as usize) } else { 0 };
-                                    let e1 = if k + 1 < d.rank { *row.add(k as usize + 1) } else { 0 };
-                                    bf[j][h] = pack_bf16x2(e0, e1);
-                                });
-                            }
-                        });
-                        crate::unroll!(j in [0, 1, 2, 3] {
-                            acc[j] = mma_bf16_m16n8k16(a, bf[j], acc[j]);
-                        });
-                        kk += 16;
-                    }
-                    // C fragment element e of column tile j: row g + 8(e / 2), column 8j + 2t + e % 2.
-                    crate::unroll!(e in [0, 1, 2, 3] {
-                        let q = g + 8 * (e as u32 / 2);
-                        if q < tile.rows {
-                            let tok = *l.perm.add((tile.row_start + q) as usize);
-                            crate::unroll!(j in [0, 1, 2, 3] {
-                                let c = 8 * j as u32 + 2 * t + e as u32 % 2;
-                                let col = n0 + c;
-                                if col >= lo && col < hi {
-                                    let at = slab.add((c * tokens + tok) as usize);
-                                    *at += d.scale * acc[j][e];
-                                }
-                            });
-                        }
-                    });
+                if let Some(m) = module_term(l, tile.slot, mi, n0, block_end) {
+                    add_term::<NT>(slab, l, tile_i, tok, &m, None, n0);
                 }
                 mi += 1;
             }
@@ -323,7 +458,7 @@ macro_rules! projection_entry {
     };
 }
 
-projection_entry!(lora_projection_m8, ProjectionM8, ProjectionM8Args, 1, 4, "8");
+projection_entry!(lora_projection_m8, ProjectionM8, ProjectionM8Args, 1, 2, "8");
 projection_entry!(lora_projection_m16, ProjectionM16, ProjectionM16Args, 2, 2, "16");
 projection_entry!(lora_projection_m32, ProjectionM32, ProjectionM32Args, 4, 2, "32");
 projection_entry!(lora_projection_m64, ProjectionM64, ProjectionM64Args, 8, 2, "64");
