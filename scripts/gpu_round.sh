@@ -15,7 +15,7 @@
 # on the checkpoint the engine phase wrote).
 # Expects the bundle of `cargo xtask gpu-bundle` at target/gpu-bundle (carried in the `checks` call);
 # writes every log into $OUT/<phase>-logs.tgz, the JSON results into $OUT, and prints the short results.
-# Usage: bash scripts/gpu_round.sh checks|engine|serve|skinny|projection|lora|lora-sanitize|grid|order|planned|ab|priority
+# Usage: bash scripts/gpu_round.sh checks|engine|serve|skinny|projection|final|lora|lora-sanitize|grid|order|planned|ab|priority
 set -u
 PHASE="${1:-checks}"
 B="$(pwd)/target/gpu-bundle"
@@ -108,6 +108,15 @@ serve)
   cp "$L"/*.json "$OUTDIR"/ 2>/dev/null
   step summary
   tail -n 60 "$L/serve_bench.txt"
+  ;;
+final)
+  # Every bundle suite, then the engine's projection A/B with the projection on some groups only.
+  OUT="$L" run tests 260 bash "$B/run.sh" tests
+  PROJ_GROUP_SETTINGS="0,1 0,1,3" run engine_projection 300 bash scripts/gpu/engine_bench.sh "$B" "$L" projection
+  cp "$L"/*.json "$OUTDIR"/ 2>/dev/null
+  step summary
+  grep -E "^SUITE|bundle tests|panicked|FAILED|SKIP" "$L/tests.txt" | head -40
+  cut -d'|' -f2,12-15 "$L/engine_bench.txt"
   ;;
 *) echo "unknown phase $PHASE (checks | engine | serve | skinny | lora | lora-sanitize | priority)"; exit 2 ;;
 esac

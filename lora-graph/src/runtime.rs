@@ -19,7 +19,7 @@ use std::hash::Hash;
 
 use lora_device::{Backend, DevSlice, DeviceBuffer, PinnedBuffer};
 use lora_gemm::launch::{launch_prep, Geometry, PrepInputs, StepBuffers, Workspace};
-use lora_gemm::plan::{plan_model, Capacity, ExpandMode, LoraPath, ModelPlan, ModuleGroup, PROJECTION_MAX_TOKENS};
+use lora_gemm::plan::{plan_model, Capacity, ExpandMode, LoraPath, ModelPlan, ModuleGroup};
 use lora_gemm::step::StepPacker;
 use lora_kernels::abi::{GemmDesc, ModuleShape, SlotWeights, StepLayout, Tile};
 use lora_slots::{HostCache, SlotManager};
@@ -250,6 +250,7 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
         let grid_cap = config_or_env(cfg.lora_grid_cap, "LORA_GRID_CAP", parse_grid_cap)?;
         let branch_order =
             config_or_env(cfg.lora_branch_order, "LORA_BRANCH_ORDER", BranchOrder::parse)?.unwrap_or_default();
+        let proj_groups = config_or_env(None, "LORA_PROJECTION_GROUPS", projection::parse_groups)?;
         let plan = plan_model(&cap, &cfg.groups, cfg.num_layers, sms)?;
         let mut geometry = BTreeMap::new();
         let (mut ws_size, mut delta_rows) = (plan.workspace, plan.delta_rows);
@@ -257,14 +258,14 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
             let p = plan_model(&Capacity { max_tokens: b, ..cap }, &cfg.groups, cfg.num_layers, sms)?;
             ws_size = ws_size.max(p.workspace);
             delta_rows = delta_rows.max(p.delta_rows);
-            let geoms = p.groups.iter().map(|g| {
+            let geoms = p.groups.iter().enumerate().map(|(gi, g)| {
                 let geo = match grid_cap {
                     Some(blocks) => g.geometry().with_grid_cap(blocks),
                     None => g.geometry(),
                 };
                 match cfg.lora_path {
                     Some(LoraPath::Fused) if geo.expand_mode != ExpandMode::Delta => geo,
-                    Some(LoraPath::Projection) if b > PROJECTION_MAX_TOKENS || g.k % 8 != 0 => geo,
+                    Some(LoraPath::Projection) if !projection::applies(b, g, gi, proj_groups.as_deref()) => geo,
                     Some(path) => Geometry { path, ..geo },
                     None => geo,
                 }

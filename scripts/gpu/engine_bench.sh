@@ -82,6 +82,16 @@ elif [ "$rowset" = projection ]; then
     --row name=graph-16distinct-r16-projection,adapters=16,ranks=16,max_loras=16,max_rank=16,lora_kernels=projection \
     >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
   brc=$?
+  # PROJ_GROUP_SETTINGS="0,1 0,1,3": one more process per setting, the projection on those groups only.
+  for groups in ${PROJ_GROUP_SETTINGS:-}; do
+    stamp "bench: projection on groups $groups"
+    echo "# LORA_PROJECTION_GROUPS=$groups" >>"$out/engine_bench.txt"
+    LORA_PROJECTION_GROUPS=$groups timeout 90 "$bin" "${common[@]}" \
+      --row name=graph-lora1-r16-projection-g$groups,adapters=1,ranks=16,max_loras=1,max_rank=16,lora_kernels=projection \
+      --row name=graph-16distinct-r16-projection-g$groups,adapters=16,ranks=16,max_loras=16,max_rank=16,lora_kernels=projection \
+      >>"$out/engine_bench.txt" 2>>"$out/engine_bench.log"
+    brc=$(( brc | $? ))
+  done
 elif [ "$rowset" = priority ]; then
   rows=(--row name=graph-lora1-r16,adapters=1,ranks=16,max_loras=1,max_rank=16
         --row name=graph-16distinct-r16,adapters=16,ranks=16,max_loras=16,max_rank=16)

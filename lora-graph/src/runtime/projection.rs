@@ -11,13 +11,28 @@ use std::hash::Hash;
 
 use lora_device::{Backend, DevSlice, DeviceBuffer};
 use lora_gemm::launch::Geometry;
-use lora_gemm::plan::LoraPath;
+use lora_gemm::plan::{GroupPlan, LoraPath, PROJECTION_MAX_TOKENS};
 use lora_gemm::projection::{launch_projection, plan_projection, ProjectionLora, ProjectionLoraOperands};
 use lora_gemm::skinny::{SkinnyOperands, SkinnyShape};
 use lora_kernels::abi::PROJ_SYNC_WORDS;
 
 use super::{GroupIo, LoraRuntime};
 use crate::GraphError;
+
+/// Whether a forced [`LoraPath::Projection`] applies to group `gi` (plan `g`) of bucket `b`: a decode bucket
+/// (≤ [`PROJECTION_MAX_TOKENS`]), `k` a multiple of 8, and `gi` among `groups` when given (the environment
+/// variable `LORA_PROJECTION_GROUPS`, e.g. `0,1`: for measuring the path group by group).
+pub(super) fn applies(b: u32, g: &GroupPlan, gi: usize, groups: Option<&[usize]>) -> bool {
+    b <= PROJECTION_MAX_TOKENS && g.k.is_multiple_of(8) && groups.is_none_or(|gs| gs.contains(&gi))
+}
+
+/// `LORA_PROJECTION_GROUPS`: comma-separated group indices.
+pub(super) fn parse_groups(v: &str) -> Result<Vec<usize>, GraphError> {
+    v.split(',')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| GraphError::Config(format!("LORA_PROJECTION_GROUPS={v:?}: give group indices like 0,1")))
+}
 
 /// The projection's device scratch: `u` (f32) and the sync area.
 pub(super) struct ProjectionBuffers {
@@ -100,5 +115,19 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
         // and the sync area are this runtime's, used by one launch at a time (groups run in stream order).
         unsafe { launch_projection(&self.dev, stream, &shape, Some(&cap), &plan, &ops, Some(&lora)) }?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_lists_parse_and_bad_ones_are_config_errors() {
+        assert_eq!(parse_groups("0,1").unwrap(), vec![0, 1]);
+        assert_eq!(parse_groups(" 3 ").unwrap(), vec![3]);
+        for bad in ["", "a", "0,,1", "-1"] {
+            assert!(matches!(parse_groups(bad), Err(GraphError::Config(_))), "{bad:?} accepted");
+        }
     }
 }

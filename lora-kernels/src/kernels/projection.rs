@@ -11,9 +11,11 @@
 //!   result `u[tile][module][q][32·chunk + c]` (`r_u = 32 · r_chunks` per row); a module the adapter lacks
 //!   (`desc.m == 0`) or a chunk past its rank computes nothing;
 //! - a **W block** `b`: rows `32b ..` of W against every token, as the skinny projection; its epilogue adds,
-//!   for every tile and every (row q, column c) of it, `scale · Σ_r f32(B[c − y_col][r]) · u[..][q][r]` into
-//!   the f32 sum of token `perm[row_start + q]`, then writes `bf16(sum (+ y))`. Rows of tokens without an
-//!   adapter get exactly the skinny projection's bits.
+//!   for every tile (warp w: tiles w, w + 8, …) and module overlapping the block, `scale · u · B_sᵀ` — four
+//!   `mma.m16n8k16` n8 column tiles per 16 ranks, u rounded to bf16 — into the f32 sums of the tile's
+//!   tokens, then writes `bf16(sum (+ y))`. Each warp prefetches its first tile (tile, tokens, first live
+//!   module, B fragments of ranks 0..16) before streaming W. Rows of tokens without an adapter get exactly
+//!   the skinny projection's bits.
 //!
 //! **Order without deadlock.** With adapters in the step (`num_tiles > 0`) a block's work is its **ticket**
 //! (thread 0 `atomicAdd`s `sync[PROJ_TICKET]`, as CUB numbers tiles): tickets `0 .. a_blocks` are the A
