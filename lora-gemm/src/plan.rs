@@ -180,8 +180,13 @@ pub const PROJECTION_MAX_TOKENS: u32 = lora_kernels::kernels::model::skinny::SKI
 /// engine ITL 8.15 vs 7.63 ms), so the planner never picks it. `Fused` is kept for A/B runs.
 pub const PLANNED_PATH: LoraPath = LoraPath::ShrinkExpand;
 
-/// The planner's path for a bucket of `max_tokens` over input width `k`: [`PLANNED_PATH`] everywhere until
-/// the projection's measurement says otherwise (see [`LoraPath::Projection`]).
+/// The planner's path for a bucket of `max_tokens` over input width `k`: [`PLANNED_PATH`] at every shape.
+/// [`LoraPath::Projection`] was measured in the engine (H100, docs/perf.md run 23: Llama-3.1-8B shape, 16
+/// requests, bucket 16, graphs) on every group and on the group sets {qkv, o}, {o, down}, {qkv, o, down}:
+/// every one was slower than the shrink and the expand beside cuBLAS (mean ITL, one adapter: 10.01 ms
+/// planned, 10.18–10.85 projection; 16 distinct: 11.54 vs 11.60–11.87), so it stays an option
+/// (`--lora-kernels projection`) and the planner does not pick it. This function is where a measured
+/// per-shape choice goes once the projection wins somewhere.
 pub const fn planned_path(max_tokens: u32, k: u32) -> LoraPath {
     let _ = (max_tokens, k);
     PLANNED_PATH

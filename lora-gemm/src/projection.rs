@@ -13,8 +13,7 @@ use lora_device::{Backend, DevSlice, LaunchDims};
 use lora_kernels::abi::{GemmDesc, Tile, MAX_GROUP_MODULES, MAX_RANK, PROJ_SYNC_WORDS, TILE_M};
 use lora_kernels::kernels::model::skinny::{SKINNY_ROWS, SKINNY_THREADS};
 use lora_kernels::kernels::projection::{
-    projection_shared_bytes, ProjectionM16Args, ProjectionM32Args, ProjectionM64Args, ProjectionM8Args,
-    PROJ_RANK_CHUNK,
+    projection_shared_bytes, ProjectionM16Args, ProjectionM32Args, ProjectionM64Args, ProjectionM8Args, PROJ_RANK_CHUNK,
 };
 use lora_kernels::Kernel;
 
@@ -212,7 +211,12 @@ mod tests {
         for (name, n, k, n_mod) in [("qkv", 6144, 4096, 3), ("o", 4096, 4096, 1), ("gate_up", 28672, 4096, 2)] {
             for m in [1, 16, 64] {
                 let shape = SkinnyShape { m, n, k };
-                let cap = ProjectionLora { n_mod, num_slots: 16, max_tiles: lora_kernels::abi::max_tiles(m, 16), max_rank: 16 };
+                let cap = ProjectionLora {
+                    n_mod,
+                    num_slots: 16,
+                    max_tiles: lora_kernels::abi::max_tiles(m, 16),
+                    max_rank: 16,
+                };
                 let p = plan_projection(&shape, Some(&cap)).unwrap();
                 let b = plan_projection(&shape, None).unwrap();
                 out += &format!(
@@ -247,7 +251,8 @@ mod tests {
     fn the_grid_holds_every_block_a_step_can_need() {
         for max_rank in [1, 16, 32, 33, 64, 128] {
             for m in [1, 8, 9, 64] {
-                let cap = ProjectionLora { n_mod: 3, num_slots: 8, max_tiles: lora_kernels::abi::max_tiles(m, 8), max_rank };
+                let cap =
+                    ProjectionLora { n_mod: 3, num_slots: 8, max_tiles: lora_kernels::abi::max_tiles(m, 8), max_rank };
                 let p = plan_projection(&SkinnyShape { m, n: 100, k: 64 }, Some(&cap)).unwrap();
                 assert_eq!(p.w_blocks, 4);
                 assert!(p.r_chunks * PROJ_RANK_CHUNK >= max_rank && (p.r_chunks - 1) * PROJ_RANK_CHUNK < max_rank);

@@ -87,8 +87,8 @@ elif [ "$rowset" = projection ]; then
     stamp "bench: projection on groups $groups"
     echo "# LORA_PROJECTION_GROUPS=$groups" >>"$out/engine_bench.txt"
     LORA_PROJECTION_GROUPS=$groups timeout 90 "$bin" "${common[@]}" \
-      --row name=graph-lora1-r16-projection-g$groups,adapters=1,ranks=16,max_loras=1,max_rank=16,lora_kernels=projection \
-      --row name=graph-16distinct-r16-projection-g$groups,adapters=16,ranks=16,max_loras=16,max_rank=16,lora_kernels=projection \
+      --row name=graph-lora1-r16-projection-g${groups//,/-},adapters=1,ranks=16,max_loras=1,max_rank=16,lora_kernels=projection \
+      --row name=graph-16distinct-r16-projection-g${groups//,/-},adapters=16,ranks=16,max_loras=16,max_rank=16,lora_kernels=projection \
       >>"$out/engine_bench.txt" 2>>"$out/engine_bench.log"
     brc=$(( brc | $? ))
   done

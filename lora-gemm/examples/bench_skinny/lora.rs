@@ -162,14 +162,24 @@ pub(crate) fn run(dev: &TestBed<Cuda>, timer: &Timer, _copy_bw: f64) -> Result<b
                     // device weights of this table); sizes are the plan's.
                     unsafe {
                         launch_shrink(dev.dev(), dev.stream(), &geo, &s, &ws, s.descs, x, k)?;
-                        launch_expand(dev.dev(), dev.stream(), &geo, &s, &ws, s.descs, ExpandOut::Y { y: y_old, ldy: n })?;
+                        launch_expand(
+                            dev.dev(),
+                            dev.stream(),
+                            &geo,
+                            &s,
+                            &ws,
+                            s.descs,
+                            ExpandOut::Y { y: y_old, ldy: n },
+                        )?;
                     }
                     Ok(())
                 };
                 // SAFETY: as `old`; the sync area is this case's alone.
-                let proj_lora = || Ok(unsafe {
-                    launch_projection(dev.dev(), dev.stream(), &shape, Some(&pcap), &pplan, &ops, Some(&lops))
-                }?);
+                let proj_lora = || {
+                    Ok(unsafe {
+                        launch_projection(dev.dev(), dev.stream(), &shape, Some(&pcap), &pplan, &ops, Some(&lops))
+                    }?)
+                };
                 // SAFETY: no LoRA operands: only the checked x, W and y are touched.
                 let proj_base =
                     || Ok(unsafe { launch_projection(dev.dev(), dev.stream(), &shape, None, &bplan, &ops, None) }?);

@@ -23,8 +23,8 @@ use cudarc::driver::CudaEvent;
 use lora_device::testing::{Rng, TestBed};
 use lora_device::{Backend, Cuda, DenseGemm, DevSlice};
 use lora_gemm::model::launch_argmax_f32;
-use lora_gemm::skinny::{launch_skinny, SkinnyOperands, SkinnyShape};
 use lora_gemm::projection::{launch_projection, plan_projection};
+use lora_gemm::skinny::{launch_skinny, SkinnyOperands, SkinnyShape};
 use lora_kernels::dsl::bf16_to_f32;
 
 mod lora;

@@ -52,8 +52,7 @@ impl ProjectionBuffers {
         for (&bucket, groups) in geometry {
             for g in groups.iter().filter(|g| g.path == LoraPath::Projection) {
                 let shape = SkinnyShape { m: bucket, n: g.out_cols, k: g.k };
-                let cap =
-                    ProjectionLora { n_mod: g.n_mod, num_slots: g.num_slots, max_tiles: g.max_tiles, max_rank };
+                let cap = ProjectionLora { n_mod: g.n_mod, num_slots: g.num_slots, max_tiles: g.max_tiles, max_rank };
                 u = u.max(plan_projection(&shape, Some(&cap))?.u_f32);
             }
         }

@@ -242,10 +242,9 @@ impl<B: Backend> DeviceBackend<B> {
                 };
                 launch_prefill_attention(dev, st, &shape, &b, scale).map_err(dev_err)?;
             }
-            let o_delta =
-                self.group(bucket, l, 1, &s.attn, qd, &s.sub, h, Some((w.o.slice(), t)), || {
-                    self.gemm(t, h, qd, attn, w.o.slice(), sub, 0.0)
-                })?;
+            let o_delta = self.group(bucket, l, 1, &s.attn, qd, &s.sub, h, Some((w.o.slice(), t)), || {
+                self.gemm(t, h, qd, attn, w.o.slice(), sub, 0.0)
+            })?;
             let (r, norm) = (Residual::Add(resid, h32), w.mlp_norm.slice());
             launch_rmsnorm(dev, st, t32, h32, c.rms_norm_eps, sub, h32, o_delta.as_ref(), r, norm, xn, h32)
                 .map_err(dev_err)?;
