@@ -4,7 +4,8 @@
 //! has its own number of tokens, so the batch shrinks through the buckets 8 → 4 → 2 → 1 and the contexts
 //! cross page-table widths (4 → 8 pages); the last steps use no adapter (the base-only graph). The backend
 //! with graphs runs the fused LoRA kernel (`LoraPath::Fused`, forced; its sync area must reset itself on
-//! every replay) and the eager one the planner's shrink + expand: the graphs give exactly the eager tokens,
+//! every replay) and the eager one the planner's shrink + expand (and again with both on the LoRA projection,
+//! `LoraPath::Projection`, whose sync area must reset itself too): the graphs give exactly the eager tokens,
 //! replays a graph for every decode step, captures one graph per (bucket, width, LoRA) key and no more; and
 //! the adapter changes the tokens of the prompt it is applied to.
 
@@ -90,13 +91,14 @@ fn run<B: Backend>(
     (gen, shapes)
 }
 
-fn body<B: Backend>(eager_dev: B, graph_dev: B, big: bool) {
+/// `paths`: the LoRA path of the eager and of the graph backend (they must give the same bits).
+fn body<B: Backend>(eager_dev: B, graph_dev: B, big: bool, paths: (Option<LoraPath>, Option<LoraPath>)) {
     let t0 = Instant::now();
     let c = config(big);
     let w = ModelWeights::random(&c, 21);
     let (a1, a2) = (Arc::new(adapter(&c, 8, 31)), Arc::new(adapter(&c, 4, 32)));
-    let mut eager = DeviceBackend::new(eager_dev, &w, opts(false, None)).expect("eager backend");
-    let mut graphs = DeviceBackend::new(graph_dev, &w, opts(true, Some(LoraPath::Fused))).expect("graph backend");
+    let mut eager = DeviceBackend::new(eager_dev, &w, opts(false, paths.0)).expect("eager backend");
+    let mut graphs = DeviceBackend::new(graph_dev, &w, opts(true, paths.1)).expect("graph backend");
     for m in [&mut eager, &mut graphs] {
         m.add_adapter(1, a1.clone()).unwrap();
         m.add_adapter(2, a2.clone()).unwrap();
@@ -128,14 +130,26 @@ fn body<B: Backend>(eager_dev: B, graph_dev: B, big: bool) {
 
 #[test]
 fn graphs_equal_eager_emulator() {
-    body(lora_device::Emulator::new(), lora_device::Emulator::new(), false);
+    body(lora_device::Emulator::new(), lora_device::Emulator::new(), false, (None, Some(LoraPath::Fused)));
+}
+
+/// The LoRA projection (o, gate_up and down; qkv has a bias here) replayed in graphs == run eagerly: its
+/// sync area resets itself on every replay.
+#[test]
+fn projection_graphs_equal_eager_emulator() {
+    let p = Some(LoraPath::Projection);
+    body(lora_device::Emulator::new(), lora_device::Emulator::new(), false, (p, p));
 }
 
 #[cfg(feature = "gpu")]
 #[test]
 fn graphs_equal_eager_gpu() {
     match (lora_device::Cuda::open(0), lora_device::Cuda::open(0)) {
-        (Ok(a), Ok(b)) => body(a, b, true),
+        (Ok(a), Ok(b)) => {
+            body(a, b, true, (None, Some(LoraPath::Fused)));
+            let (a, b) = (lora_device::Cuda::open(0).unwrap(), lora_device::Cuda::open(0).unwrap());
+            body(a, b, true, (Some(LoraPath::Projection), Some(LoraPath::Projection)));
+        }
         (Err(e), _) | (_, Err(e)) => eprintln!("SKIP graphs_equal_eager: {e}"),
     }
 }
