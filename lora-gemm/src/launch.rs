@@ -23,8 +23,10 @@ fn dims(s: &LaunchShape) -> LaunchDims {
     LaunchDims { grid: s.grid, block: s.block, shared: s.shared_bytes }
 }
 
-fn need<T>(what: &str, s: &DevSlice<T>, len: usize) -> Result<(), GemmError> {
-    if s.len() < len {
+/// The one operand-size check of this crate's launches: `s` must hold `len` elements (and, when `len > 0`,
+/// must not be a null view).
+pub(crate) fn need<T>(what: &str, s: &DevSlice<T>, len: usize) -> Result<(), GemmError> {
+    if s.len() < len || (len > 0 && s.is_null()) {
         return Err(GemmError::Invalid(format!("{what}: {} elements, the plan needs {len}", s.len())));
     }
     Ok(())

@@ -17,6 +17,7 @@ use lora_kernels::kernels::projection::{
 };
 use lora_kernels::Kernel;
 
+use crate::launch::need;
 use crate::skinny::{SkinnyOperands, SkinnyShape};
 use crate::GemmError;
 
@@ -45,8 +46,6 @@ pub struct ProjectionPlan {
     pub w_blocks: u32,
     /// The most A blocks a step can have: `max_tiles · n_mod · r_chunks` (0 without LoRA).
     pub a_blocks: u32,
-    /// Blocks launched: `w_blocks + a_blocks`.
-    pub grid: u32,
     /// Dynamic shared memory per block, bytes.
     pub shared: u32,
     /// Rank chunks of 32 per (tile, module): `ceil(max_rank / 32)` (0 without LoRA).
@@ -55,6 +54,13 @@ pub struct ProjectionPlan {
     pub u_f32: usize,
     /// Words of the sync area (0 without LoRA).
     pub sync_words: usize,
+}
+
+impl ProjectionPlan {
+    /// Blocks launched: `w_blocks + a_blocks`.
+    pub fn grid(&self) -> u32 {
+        self.w_blocks + self.a_blocks
+    }
 }
 
 /// The plan of `shape`, with a LoRA side when `lora` is given (see the module docs).
@@ -91,7 +97,6 @@ pub fn plan_projection(shape: &SkinnyShape, lora: Option<&ProjectionLora>) -> Re
         token_tiles,
         w_blocks,
         a_blocks,
-        grid: w_blocks + a_blocks,
         shared: projection_shared_bytes(token_tiles),
         r_chunks,
         u_f32,
@@ -115,13 +120,6 @@ pub struct ProjectionLoraOperands {
     pub u: DevSlice<f32>,
     /// [`ProjectionPlan::sync_words`] words, zero when allocated (every launch leaves them zero).
     pub sync: DevSlice<u32>,
-}
-
-fn need<T>(what: &str, s: &DevSlice<T>, n: usize) -> Result<(), GemmError> {
-    if s.len() < n || (n > 0 && s.is_null()) {
-        return Err(GemmError::Invalid(format!("LoRA projection: {what} holds {} elements, needs {n}", s.len())));
-    }
-    Ok(())
 }
 
 /// Launch the projection of `shape` with `plan` (from [`plan_projection`] for this shape and `lora_cap`) on
@@ -149,17 +147,17 @@ pub unsafe fn launch_projection<B: Backend>(
     let side = match (lora_cap, lora) {
         (None, None) => None,
         (Some(cap), Some(l)) => {
-            need("perm", &l.perm, shape.m as usize)?;
-            need("tiles", &l.tiles, cap.max_tiles as usize)?;
-            need("num_tiles", &l.num_tiles, 1)?;
-            need("descs", &l.descs, (cap.n_mod * cap.num_slots) as usize)?;
-            need("u", &l.u, plan.u_f32)?;
-            need("sync", &l.sync, plan.sync_words)?;
+            need("LoRA projection perm", &l.perm, shape.m as usize)?;
+            need("LoRA projection tiles", &l.tiles, cap.max_tiles as usize)?;
+            need("LoRA projection num_tiles", &l.num_tiles, 1)?;
+            need("LoRA projection descs", &l.descs, (cap.n_mod * cap.num_slots) as usize)?;
+            need("LoRA projection u", &l.u, plan.u_f32)?;
+            need("LoRA projection sync", &l.sync, plan.sync_words)?;
             Some((cap, l))
         }
         _ => return Err(GemmError::Invalid("LoRA projection: LoRA operands and capacity must come together".into())),
     };
-    let dims = LaunchDims::linear(plan.grid, SKINNY_THREADS, plan.shared);
+    let dims = LaunchDims::linear(plan.grid(), SKINNY_THREADS, plan.shared);
     macro_rules! args {
         ($t:ident) => {
             $t {
@@ -221,7 +219,13 @@ mod tests {
                 let b = plan_projection(&shape, None).unwrap();
                 out += &format!(
                     "{name:>8} m={m:<2} {:?} w_blocks={} a_blocks={} grid={} shared={} u={} | base grid={}\n",
-                    p.kernel, p.w_blocks, p.a_blocks, p.grid, p.shared, p.u_f32, b.grid
+                    p.kernel,
+                    p.w_blocks,
+                    p.a_blocks,
+                    p.grid(),
+                    p.shared,
+                    p.u_f32,
+                    b.grid()
                 );
             }
         }
@@ -256,7 +260,7 @@ mod tests {
                 let p = plan_projection(&SkinnyShape { m, n: 100, k: 64 }, Some(&cap)).unwrap();
                 assert_eq!(p.w_blocks, 4);
                 assert!(p.r_chunks * PROJ_RANK_CHUNK >= max_rank && (p.r_chunks - 1) * PROJ_RANK_CHUNK < max_rank);
-                assert_eq!(p.grid, 4 + cap.max_tiles * 3 * p.r_chunks);
+                assert_eq!(p.grid(), 4 + cap.max_tiles * 3 * p.r_chunks);
                 assert!(m <= 8 * p.token_tiles);
             }
         }

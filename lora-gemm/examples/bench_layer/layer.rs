@@ -284,7 +284,11 @@ pub(crate) fn emu_check(sms: u32) -> Result<()> {
     let paths = [LoraPath::ShrinkExpand, LoraPath::Fused];
     let plans: Vec<ConfigPlan> = cases
         .iter()
-        .flat_map(|&c| paths.iter().map(move |&p| plan_config(c, sms, Some(p), None)))
+        .flat_map(|&c| {
+            paths
+                .iter()
+                .map(move |&p| plan_config(c, sms, &Overrides { path: Some(p), grid_cap: None, expand_order: None }))
+        })
         .collect::<Result<_>>()?;
     let s = sizes(&plans);
     let h = host_data(&plans[0].model, &s);

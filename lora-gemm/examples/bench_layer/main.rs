@@ -30,7 +30,8 @@
 //! default subset), `--sms N` (SM count assumed by `--dry-run`), `--tokens L`, `--ranks L`, `--distinct L`
 //! (comma-separated lists replacing an axis of the matrix, for tuning), `--path fused|shrink-expand` (force
 //! the groups' LoRA path; default: what the planner picks per token count), `--grid-cap N` (cut every
-//! persistent LoRA grid to N blocks: the same bits, for sizing the grids). With `OUT` set, the table is also
+//! persistent LoRA grid to N blocks: the same bits, for sizing the grids), `--expand-order runs|grid-stride`
+//! (force the expand's item order; default: the planner's per token count). With `OUT` set, the table is also
 //! written to `$OUT/bench_layer.csv` (rewritten after every config, so a partial run leaves its rows).
 
 use std::collections::HashMap;
@@ -53,9 +54,11 @@ use lora_gemm::reorder::{descriptors, pack_step, reorder, token_slots, Reordered
 use lora_kernels::abi::{GemmDesc, ModuleShape, SlotWeights, StepLayout, Tile};
 use lora_kernels::dsl::{bf16_to_f32, f32_to_bf16};
 
+mod args;
 mod gpu;
 mod layer;
 mod report;
+use args::*;
 use gpu::*;
 use layer::*;
 use report::*;
@@ -200,21 +203,13 @@ impl ConfigPlan {
     }
 }
 
-/// Plan a config; `path` overrides the planner's choice of [`LoraPath`] for every group, `grid_cap` cuts
-/// every persistent LoRA grid (`Geometry::with_grid_cap`).
-pub(crate) fn plan_config(cfg: Config, sms: u32, path: Option<LoraPath>, grid_cap: Option<u32>) -> Result<ConfigPlan> {
+/// Plan a config, with the command line's geometry overrides applied to every group.
+pub(crate) fn plan_config(cfg: Config, sms: u32, over: &Overrides) -> Result<ConfigPlan> {
     let req = requests(cfg.tokens, cfg.distinct);
     let cap =
         Capacity { max_tokens: cfg.tokens, num_slots: NUM_SLOTS, max_rank: cfg.rank, max_reqs: req.slot.len() as u32 };
     let model = plan_model(&cap, &llama3_8b_groups(), 1, sms)?;
-    let geoms = model
-        .groups
-        .iter()
-        .map(|g| {
-            let geo = Geometry { path: path.unwrap_or(g.path), ..geometry(g) };
-            grid_cap.map_or(geo, |c| geo.with_grid_cap(c))
-        })
-        .collect();
+    let geoms = model.groups.iter().map(|g| over.apply(geometry(g))).collect();
     let step = pack_step_input(model.prep.layout, &req, cap.max_tokens)?;
     let twin = reorder(&req.slot, &req.tok_off, NUM_SLOTS)?;
     let bytes = min_bytes(&model.groups, cfg);
@@ -299,86 +294,6 @@ pub(crate) fn rand_bf16(seed: u64, n: usize, amp: f32) -> Vec<u16> {
     v
 }
 
-/// Command line.
-#[derive(Clone, Debug)]
-pub(crate) struct Args {
-    pub(crate) quick: bool,
-    pub(crate) dry_run: bool,
-    pub(crate) emu_check: bool,
-    pub(crate) check_all: bool,
-    pub(crate) sms: u32,
-    pub(crate) tokens: Option<Vec<u32>>,
-    pub(crate) ranks: Option<Vec<u32>>,
-    pub(crate) distinct: Option<Vec<u32>>,
-    pub(crate) path: Option<LoraPath>,
-    pub(crate) grid_cap: Option<u32>,
-}
-
-pub(crate) const USAGE: &str = "usage: bench_layer [--quick] [--dry-run [--sms N]] [--emu-check] [--check-all] \
-                     [--tokens 16,256] [--ranks 16] [--distinct 1,16] [--path fused|shrink-expand] [--grid-cap N]";
-
-pub(crate) fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        quick: false,
-        dry_run: false,
-        emu_check: false,
-        check_all: false,
-        sms: 132,
-        tokens: None,
-        ranks: None,
-        distinct: None,
-        path: None,
-        grid_cap: None,
-    };
-    let mut it = std::env::args().skip(1);
-    let list = |v: Option<String>, name: &str| -> Result<Option<Vec<u32>>> {
-        let v = v.ok_or_else(|| anyhow!("{name} needs a value ({USAGE})"))?;
-        let l = v
-            .split(',')
-            .map(|x| x.trim().parse::<u32>().with_context(|| format!("{name} {v:?}")))
-            .collect::<Result<Vec<_>>>()?;
-        if l.is_empty() || l.contains(&0) {
-            bail!("{name} {v:?}: give positive values");
-        }
-        Ok(Some(l))
-    };
-    while let Some(s) = it.next() {
-        match s.as_str() {
-            "--quick" => a.quick = true,
-            "--dry-run" => a.dry_run = true,
-            "--emu-check" => a.emu_check = true,
-            "--check-all" => a.check_all = true,
-            "--sms" => {
-                a.sms = it.next().ok_or_else(|| anyhow!("--sms needs a value"))?.parse().context("--sms")?;
-            }
-            "--tokens" => a.tokens = list(it.next(), "--tokens")?,
-            "--ranks" => a.ranks = list(it.next(), "--ranks")?,
-            "--distinct" => a.distinct = list(it.next(), "--distinct")?,
-            "--path" => {
-                a.path = Some(match it.next().as_deref() {
-                    Some("fused") => LoraPath::Fused,
-                    Some("shrink-expand") => LoraPath::ShrinkExpand,
-                    other => bail!("--path {other:?}: give fused or shrink-expand ({USAGE})"),
-                })
-            }
-            "--grid-cap" => {
-                let v: u32 =
-                    it.next().ok_or_else(|| anyhow!("--grid-cap needs a value"))?.parse().context("--grid-cap")?;
-                if v == 0 {
-                    bail!("--grid-cap 0: give at least one block");
-                }
-                a.grid_cap = Some(v);
-            }
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?} ({USAGE})"),
-        }
-    }
-    Ok(a)
-}
-
 /// Whether the correctness check runs on this config: every config up to 256 tokens (cheap), and the last
 /// (largest rank and adapter count) of every larger token count.
 pub(crate) fn should_check(c: Config, all: &[Config], check_all: bool) -> bool {
@@ -396,7 +311,7 @@ pub(crate) fn dry_run(configs: &[Config], args: &Args) -> Result<()> {
         bail!("no configs (every adapter count exceeds every token count?)");
     }
     let plans: Vec<ConfigPlan> =
-        configs.iter().map(|&c| plan_config(c, args.sms, args.path, args.grid_cap)).collect::<Result<_>>()?;
+        configs.iter().map(|&c| plan_config(c, args.sms, &args.over)).collect::<Result<_>>()?;
     let groups: Vec<String> = plans[0].model.groups.iter().map(group_line).collect();
     println!("groups: {}", groups.join("; "));
     println!("geometry per group: max splits x k_chunk, max_tiles, expand blocks, r_pad, shrink shared bytes");
@@ -473,7 +388,7 @@ pub(crate) fn dry_run(configs: &[Config], args: &Args) -> Result<()> {
     }
     // Self-checks of the pure helpers.
     let c = Config { tokens: 16, rank: 16, distinct: 16 };
-    let p = plan_config(c, args.sms, None, args.grid_cap)?;
+    let p = plan_config(c, args.sms, &Overrides { path: None, ..args.over })?;
     let want = 16 * 26624 * 2 + 2 * 16 * 16 * 81920 + 4 * 16 * 43008;
     if p.bytes.total() != want {
         bail!("min bytes of {c:?}: {} != {want}", p.bytes.total());
@@ -516,8 +431,7 @@ fn main() -> Result<()> {
     let sms = dev.sm_count();
     let (cc_major, cc_minor) = dev.context().compute_capability()?;
     println!("device: {name} (sm_{cc_major}{cc_minor}, {sms} SMs)");
-    let plans: Vec<ConfigPlan> =
-        configs.iter().map(|&c| plan_config(c, sms, args.path, args.grid_cap)).collect::<Result<_>>()?;
+    let plans: Vec<ConfigPlan> = configs.iter().map(|&c| plan_config(c, sms, &args.over)).collect::<Result<_>>()?;
     let started = std::time::Instant::now();
     let bench = match Bench::new(dev, &plans) {
         Ok(b) => b,

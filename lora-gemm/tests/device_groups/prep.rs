@@ -348,6 +348,18 @@ device_test!(delta_mode_matches_direct_expand, |d, big| {
     ];
     c.seed = 77;
     check(d, &c, "delta_mode_matches_direct_expand");
+    // Aligned columns (ldy 208, y_col 0 / 64 / 104, delta rows of 204 f32): the expand's 16-byte y and delta
+    // accesses, next to the element path of the last module's final 4 columns (96 .. 100).
+    let mut c = Case::new(4, 48, &[64, 40, 100], &[(0, 5), (u32::MAX, 2), (1, 17), (2, 3), (3, 4), (0, 9)]);
+    c.ldy_extra = 4;
+    c.weights = vec![
+        vec![W::Rank(16), W::Rank(3), W::Absent, W::Rank(8)],
+        vec![W::Rank(9), W::NullB(3), W::Rank(5), W::Rank(8)],
+        vec![W::Rank(16), W::Rank(32), W::Rank(5), W::Rank0],
+    ];
+    c.max_rank = 32;
+    c.seed = 78;
+    check(d, &c, "delta_mode_aligned_columns");
     if big {
         let c = big_mixed(91, 16, 4096, 4096, &[789, 456, 123], 64, 64, &[1, 3, 8, 16, 64]);
         check(d, &c, "big_delta_mode_64_tokens");

@@ -123,7 +123,7 @@ fn check_projection<B: Backend>(d: &TestBed<B>, c: &Case, name: &str) {
     eprintln!(
         "{name}: m {m} n {n} k {k}, grid {} ({} A blocks max), {} adapted outputs, rel error {rel:.2e}, \
          ‖out − ref‖ {err:.3e} vs ‖LoRA‖ {lora:.3e}, ‖ref‖/256 {round:.3e}",
-        plan.grid,
+        plan.grid(),
         plan.a_blocks,
         out.len()
     );

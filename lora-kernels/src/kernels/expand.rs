@@ -15,12 +15,28 @@
 //! four `n8` tiles and skips the item if they start past the module's width (there is no block barrier in
 //! this kernel, so warps may diverge freely). Each warp walks the rank in steps of 16: lane
 //! (g = lane/4, t = lane%4) loads 8 bytes of t rows g and g+8 at `k + 4t` and, per `n8` tile, 8 bytes of B_s
-//! row `n + g` at `k + 4t` (masked past the rank: B_s rows are exactly `rank` long); the 4 values of the A operand are
+//! row `n` at `k + 4t` (masked past the rank: B_s rows are exactly `rank` long); the 4 values of the A operand are
 //! 16-byte loads of each split's partial, summed, with the same permuted
-//! k-to-fragment assignment as the shrink. The epilogue reads y, adds `scale · acc` in f32 and writes bf16
-//! back, as a 4-byte pair when aligned and in range, else per element.
+//! k-to-fragment assignment as the shrink.
+//!
+//! **Column permutation.** As the shrink permutes k, the expand permutes the output columns: fragment
+//! column `g` of the warp's n8 tile j stands for output column `n0 + 8·(g/2) + 2j + g%2` (the B row lane
+//! (g, t) loads). Each output element is still one dot product over the rank, so the sums are the same; but
+//! the accumulator pairs lane (g, t) holds are now the 8 *consecutive* columns `n0 + 8t .. + 8` of rows g and
+//! g + 8. So the epilogue reads the old y of a row with one 16-byte load (issued before the MMA loop), adds
+//! `scale · acc` in f32 and writes bf16 back with one 16-byte store — a warp's 4 lanes of a row cover 64
+//! contiguous bytes — and falls back to element accesses for a chunk past the module's width or unaligned
+//! (odd `ldy` or `y_col`). Delta mode stores the 8 f32 as two 16-byte stores on the same terms.
 //! Each (token, column) belongs to exactly one block, so there are no write races; tokens without an
 //! adapter are never touched.
+//!
+//! **Pipeline over a block's items.** An item is two halves: [`expand_begin`] walks the header chain (tile →
+//! descriptor → tokens) and issues the old-y loads; [`expand_finish`] sums the partials, runs the MMAs and
+//! writes. The kernel begins item i + 1 before it finishes item i, so one item's y (DRAM) is in flight
+//! while the previous item's partials, B and MMAs are worked through. At prefill sizes a block walks tens of
+//! items and this hides one DRAM latency per item; at decode sizes (`I ≤ G`) a block has one item and
+//! nothing changes. Partials are summed [`SPLIT_BATCH`] = 2 splits at a time: what keeps the kernel at 128
+//! registers (4 blocks of 128 threads per SM) with two items' registers live.
 //!
 //! **Delta mode** (`delta` non-null): instead of adding into y, the epilogue stores `scale · acc` in f32 at
 //! `delta[token][y_col + col]` (row stride `ld_delta`), and columns of a module the tile's adapter lacks
@@ -76,10 +92,27 @@ pub unsafe fn lora_expand(
         } else {
             (block_idx_x(), total, grid_dim_x())
         };
-        while w < end {
+        // Software pipeline over this block's items: the next item's header chain and its epilogue loads
+        // (the old y) are issued before this item's partials are summed and its MMAs run, so
+        // the DRAM latency of one item's y hides behind the previous item's work (what bounds the expand at
+        // prefill sizes, where a block walks tens of items).
+        if w < end {
             let (module, tile_i, nb) = work_item(w, n_blocks, nt);
-            w += stride;
-            expand_item(&o, module, tile_i, nb, splits, core::ptr::null());
+            let mut cur = expand_begin(&o, module, tile_i, nb);
+            loop {
+                w += stride;
+                let next = if w < end {
+                    let (module, tile_i, nb) = work_item(w, n_blocks, nt);
+                    expand_begin(&o, module, tile_i, nb)
+                } else {
+                    ExpandItem::NONE
+                };
+                expand_finish(&o, &cur, splits);
+                if w >= end {
+                    break;
+                }
+                cur = next;
+            }
         }
     }
 }
@@ -103,10 +136,10 @@ pub(crate) struct ExpandOperands {
 }
 
 /// One work item `(module, tile_i, nb)` of the expand, per warp (no barrier: warps may diverge freely),
-/// as the module docs say. With `ready` non-null the item first issues every load that does not need the
-/// partials (tokens, descriptor, the epilogue's old y pairs, B's first 16 ranks) and then waits until
-/// `*ready >= splits` — the shrink items of this (tile, module) have published their partials (the fused
-/// kernel, `fused.rs`); each thread acquires the flag itself, so its own partial loads see those writes.
+/// as the module docs say: [`expand_begin`], then [`expand_finish`]. With `ready` non-null the item first
+/// issues the loads that do not need the partials (tokens, descriptor, the epilogue's old y) and then waits until `*ready >= splits` — the shrink items of this (tile, module) have
+/// published their partials (the fused kernel, `fused.rs`); each thread acquires the flag itself, so its own
+/// partial loads see those writes.
 ///
 /// # Safety
 /// The launch contract of the module docs with `splits` from [`shrink_splits`]; a non-null `ready` is a
@@ -120,101 +153,164 @@ pub(crate) unsafe fn expand_item(
     splits: u32,
     ready: *const u32,
 ) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        let item = expand_begin(o, module, tile_i, nb);
+        if item.live && !ready.is_null() {
+            spin_until_at_least(ready, splits);
+        }
+        expand_finish(o, &item, splits);
+    }
+}
+
+/// An expand item after [`expand_begin`]: its coordinates, descriptor and tokens, and the registers its
+/// loads are landing in (the old y of this lane's two rows).
+#[derive(Clone, Copy)]
+pub(crate) struct ExpandItem {
+    /// Whether [`expand_finish`] has work (false: past the module's width, a module the adapter lacks, or
+    /// no item).
+    live: bool,
+    module: u32,
+    tile: Tile,
+    d: GemmDesc,
+    n0: u32,
+    tok_lo: u32,
+    tok_hi: u32,
+    y_old: [[u32; 4]; 2],
+}
+
+impl ExpandItem {
+    /// No item (the end of a block's pipeline).
+    pub(crate) const NONE: ExpandItem = ExpandItem {
+        live: false,
+        module: 0,
+        tile: Tile { slot: 0, row_start: 0, rows: 0, _pad: 0 },
+        d: GemmDesc {
+            a: 0,
+            b: 0,
+            m: 0,
+            row_off: 0,
+            n: 0,
+            k: 0,
+            rank: 0,
+            lda: 0,
+            ldb: 0,
+            y_col: 0,
+            scale: 0.0,
+            _pad: 0,
+        },
+        n0: 0,
+        tok_lo: 0,
+        tok_hi: 0,
+        y_old: [[0; 4]; 2],
+    };
+}
+
+/// B of ranks `kk .. kk + 16` for the warp's four n8 tiles at columns `n0 ..` of `d` (masked past the rank:
+/// B_s rows are exactly `rank` long). Fragment column g of n8 tile j is output column
+/// `n0 + 8·(g/2) + 2j + g%2` (the column permutation of the module docs).
+///
+/// # Safety
+/// `d.b` holds `d.n` rows of stride `d.ldb` and at least `r` elements each.
+#[inline(always)]
+unsafe fn load_b(d: &GemmDesc, n0: u32, kk: u32, r: u32) -> [[u32; 2]; 4] {
+    // SAFETY: rows `< d.n` and ranks `< r` only.
+    unsafe {
+        let (g, t) = (lane_id() / 4, lane_id() % 4);
+        let b_base = d.b as *const u16;
+        let mut bv = [[0u32; 2]; 4];
+        crate::unroll!(j in [0, 1, 2, 3] {
+            let n = n0 + 8 * (g / 2) + 2 * j as u32 + g % 2;
+            if n < d.n {
+                bv[j] = load4_bf16_masked(b_base.add((n * d.ldb) as usize), kk + 4 * t, r);
+            }
+        });
+        bv
+    }
+}
+
+/// The first half of an item: the header chain (tile → descriptor → tokens) and the loads that do not need
+/// the partials — the old y of this lane's 8 columns of both rows (16 bytes each when in range and
+/// aligned) — issued, not awaited. In delta mode a module the tile's adapter lacks
+/// gets its exact zeros here (the add kernel skips them, so those outputs stay bit-identical).
+///
+/// # Safety
+/// The launch contract of the module docs.
+#[inline(always)]
+pub(crate) unsafe fn expand_begin(o: &ExpandOperands, module: u32, tile_i: u32, nb: u32) -> ExpandItem {
     // SAFETY: the launch contract in the module docs keeps every address below in bounds.
     unsafe {
-        let ExpandOperands {
-            partial,
-            r_pad,
-            max_tokens,
-            perm,
-            tiles,
-            descs,
-            num_slots,
-            n_mod,
-            y,
-            ldy,
-            delta,
-            ld_delta,
-        } = *o;
-        let delta_mode = !delta.is_null();
+        let delta_mode = !o.delta.is_null();
         let (lane, warp) = (lane_id(), warp_id());
-        let tile = *tiles.add(tile_i as usize);
-        let d = *descs.add((module * num_slots + tile.slot) as usize);
+        let tile = *o.tiles.add(tile_i as usize);
+        let d = *o.descs.add((module * o.num_slots + tile.slot) as usize);
         let n0 = nb * EXPAND_BN + warp * 32;
+        let mut item = ExpandItem::NONE;
         if n0 >= d.n {
-            return;
+            return item;
         }
         let (g, t) = (lane / 4, lane % 4);
         let (lo_ok, hi_ok) = (g < tile.rows, g + 8 < tile.rows);
         // The rows' tokens (the epilogue writes at the original token rows, in both modes).
-        let tok_lo = if lo_ok { *perm.add((tile.row_start + g) as usize) } else { 0 };
-        let tok_hi = if hi_ok { *perm.add((tile.row_start + g + 8) as usize) } else { 0 };
-        // Delta mode: this module's columns of the tokens' delta rows.
-        let d_lo = delta.add((tok_lo * ld_delta + d.y_col) as usize);
-        let d_hi = delta.add((tok_hi * ld_delta + d.y_col) as usize);
+        let tok_lo = if lo_ok { *o.perm.add((tile.row_start + g) as usize) } else { 0 };
+        let tok_hi = if hi_ok { *o.perm.add((tile.row_start + g + 8) as usize) } else { 0 };
+        // This lane's output columns: the 8 consecutive columns c0 .. c0 + 8 of rows g and g + 8.
+        let c0 = n0 + 8 * t;
         if d.m == 0 {
-            // The adapter lacks this module: in delta mode its columns get exact zeros, which the add
-            // kernel skips (so those outputs stay bit-identical); otherwise nothing to do.
-            if delta_mode {
-                crate::unroll!(j in [0, 1, 2, 3] {
-                    let col = n0 + j as u32 * 8 + 2 * t;
-                    if col < d.n {
-                        if lo_ok {
-                            put_pair(d_lo.add(col as usize), 0.0, 0.0, col + 1 < d.n);
-                        }
-                        if hi_ok {
-                            put_pair(d_hi.add(col as usize), 0.0, 0.0, col + 1 < d.n);
-                        }
-                    }
-                });
+            if delta_mode && c0 < d.n {
+                if lo_ok {
+                    put8_f32(o.delta.add((tok_lo * o.ld_delta + d.y_col + c0) as usize), [0.0; 8], d.n - c0);
+                }
+                if hi_ok {
+                    put8_f32(o.delta.add((tok_hi * o.ld_delta + d.y_col + c0) as usize), [0.0; 8], d.n - c0);
+                }
             }
+            return item;
+        }
+        if !delta_mode && c0 < d.n {
+            if lo_ok {
+                item.y_old[0] = load8_bf16_masked(o.y.add((tok_lo * o.ldy + d.y_col) as usize), c0, d.n);
+            }
+            if hi_ok {
+                item.y_old[1] = load8_bf16_masked(o.y.add((tok_hi * o.ldy + d.y_col) as usize), c0, d.n);
+            }
+        }
+        item.live = true;
+        item.module = module;
+        item.tile = tile;
+        item.d = d;
+        item.n0 = n0;
+        item.tok_lo = tok_lo;
+        item.tok_hi = tok_hi;
+        item
+    }
+}
+
+/// The second half of an item begun by [`expand_begin`]: sum the partials rank step by rank step, run the
+/// MMAs, and write the epilogue (add into y, or the delta). Nothing for an item that is not live.
+///
+/// # Safety
+/// The launch contract of the module docs; `item` came from [`expand_begin`] of this launch with these
+/// operands, and the partials it reads are complete.
+#[inline(always)]
+pub(crate) unsafe fn expand_finish(o: &ExpandOperands, item: &ExpandItem, splits: u32) {
+    // SAFETY: the launch contract in the module docs keeps every address below in bounds.
+    unsafe {
+        if !item.live {
             return;
         }
-        let r = d.rank.min(MAX_RANK).min(r_pad);
+        let ExpandItem { module, tile, d, n0, tok_lo, tok_hi, y_old, .. } = *item;
+        let (g, t) = (lane_id() / 4, lane_id() % 4);
+        let (lo_ok, hi_ok) = (g < tile.rows, g + 8 < tile.rows);
+        let c0 = n0 + 8 * t;
+        let r = d.rank.min(MAX_RANK).min(o.r_pad);
         // Row `row` of split `s` of this tile's partials (the shrink's output, not yet reduced).
-        let split_stride = (max_tokens * n_mod * r_pad) as usize;
-        let p_row = |row: u32| partial.add((((tile.row_start + row) * n_mod + module) * r_pad) as usize);
-        let b_base = d.b as *const u16;
+        let split_stride = (o.max_tokens * o.n_mod * o.r_pad) as usize;
+        let p_row = |row: u32| o.partial.add((((tile.row_start + row) * o.n_mod + module) * o.r_pad) as usize);
         let mut acc = [[0f32; 4]; 4];
-        // The epilogue's reads are issued now, ahead of the MMA loop: the rows' token indices and the
-        // old y pairs this lane will update (4-byte aligned, in-range pairs; other cases read in the
-        // epilogue), so the epilogue only waits for its stores.
-        let y_lo = y.add((tok_lo * ldy + d.y_col) as usize);
-        let y_hi = y.add((tok_hi * ldy + d.y_col) as usize);
-        let mut y_old = [[0u32; 2]; 4];
-        crate::unroll!(j in [0, 1, 2, 3] {
-            let col = n0 + j as u32 * 8 + 2 * t;
-            if col + 1 < d.n && !delta_mode {
-                let (p_lo, p_hi) = (y_lo.add(col as usize), y_hi.add(col as usize));
-                if lo_ok && (p_lo as usize).is_multiple_of(4) {
-                    y_old[j][0] = *(p_lo as *const u32);
-                }
-                if hi_ok && (p_hi as usize).is_multiple_of(4) {
-                    y_old[j][1] = *(p_hi as *const u32);
-                }
-            }
-        });
-        // B of ranks kk .. kk + 16 for this warp's four n8 tiles (masked past the rank: B_s rows are
-        // exactly `rank` long). Its loads do not depend on the partials, so both are in flight together.
-        let load_b = |kk: u32| {
-            let mut bv = [[0u32; 2]; 4];
-            crate::unroll!(j in [0, 1, 2, 3] {
-                let n = n0 + j as u32 * 8 + g;
-                if n < d.n {
-                    bv[j] = load4_bf16_masked(b_base.add((n * d.ldb) as usize), kk + 4 * t, r);
-                }
-            });
-            bv
-        };
-        let mut bv = load_b(0);
-        if !ready.is_null() {
-            spin_until_at_least(ready, splits);
-        }
         let mut kk = 0;
         while kk < r {
-            if kk > 0 {
-                bv = load_b(kk);
-            }
+            let bv = load_b(&d, n0, kk, r);
             let at = (kk + 4 * t) as usize;
             let (ta, tb) = sum_splits(p_row(g).add(at), p_row(g + 8).add(at), lo_ok, hi_ok, splits, split_stride);
             let frag = [ta[0], tb[0], ta[1], tb[1]];
@@ -223,36 +319,39 @@ pub(crate) unsafe fn expand_item(
             });
             kk += 16;
         }
-
-        crate::unroll!(j in [0, 1, 2, 3] {
-            let acc_j = acc[j];
-            let col = n0 + j as u32 * 8 + 2 * t;
-            if col < d.n {
-                // Rows g and g + 8 of the fragment: constant indices keep acc in registers.
-                let both = col + 1 < d.n;
-                if delta_mode {
-                    if lo_ok {
-                        put_pair(d_lo.add(col as usize), d.scale * acc_j[0], d.scale * acc_j[1], both);
-                    }
-                    if hi_ok {
-                        put_pair(d_hi.add(col as usize), d.scale * acc_j[2], d.scale * acc_j[3], both);
-                    }
-                } else {
-                    if lo_ok {
-                        add_pair(y_lo.add(col as usize), y_old[j][0], d.scale * acc_j[0], d.scale * acc_j[1], both);
-                    }
-                    if hi_ok {
-                        add_pair(y_hi.add(col as usize), y_old[j][1], d.scale * acc_j[2], d.scale * acc_j[3], both);
-                    }
-                }
+        if c0 >= d.n {
+            return;
+        }
+        // Lane (g, t) holds output columns c0 + 2j, c0 + 2j + 1 of n8 tile j: elements 0, 1 (row g) and
+        // 2, 3 (row g + 8) of acc[j]. Constant indices keep acc in registers.
+        let s = d.scale;
+        let lo = [acc[0][0], acc[0][1], acc[1][0], acc[1][1], acc[2][0], acc[2][1], acc[3][0], acc[3][1]];
+        let hi = [acc[0][2], acc[0][3], acc[1][2], acc[1][3], acc[2][2], acc[2][3], acc[3][2], acc[3][3]];
+        let (lo, hi) = (lo.map(|v| s * v), hi.map(|v| s * v));
+        if !o.delta.is_null() {
+            if lo_ok {
+                put8_f32(o.delta.add((tok_lo * o.ld_delta + d.y_col + c0) as usize), lo, d.n - c0);
             }
-        });
+            if hi_ok {
+                put8_f32(o.delta.add((tok_hi * o.ld_delta + d.y_col + c0) as usize), hi, d.n - c0);
+            }
+        } else {
+            if lo_ok {
+                add8_bf16(o.y.add((tok_lo * o.ldy + d.y_col + c0) as usize), y_old[0], lo, d.n - c0);
+            }
+            if hi_ok {
+                add8_bf16(o.y.add((tok_hi * o.ldy + d.y_col + c0) as usize), y_old[1], hi, d.n - c0);
+            }
+        }
     }
 }
 
+/// Splits whose partials [`sum_splits`] loads at once (both rows in flight together).
+const SPLIT_BATCH: usize = 2;
+
 /// For rows `lo` and `hi` (each used only when its flag is set): sum 4 consecutive f32 of `splits` partials
 /// `stride` apart, in split order 0, 1, 2, … (deterministic), and round to two bf16 pairs — the A fragment
-/// registers of 4 consecutive `k`. Loads go out four splits at a time for both rows, so a long split
+/// registers of 4 consecutive `k`. Loads go out [`SPLIT_BATCH`] splits at a time for both rows, so a long split
 /// count costs a few memory latencies, not one per split.
 ///
 /// # Safety
@@ -271,8 +370,9 @@ unsafe fn sum_splits(
         let (mut a, mut b) = ([0f32; 4], [0f32; 4]);
         let mut s0 = 0;
         while s0 < splits {
-            let (mut va, mut vb) = ([[0u32; 4]; 4], [[0u32; 4]; 4]);
-            crate::unroll!(i in [0, 1, 2, 3] {
+            let (mut va, mut vb) = ([[0u32; 4]; SPLIT_BATCH], [[0u32; 4]; SPLIT_BATCH]);
+            let mut i = 0;
+            while i < SPLIT_BATCH {
                 let s = s0 + i as u32;
                 if s < splits {
                     if lo_ok {
@@ -282,16 +382,19 @@ unsafe fn sum_splits(
                         vb[i] = ld_v4(hi.add(s as usize * stride) as *const u32);
                     }
                 }
-            });
-            crate::unroll!(i in [0, 1, 2, 3] {
+                i += 1;
+            }
+            let mut i = 0;
+            while i < SPLIT_BATCH {
                 if s0 + (i as u32) < splits {
                     crate::unroll!(c in [0, 1, 2, 3] {
                         a[c] += f32::from_bits(va[i][c]);
                         b[c] += f32::from_bits(vb[i][c]);
                     });
                 }
-            });
-            s0 += 4;
+                i += 1;
+            }
+            s0 += SPLIT_BATCH as u32;
         }
         let pack = |v: [f32; 4]| {
             [pack_bf16x2(f32_to_bf16(v[0]), f32_to_bf16(v[1])), pack_bf16x2(f32_to_bf16(v[2]), f32_to_bf16(v[3]))]
@@ -300,45 +403,52 @@ unsafe fn sum_splits(
     }
 }
 
-/// `p[0] = v0` and, when `both`, `p[1] = v1` (f32): one 8-byte store when aligned, else per element.
+/// `p[i] = v[i]` (f32) for `i < min(valid, 8)`: two 16-byte stores when all 8 are in range and `p` is
+/// 16-byte aligned, element stores otherwise.
 ///
 /// # Safety
-/// `p[0]` (and `p[1]` when `both`) must be valid for writes by this thread alone.
+/// `p[0 .. min(valid, 8)]` must be valid for writes by this thread alone.
 #[inline(always)]
-unsafe fn put_pair(p: *mut f32, v0: f32, v1: f32, both: bool) {
+unsafe fn put8_f32(p: *mut f32, v: [f32; 8], valid: u32) {
     // SAFETY: the caller guarantees the elements are valid and owned by this thread.
     unsafe {
-        if both && (p as usize).is_multiple_of(8) {
-            core::ptr::write(p as *mut U32x2, U32x2([v0.to_bits(), v1.to_bits()]));
+        if valid >= 8 && (p as usize).is_multiple_of(16) {
+            st_v4(p as *mut u32, [v[0].to_bits(), v[1].to_bits(), v[2].to_bits(), v[3].to_bits()]);
+            st_v4(p.add(4) as *mut u32, [v[4].to_bits(), v[5].to_bits(), v[6].to_bits(), v[7].to_bits()]);
         } else {
-            *p = v0;
-            if both {
-                *p.add(1) = v1;
-            }
+            crate::unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7] {
+                if (i as u32) < valid {
+                    *p.add(i) = v[i];
+                }
+            });
         }
     }
 }
 
-/// `p[0] += v0` and, when `both`, `p[1] += v1`, in bf16 with f32 arithmetic: one 4-byte store of the pair
-/// `old` (read ahead by the caller) when both are in range and `p` is 4-byte aligned, element by element
-/// (reading `p`) otherwise.
+/// `p[i] += v[i]` in bf16 with f32 arithmetic for `i < min(valid, 8)`, where `old` holds the current
+/// `p[0..8]` as bf16 pairs (read ahead by the caller with [`load8_bf16_masked`]): one 16-byte store when all
+/// 8 are in range and `p` is 16-byte aligned, element stores otherwise.
 ///
 /// # Safety
-/// `p[0]` (and `p[1]` when `both`) must be valid for reads and writes by this thread alone; on the pair path
-/// `old` must be the current value of the pair.
+/// `p[0 .. min(valid, 8)]` must be valid for writes by this thread alone, and `old` their current values.
 #[inline(always)]
-unsafe fn add_pair(p: *mut u16, old: u32, v0: f32, v1: f32, both: bool) {
+unsafe fn add8_bf16(p: *mut u16, old: [u32; 4], v: [f32; 8], valid: u32) {
     // SAFETY: the caller guarantees the elements are valid and owned by this thread.
     unsafe {
-        if both && (p as usize).is_multiple_of(4) {
-            let lo = f32_to_bf16(bf16_to_f32(old as u16) + v0);
-            let hi = f32_to_bf16(bf16_to_f32((old >> 16) as u16) + v1);
-            *(p as *mut u32) = pack_bf16x2(lo, hi);
+        let mut new = [0u16; 8];
+        crate::unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7] {
+            let o = (old[i / 2] >> (16 * (i % 2))) as u16;
+            new[i] = f32_to_bf16(bf16_to_f32(o) + v[i]);
+        });
+        if valid >= 8 && (p as usize).is_multiple_of(16) {
+            let w = |i: usize| pack_bf16x2(new[i], new[i + 1]);
+            st_v4(p as *mut u32, [w(0), w(2), w(4), w(6)]);
         } else {
-            *p = f32_to_bf16(bf16_to_f32(*p) + v0);
-            if both {
-                *p.add(1) = f32_to_bf16(bf16_to_f32(*p.add(1)) + v1);
-            }
+            crate::unroll!(i in [0, 1, 2, 3, 4, 5, 6, 7] {
+                if (i as u32) < valid {
+                    *p.add(i) = new[i];
+                }
+            });
         }
     }
 }

@@ -44,7 +44,7 @@
 use crate::abi::{work_item, GemmDesc, Tile, PROJ_A_DONE, PROJ_EXITS, PROJ_TICKET, TILE_M};
 use crate::dsl::*;
 use crate::kernels::model::skinny::{
-    reduce_to_slab, skinny_shared_bytes, stream_rows, write_rows, SKINNY_ROWS, SKINNY_THREADS,
+    block_rows, reduce_to_slab, skinny_shared_bytes, stream_rows, write_rows, SKINNY_ROWS, SKINNY_THREADS,
 };
 
 /// Rank rows of one A block (one block's 32 rows).
@@ -129,19 +129,7 @@ unsafe fn projection<const NT: usize, const S: usize>(
                 a_item = Some((module, tile_i, chunk));
             }
         } else if work < a_blocks + w_blocks {
-            let n0 = (work - a_blocks) * SKINNY_ROWS;
-            crate::unroll!(r in [0, 1, 2, 3] {
-                let row = n0 + g + 8 * r as u32;
-                if row < n {
-                    w_row[r] = w.add(row as usize * ldw as usize);
-                }
-            });
-            crate::unroll!(j in [0, 1, 2, 3, 4, 5, 6, 7] {
-                let tok = 8 * j as u32 + g;
-                if j < NT && tok < m {
-                    x_row[j] = x.add(tok as usize * ldx as usize);
-                }
-            });
+            (w_row, x_row) = block_rows::<NT>(w, ldw, n, (work - a_blocks) * SKINNY_ROWS, x, ldx, m);
         }
         if work < a_blocks {
             if let Some((module, tile_i, chunk)) = a_item {

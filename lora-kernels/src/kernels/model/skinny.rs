@@ -183,10 +183,33 @@ unsafe fn skinny<const NT: usize>(
 ) {
     // SAFETY: the launch contract in the module docs keeps every address below in bounds.
     unsafe {
-        let g = lane_id() / 4;
         let n0 = block_idx_x() * SKINNY_ROWS;
-        // Row pointers of this lane: W rows n0 + g + 8r (r = 0..4: tiles 0 and 1, low and high halves),
-        // token rows 8j + g. A row out of range keeps a null marker and is never loaded.
+        let (w_row, x_row) = block_rows::<NT>(w, ldw, n, n0, x, ldx, m);
+        let acc = stream_rows::<NT, 2>(&w_row, &x_row, k);
+        let slab = reduce_to_slab::<NT>(&acc);
+        write_rows::<NT>(slab, y, ldy, m, n, n0, accumulate);
+    }
+}
+
+/// This lane's row pointers for the 32-row block at `n0`: W rows `n0 + g + 8r` (r = 0..4: tiles 0 and 1, low
+/// and high halves; g = lane / 4) of the `n` rows at stride `ldw`, and token rows `8j + g` (j < NT) of the `m`
+/// rows of x at stride `ldx`. A row out of range keeps a null marker, which [`stream_rows`] never loads.
+///
+/// # Safety
+/// `w` holds `n` rows of stride `ldw` and `x` holds `m` rows of stride `ldx` (only pointers are formed).
+#[inline(always)]
+pub(crate) unsafe fn block_rows<const NT: usize>(
+    w: *const u16,
+    ldw: u32,
+    n: u32,
+    n0: u32,
+    x: *const u16,
+    ldx: u32,
+    m: u32,
+) -> ([*const u16; 4], [*const u16; 8]) {
+    // SAFETY: only rows inside `w` and `x` (guaranteed by the caller) are addressed.
+    unsafe {
+        let g = lane_id() / 4;
         let mut w_row = [core::ptr::null::<u16>(); 4];
         crate::unroll!(r in [0, 1, 2, 3] {
             let row = n0 + g + 8 * r as u32;
@@ -201,9 +224,7 @@ unsafe fn skinny<const NT: usize>(
                 x_row[j] = x.add(tok as usize * ldx as usize);
             }
         });
-        let acc = stream_rows::<NT, 2>(&w_row, &x_row, k);
-        let slab = reduce_to_slab::<NT>(&acc);
-        write_rows::<NT>(slab, y, ldy, m, n, n0, accumulate);
+        (w_row, x_row)
     }
 }
 
