@@ -185,6 +185,23 @@ pub trait Backend {
     /// launch captured into a graph keeps that contract for every replay.
     unsafe fn launch<K: KernelArgs>(&self, stream: &Self::Stream, dims: LaunchDims, args: K)
         -> Result<(), DeviceError>;
+    /// [`Self::launch`] with programmatic stream serialization (Hopper's programmatic dependent launch): the
+    /// kernel may start while the previous kernel on `stream` still runs, once that kernel's blocks have
+    /// all called `griddep_launch_dependents` (or exited); captured, the edge between them is programmatic.
+    /// The default is a normal launch, which is what the emulator does (it runs launches in stream order).
+    ///
+    /// # Safety
+    /// As [`Self::launch`], and the kernel calls `griddep_wait` before it reads anything the previous kernel
+    /// on `stream` writes, or writes anything that kernel reads.
+    unsafe fn launch_programmatic<K: KernelArgs>(
+        &self,
+        stream: &Self::Stream,
+        dims: LaunchDims,
+        args: K,
+    ) -> Result<(), DeviceError> {
+        // SAFETY: the caller's contract, which covers a normal launch.
+        unsafe { self.launch(stream, dims, args) }
+    }
     /// A dense GEMM with bf16 inputs on `stream` (checked against the views' lengths), bf16 or f32 out.
     fn gemm<Y: GemmOut>(&self, stream: &Self::Stream, g: &DenseGemm<Y>) -> Result<(), DeviceError>;
 

@@ -75,6 +75,10 @@ pub struct Geometry {
     pub fused: LaunchShape,
     /// Words of the fused kernel's sync area this group needs.
     pub sync_words: usize,
+    /// Launch an expand that directly follows its shrink on one stream ([`launch_shrink_expand`]) as a
+    /// programmatic dependent launch (Hopper), so its blocks start while the shrink drains. Not planned
+    /// (unmeasured): `false` from the planner, set by [`Geometry::with_programmatic`] for experiments.
+    pub programmatic: bool,
 }
 
 impl Geometry {
@@ -86,6 +90,12 @@ impl Geometry {
     pub fn with_grid_cap(self, blocks: u32) -> Geometry {
         let cap = |s: LaunchShape| LaunchShape { grid: (s.grid.0.min(blocks.max(1)), s.grid.1, s.grid.2), ..s };
         Geometry { shrink: cap(self.shrink), expand: cap(self.expand), fused: cap(self.fused), ..self }
+    }
+
+    /// The same geometry with the expand after its shrink launched programmatically or not (see
+    /// [`Geometry::programmatic`]); the same bits either way.
+    pub fn with_programmatic(self, on: bool) -> Geometry {
+        Geometry { programmatic: on, ..self }
     }
 }
 
@@ -284,10 +294,55 @@ pub unsafe fn launch_expand<B: Backend>(
     descs: DevSlice<GemmDesc>,
     out: ExpandOut,
 ) -> Result<(), GemmError> {
+    let args = expand_args(g, s, ws, descs, out)?;
+    // SAFETY: sizes checked by expand_args; the caller vouches for the prep, the shrink and the weights.
+    unsafe { dev.launch(stream, dims(&g.expand), args) }?;
+    Ok(())
+}
+
+/// The shrink and then the expand of one module group of one layer on one stream ([`launch_shrink`],
+/// [`launch_expand`]); with [`Geometry::programmatic`] the expand is a programmatic dependent launch of the
+/// shrink (the shrink lets it start at once, and it waits for the shrink's partials in the kernel).
+///
+/// # Safety
+/// As [`launch_shrink`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn launch_shrink_expand<B: Backend>(
+    dev: &B,
+    stream: &B::Stream,
+    g: &Geometry,
+    s: &StepBuffers,
+    ws: &Workspace,
+    descs: DevSlice<GemmDesc>,
+    x: DevSlice<u16>,
+    ldx: u32,
+    out: ExpandOut,
+) -> Result<(), GemmError> {
+    let args = expand_args(g, s, ws, descs, out)?;
+    // SAFETY: forwarded contract; the expand runs after the shrink on this stream (programmatically: it
+    // calls griddep_wait before reading the partials or y, and the shrink writes nothing else it touches).
+    unsafe {
+        launch_shrink(dev, stream, g, s, ws, descs, x, ldx)?;
+        match g.programmatic {
+            true => dev.launch_programmatic(stream, dims(&g.expand), args),
+            false => dev.launch(stream, dims(&g.expand), args),
+        }
+    }?;
+    Ok(())
+}
+
+/// The checked arguments of the expand of `g` writing `out`.
+fn expand_args(
+    g: &Geometry,
+    s: &StepBuffers,
+    ws: &Workspace,
+    descs: DevSlice<GemmDesc>,
+    out: ExpandOut,
+) -> Result<ExpandArgs, GemmError> {
     need("partial", &ws.partial, g.partial_f32)?;
     need("descs", &descs, g.n_mod as usize * g.num_slots as usize)?;
     let (y, ldy, delta, ld_delta) = expand_out(g, out)?;
-    let args = ExpandArgs {
+    Ok(ExpandArgs {
         partial: ws.partial.ptr(),
         r_pad: g.r_pad,
         max_tokens: g.max_tokens,
@@ -307,10 +362,7 @@ pub unsafe fn launch_expand<B: Backend>(
         delta: delta.ptr_mut(),
         ld_delta,
         item_runs: u32::from(g.expand_order == ItemOrder::Runs),
-    };
-    // SAFETY: sizes checked above; the caller vouches for the prep, the shrink and the weights.
-    unsafe { dev.launch(stream, dims(&g.expand), args) }?;
-    Ok(())
+    })
 }
 
 /// The whole LoRA of one module group of one layer, as the plan's [`LoraPath`] says: the shrink and then
@@ -337,8 +389,7 @@ pub unsafe fn launch_lora<B: Backend>(
             // The projection carries a group's LoRA only together with its base (crate::projection); alone,
             // the LoRA runs as the shrink and the expand.
             LoraPath::ShrinkExpand | LoraPath::Projection => {
-                launch_shrink(dev, stream, g, s, ws, descs, x, ldx)?;
-                launch_expand(dev, stream, g, s, ws, descs, out)
+                launch_shrink_expand(dev, stream, g, s, ws, descs, x, ldx, out)
             }
             LoraPath::Fused => launch_fused(dev, stream, g, s, ws, descs, x, ldx, out),
         }
@@ -552,6 +603,7 @@ impl crate::plan::GroupPlan {
             fused_kernel: self.fused_kernel,
             fused: self.fused,
             sync_words: self.workspace.sync_words,
+            programmatic: false,
         }
     }
 }

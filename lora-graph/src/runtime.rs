@@ -29,7 +29,10 @@ use crate::buckets::Buckets;
 use crate::GraphError;
 
 mod group;
+mod knobs;
 mod projection;
+
+use knobs::{config_or_env, parse_grid_cap, parse_switch};
 
 /// What the runtime is sized for.
 #[derive(Clone, Debug)]
@@ -209,29 +212,6 @@ pub struct LoraRuntime<A: Copy + Eq + Hash + Debug, B: Backend> {
 
 const STAGING_RING: usize = 4;
 
-/// `set` if given, else the environment variable `name` through `parse` (unset or empty: `None`): how the
-/// runtime's experiment knobs ([`RuntimeConfig::lora_grid_cap`], [`RuntimeConfig::lora_branch_order`]) take
-/// their environment defaults.
-fn config_or_env<T>(
-    set: Option<T>,
-    name: &str,
-    parse: impl Fn(&str) -> Result<T, GraphError>,
-) -> Result<Option<T>, GraphError> {
-    match (set, std::env::var(name)) {
-        (Some(v), _) => Ok(Some(v)),
-        (None, Ok(v)) if !v.trim().is_empty() => parse(v.trim()).map(Some),
-        (None, _) => Ok(None),
-    }
-}
-
-/// A positive block count (`LORA_GRID_CAP`).
-fn parse_grid_cap(v: &str) -> Result<u32, GraphError> {
-    match v.parse::<u32>() {
-        Ok(c) if c > 0 => Ok(c),
-        _ => Err(GraphError::Config(format!("LORA_GRID_CAP={v:?}: give a positive number of blocks"))),
-    }
-}
-
 impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
     /// Allocate everything for `cfg` on `dev` (which the runtime then owns; steps run on `dev.stream()`).
     pub fn new(dev: B, cfg: RuntimeConfig) -> Result<Self, GraphError> {
@@ -251,6 +231,7 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
         let branch_order =
             config_or_env(cfg.lora_branch_order, "LORA_BRANCH_ORDER", BranchOrder::parse)?.unwrap_or_default();
         let proj_groups = config_or_env(None, "LORA_PROJECTION_GROUPS", projection::parse_groups)?;
+        let programmatic = config_or_env(None, "LORA_PDL", parse_switch)?.unwrap_or(false);
         let plan = plan_model(&cap, &cfg.groups, cfg.num_layers, sms)?;
         let mut geometry = BTreeMap::new();
         let (mut ws_size, mut delta_rows) = (plan.workspace, plan.delta_rows);
@@ -262,7 +243,8 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
                 let geo = match grid_cap {
                     Some(blocks) => g.geometry().with_grid_cap(blocks),
                     None => g.geometry(),
-                };
+                }
+                .with_programmatic(programmatic);
                 match cfg.lora_path {
                     Some(LoraPath::Fused) if geo.expand_mode != ExpandMode::Delta => geo,
                     Some(LoraPath::Projection) if !projection::applies(b, g, gi, proj_groups.as_deref()) => geo,
@@ -543,20 +525,6 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn knob_values_parse_or_give_typed_errors() {
-        assert_eq!(parse_grid_cap("132").unwrap(), 132);
-        for bad in ["0", "-3", "many", ""] {
-            assert!(matches!(parse_grid_cap(bad), Err(GraphError::Config(_))), "{bad:?} accepted as a grid cap");
-        }
-        assert_eq!(BranchOrder::parse("base-first").unwrap(), BranchOrder::BaseFirst);
-        assert_eq!(BranchOrder::parse(" lora-first ").unwrap(), BranchOrder::LoraFirst);
-        assert!(matches!(BranchOrder::parse("gemm-first"), Err(GraphError::Config(_))));
-        // A value given in the configuration wins without reading the environment.
-        assert_eq!(config_or_env(Some(7), "LORA_TEST_UNSET_KNOB", parse_grid_cap).unwrap(), Some(7));
-        assert_eq!(config_or_env(None, "LORA_TEST_UNSET_KNOB", parse_grid_cap).unwrap(), None);
-    }
 
     #[test]
     fn a_cuda_runtime_can_move_to_another_thread() {

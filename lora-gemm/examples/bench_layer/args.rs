@@ -1,5 +1,5 @@
 //! bench_layer's command line: the flags of the module docs of `main.rs`, and the geometry overrides
-//! (`--path`, `--grid-cap`, `--expand-order`) applied to every group's planned geometry.
+//! (`--path`, `--grid-cap`, `--expand-order`, `--pdl`) applied to every group's planned geometry.
 
 use anyhow::{anyhow, bail, Context, Result};
 use lora_gemm::launch::Geometry;
@@ -14,6 +14,8 @@ pub(crate) struct Overrides {
     pub(crate) grid_cap: Option<u32>,
     /// The expand's item order (the same bits).
     pub(crate) expand_order: Option<ItemOrder>,
+    /// Launch each expand as a programmatic dependent launch of its shrink (the same bits).
+    pub(crate) programmatic: bool,
 }
 
 impl Overrides {
@@ -24,7 +26,7 @@ impl Overrides {
             expand_order: self.expand_order.unwrap_or(geo.expand_order),
             ..geo
         };
-        self.grid_cap.map_or(geo, |c| geo.with_grid_cap(c))
+        self.grid_cap.map_or(geo, |c| geo.with_grid_cap(c)).with_programmatic(self.programmatic)
     }
 }
 
@@ -45,7 +47,7 @@ pub(crate) struct Args {
 
 pub(crate) const USAGE: &str = "usage: bench_layer [--quick] [--dry-run [--sms N]] [--emu-check] [--check-all] \
                      [--tokens 16,256] [--ranks 16] [--distinct 1,16] [--path fused|shrink-expand] [--grid-cap N] \
-                     [--expand-order runs|grid-stride]";
+                     [--expand-order runs|grid-stride] [--pdl]";
 
 pub(crate) fn parse_args() -> Result<Args> {
     let mut a = Args {
@@ -57,7 +59,7 @@ pub(crate) fn parse_args() -> Result<Args> {
         tokens: None,
         ranks: None,
         distinct: None,
-        over: Overrides { path: None, grid_cap: None, expand_order: None },
+        over: Overrides { path: None, grid_cap: None, expand_order: None, programmatic: false },
     };
     let mut it = std::env::args().skip(1);
     let list = |v: Option<String>, name: &str| -> Result<Option<Vec<u32>>> {
@@ -98,6 +100,7 @@ pub(crate) fn parse_args() -> Result<Args> {
                 }
                 a.over.grid_cap = Some(v);
             }
+            "--pdl" => a.over.programmatic = true,
             "--expand-order" => {
                 a.over.expand_order = Some(match it.next().as_deref() {
                     Some("runs") => ItemOrder::Runs,

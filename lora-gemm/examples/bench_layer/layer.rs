@@ -285,9 +285,13 @@ pub(crate) fn emu_check(sms: u32) -> Result<()> {
     let plans: Vec<ConfigPlan> = cases
         .iter()
         .flat_map(|&c| {
-            paths
-                .iter()
-                .map(move |&p| plan_config(c, sms, &Overrides { path: Some(p), grid_cap: None, expand_order: None }))
+            paths.iter().map(move |&p| {
+                plan_config(
+                    c,
+                    sms,
+                    &Overrides { path: Some(p), grid_cap: None, expand_order: None, programmatic: false },
+                )
+            })
         })
         .collect::<Result<_>>()?;
     let s = sizes(&plans);

@@ -31,7 +31,8 @@
 //! (comma-separated lists replacing an axis of the matrix, for tuning), `--path fused|shrink-expand` (force
 //! the groups' LoRA path; default: what the planner picks per token count), `--grid-cap N` (cut every
 //! persistent LoRA grid to N blocks: the same bits, for sizing the grids), `--expand-order runs|grid-stride`
-//! (force the expand's item order; default: the planner's per token count). With `OUT` set, the table is also
+//! (force the expand's item order; default: the planner's per token count), `--pdl` (launch every expand
+//! as a programmatic dependent launch of its shrink: the same bits). With `OUT` set, the table is also
 //! written to `$OUT/bench_layer.csv` (rewritten after every config, so a partial run leaves its rows).
 
 use std::collections::HashMap;

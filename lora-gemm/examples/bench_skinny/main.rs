@@ -3,8 +3,9 @@
 //! (qkv 6144 × 4096, o 4096 × 4096, gate_up 28672 × 4096, down 4096 × 14336) × m ∈ {1, 4, 16, 32, 64}.
 //!
 //! Beside it the base-only launch of the LoRA decode projection (`lora_gemm::projection`, the same main
-//! loop with up to 4 k steps in flight per warp), and then, in `lora.rs`, the projection with LoRA against
-//! cuBLAS followed by the shrink and expand kernels.
+//! loop with up to 4 k steps in flight per warp); then, in `split.rs`, the skinny kernel with k split over
+//! 2–4 blocks per row block; and in `lora.rs` the projection with LoRA against cuBLAS followed by the shrink
+//! and expand kernels.
 //!
 //! Reported per case: the kernel the planner chose and its grid, the median µs of each, GB/s of W read
 //! (`n · k · 2` bytes; x and y are under 2% and not counted), that as % of 4150 GB/s (90% of it is the
@@ -28,6 +29,7 @@ use lora_gemm::skinny::{launch_skinny, SkinnyOperands, SkinnyShape};
 use lora_kernels::dsl::bf16_to_f32;
 
 mod lora;
+mod split;
 
 const SHAPES: [(&str, u32, u32); 4] =
     [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)];
@@ -221,8 +223,10 @@ fn main() -> Result<()> {
             );
         }
     }
+    let split_ok = split::run(&dev, &timer, x_all, w_all, y_ours, y_blas)?;
     let lora_ok = lora::run(&dev, &timer, copy_bw)?;
     ensure!(all_ok, "the skinny kernel's output differs from cuBLAS (see MISMATCH above)");
+    ensure!(split_ok, "the split skinny kernel's output differs from cuBLAS (see MISMATCH above)");
     ensure!(lora_ok, "the LoRA projection's output differs from cuBLAS + shrink + expand (see MISMATCH above)");
     Ok(())
 }

@@ -5,7 +5,9 @@
 //! After every fused launch the sync area must be zero again (the last block's reset, which lets a graph
 //! replay the launch), and a second launch must reproduce the first. The same comparison checks that
 //! cutting the persistent grids (`Geometry::with_grid_cap`, down to one block) changes no bit on either path,
-//! and that the expand's two item orders (`ItemOrder`) give the same bits.
+//! that the expand's two item orders (`ItemOrder`) give the same bits, and that the expand launched as a
+//! programmatic dependent launch of its shrink (`Geometry::with_programmatic`) does too — on the GPU also
+//! captured in a graph, where its edge from the shrink must be programmatic.
 
 #[allow(unused_imports)]
 use super::*;
@@ -166,3 +168,60 @@ device_test!(capped_grids_match_planned_grids, |d, big| {
         compare_capped(d, &c, &[16, 66, 132], "big_capped_qkv_16_tokens");
     }
 });
+
+device_test!(programmatic_expand_matches, |d, big| {
+    // Several items per block (the pipelined expand's prologue before griddep_wait), both output modes.
+    let mut c = mixed_case();
+    c.chunk = Chunk::Fixed(32);
+    c.seed = 25;
+    let mut cases = vec![(c, "programmatic_mixed")];
+    if big {
+        cases.push((big_mixed(98, 16, 4096, 4096, &[4096, 1024, 1024], 16, 16, &[8, 16, 64]), "big_programmatic_qkv"));
+    }
+    for (c, name) in cases {
+        let r = run_case(d, name, &c);
+        let planned = Geometry { path: LoraPath::ShrinkExpand, ..r.rig.plan.groups[0].geometry() };
+        let normal = outputs_of(d, &r, planned, name);
+        let programmatic = outputs_of(d, &r, planned.with_programmatic(true), name);
+        assert!(normal.0 != r.io.y0, "{name}: no adapted element");
+        assert_same_bits(&normal, &programmatic, &format!("{name}: programmatic and normal expand launches"));
+    }
+});
+
+/// On the GPU: the shrink + expand of a group captured in a graph, with and without programmatic launch;
+/// the programmatic capture must hold a programmatic edge (the other none), and its replay the eager bits.
+#[cfg(feature = "gpu")]
+#[test]
+fn programmatic_expand_is_a_programmatic_graph_edge() {
+    let cuda = match lora_device::Cuda::open(0) {
+        Ok(cuda) => cuda,
+        Err(e) => return eprintln!("SKIP programmatic_expand_is_a_programmatic_graph_edge: {e}"),
+    };
+    let d = &TestBed::new(cuda);
+    let name = "programmatic_graph";
+    let c = big_mixed(99, 16, 4096, 4096, &[4096, 1024, 1024], 16, 16, &[8, 16, 64]);
+    let r = run_case(d, name, &c);
+    let planned = Geometry { path: LoraPath::ShrinkExpand, ..r.rig.plan.groups[0].geometry() };
+    let eager = outputs_of(d, &r, planned, name);
+    let (dev, st, rig, io) = (d.dev(), d.stream(), &r.rig, &r.io);
+    for on in [false, true] {
+        let geo = planned.with_programmatic(on);
+        io.restore(d);
+        rig.poison_workspace();
+        dev.begin_capture(st).unwrap();
+        let out = ExpandOut::Y { y: io.y_dev, ldy: io.ldy as u32 };
+        // SAFETY: the case's prep ran on these buffers; the table holds live weights; replayed below while
+        // every buffer of the rig is alive.
+        unsafe { launch_lora(dev, st, &geo, &rig.bufs, &rig.ws, rig.descs_at(0, 0), io.x_dev, io.ldx as u32, out) }
+            .unwrap();
+        let graph = dev.end_capture(st).unwrap();
+        let (edges, programmatic) = graph.edge_counts().unwrap();
+        eprintln!("{name} programmatic={on}: {edges} graph edges, {programmatic} programmatic");
+        assert_eq!(programmatic > 0, on, "{name} programmatic={on}: {programmatic} programmatic edges of {edges}");
+        // SAFETY: as the capture.
+        unsafe { dev.replay(&graph, st) }.unwrap();
+        d.sync().unwrap();
+        let y: Vec<u16> = dl(d, io.y_dev, io.rows * io.ldy);
+        assert!(y == eager.0, "{name} programmatic={on}: the replay differs from the eager launch");
+    }
+}

@@ -9,7 +9,8 @@ use std::hash::Hash;
 
 use lora_device::{Backend, Branch, DevSlice};
 use lora_gemm::launch::{
-    group_descs, launch_add_delta, launch_expand, launch_fused, launch_shrink, ExpandOut, Geometry,
+    group_descs, launch_add_delta, launch_expand, launch_fused, launch_shrink, launch_shrink_expand, ExpandOut,
+    Geometry,
 };
 use lora_gemm::model::LoraDelta;
 use lora_gemm::plan::{ExpandMode, LoraPath};
@@ -69,11 +70,11 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
                     return Err(GraphError::Config("the fused LoRA path needs the delta expand".into()))
                 }
                 // A projection bucket's group whose base the runtime does not launch: shrink and expand.
-                (LoraPath::ShrinkExpand | LoraPath::Projection, mode) => {
-                    launch_shrink(d, stream, g, &self.step_bufs, &self.ws, descs, x, ldx)?;
-                    if mode == ExpandMode::Delta {
-                        launch_expand(d, stream, g, &self.step_bufs, &self.ws, descs, delta)?;
-                    }
+                (LoraPath::ShrinkExpand | LoraPath::Projection, ExpandMode::Delta) => {
+                    launch_shrink_expand(d, stream, g, &self.step_bufs, &self.ws, descs, x, ldx, delta)?
+                }
+                (LoraPath::ShrinkExpand | LoraPath::Projection, ExpandMode::Direct) => {
+                    launch_shrink(d, stream, g, &self.step_bufs, &self.ws, descs, x, ldx)?
                 }
             }
         }

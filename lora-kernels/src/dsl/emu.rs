@@ -563,3 +563,10 @@ pub unsafe fn atomic_add_u32(p: *mut u32, v: u32) -> u32 {
 pub fn threadfence() {
     fence(Ordering::SeqCst);
 }
+
+/// `griddepcontrol.wait`: a no-op here — the emulator runs launches one after another in stream order, so
+/// the previous grid has always completed.
+pub fn griddep_wait() {}
+
+/// `griddepcontrol.launch_dependents`: a no-op here (launches run in stream order).
+pub fn griddep_launch_dependents() {}

@@ -33,8 +33,8 @@ pub mod emu;
 #[cfg(not(target_arch = "nvptx64"))]
 pub use emu::{
     atomic_add_u32, block_dim_x, block_idx_x, block_idx_y, block_idx_z, cp_async_16, cp_async_wait_all, dyn_smem,
-    grid_dim_x, grid_dim_y, grid_dim_z, ldmatrix_x2, ldmatrix_x4, ldmatrix_x4_trans, mma_bf16_m16n8k16, shfl_idx_u32,
-    shfl_xor_f32, sync_threads, thread_idx_x, threadfence,
+    grid_dim_x, grid_dim_y, grid_dim_z, griddep_launch_dependents, griddep_wait, ldmatrix_x2, ldmatrix_x4,
+    ldmatrix_x4_trans, mma_bf16_m16n8k16, shfl_idx_u32, shfl_xor_f32, sync_threads, thread_idx_x, threadfence,
 };
 
 /// Repeat a block for each listed constant, binding it to `$j` (a `usize`): a guaranteed unroll, so that

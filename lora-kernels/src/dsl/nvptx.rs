@@ -220,3 +220,20 @@ pub fn threadfence() {
     // SAFETY: a fence has no operands.
     unsafe { asm!("fence.acq_rel.gpu;") };
 }
+
+/// `griddepcontrol.wait` (sm_90, programmatic dependent launch): wait until the grids this launch depends
+/// on programmatically have completed and their memory is visible. A no-op in a normal launch.
+#[inline(always)]
+pub fn griddep_wait() {
+    // SAFETY: no operands; valid on sm_90 with PTX 7.8.
+    unsafe { asm!("griddepcontrol.wait;") };
+}
+
+/// `griddepcontrol.launch_dependents` (sm_90): let the grid launched after this one with programmatic
+/// stream serialization start once every block of this grid has called it (or exited). A no-op without
+/// such a dependent.
+#[inline(always)]
+pub fn griddep_launch_dependents() {
+    // SAFETY: no operands; valid on sm_90 with PTX 7.8.
+    unsafe { asm!("griddepcontrol.launch_dependents;") };
+}

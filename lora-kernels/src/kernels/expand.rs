@@ -96,9 +96,20 @@ pub unsafe fn lora_expand(
         // (the old y) are issued before this item's partials are summed and its MMAs run, so
         // the DRAM latency of one item's y hides behind the previous item's work (what bounds the expand at
         // prefill sizes, where a block walks tens of items).
+        // Programmatic dependent launch (a delta expand launched right after its shrink): the header chain
+        // reads only the prep's outputs, which were complete before the shrink started, so the first item's
+        // header goes out before the wait; the partials (and, in direct mode, the old y: written by earlier
+        // work) only after it. In a normal launch the wait is a no-op.
+        let direct = delta.is_null();
+        if direct {
+            griddep_wait();
+        }
         if w < end {
             let (module, tile_i, nb) = work_item(w, n_blocks, nt);
             let mut cur = expand_begin(&o, module, tile_i, nb);
+            if !direct {
+                griddep_wait();
+            }
             loop {
                 w += stride;
                 let next = if w < end {

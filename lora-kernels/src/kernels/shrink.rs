@@ -247,6 +247,9 @@ macro_rules! shrink_entry {
                 r_pad: u32,
                 max_tiles: u32,
             ) {
+                // An expand launched after this shrink with programmatic stream serialization may start
+                // now: it waits (griddepcontrol.wait) before it reads what this grid writes.
+                griddep_launch_dependents();
                 // SAFETY: forwarded launch contract.
                 unsafe {
                     shrink::<$rt>(
