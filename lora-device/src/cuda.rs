@@ -185,6 +185,7 @@ impl Cuda {
 /// A CUDA graph and the stream it launches on.
 pub struct CudaStepGraph {
     graph: CudaGraph,
+    ctx: Arc<CudaContext>,
 }
 
 impl CudaStepGraph {
@@ -193,10 +194,14 @@ impl CudaStepGraph {
     /// kept programmatic dependent launch.
     pub fn edge_counts(&self) -> Result<(usize, usize), DeviceError> {
         let g = self.graph.cu_graph();
+        self.ctx.bind_to_thread()?;
         let mut n = 0usize;
         // SAFETY: a null array with a count asks for the number of edges only.
         unsafe { sys::cuGraphGetEdges_v2(g, std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut(), &mut n) }
             .result()?;
+        if n == 0 {
+            return Ok((0, 0));
+        }
         let mut from = vec![std::ptr::null_mut(); n];
         let mut to = vec![std::ptr::null_mut(); n];
         // SAFETY: an all-zero edge datum is valid; the driver fills `n` of them.
@@ -464,7 +469,7 @@ impl Backend for Cuda {
             .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY)?
             .ok_or_else(|| DeviceError::Capture("the capture recorded nothing".into()))?;
         graph.upload()?;
-        Ok(CudaStepGraph { graph })
+        Ok(CudaStepGraph { graph, ctx: self.ctx.clone() })
     }
 
     unsafe fn replay(&self, graph: &CudaStepGraph, _stream: &Arc<CudaStream>) -> Result<(), DeviceError> {

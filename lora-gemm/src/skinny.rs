@@ -219,7 +219,8 @@ pub fn launch_skinny<B: Backend>(
 ///
 /// # Safety
 /// `ws.counters` are zero (as allocated zeroed, or as the previous launch left them), and `ws` is used by no
-/// other launch that may run at the same time.
+/// other launch that may run at the same time. A launch that failed or was aborted may leave counters
+/// non-zero: zero them again before the next launch (else the wrong block sums the splits).
 pub unsafe fn launch_skinny_split<B: Backend>(
     dev: &B,
     stream: &B::Stream,

@@ -25,8 +25,8 @@
 //! the accumulator pairs lane (g, t) holds are now the 8 *consecutive* columns `n0 + 8t .. + 8` of rows g and
 //! g + 8. So the epilogue reads the old y of a row with one 16-byte load (issued before the MMA loop), adds
 //! `scale · acc` in f32 and writes bf16 back with one 16-byte store — a warp's 4 lanes of a row cover 64
-//! contiguous bytes — and falls back to element accesses for a chunk past the module's width or unaligned
-//! (odd `ldy` or `y_col`). Delta mode stores the 8 f32 as two 16-byte stores on the same terms.
+//! contiguous bytes — and falls back to element accesses for a chunk past the module's width or not 16-byte
+//! aligned (`ldy` or `y_col` not a multiple of 8 elements). Delta mode stores the 8 f32 as two 16-byte stores on the same terms.
 //! Each (token, column) belongs to exactly one block, so there are no write races; tokens without an
 //! adapter are never touched.
 //!
@@ -46,7 +46,9 @@
 //!
 //! Safety contract: as the shrink's (`num_tiles <= max_tiles`, `descs` holds `n_mod × num_slots` problems,
 //! `n_blocks >= ceil(max n / EXPAND_BN)`), plus `partial` is the shrink's output for this group (written by a launch
-//! that completed before this one, with the same `shrink_blocks`, `max_splits`, `k`, `max_tokens`, `r_pad`),
+//! that completed before this one, or by this launch's programmatic predecessor, which the kernel waits for
+//! with `griddep_wait` before reading it; with the same `shrink_blocks`, `max_splits`, `k`, `max_tokens`,
+//! `r_pad`),
 //! `y` rows of `ldy` elements hold columns `y_col .. y_col + n` of every
 //! module, B pointers valid for `[n, rank]`; in delta mode `delta` holds `max_tokens` rows of `ld_delta >=
 //! y_col + n` f32 for every token of the step.

@@ -201,7 +201,8 @@ unsafe fn skinny<const NT: usize, const SPLIT: bool>(
         // This block's k range: all of k, or chunk `blockIdx.y` of the split over k.
         let (k0, k_len) = if SPLIT {
             let k0 = block_idx_y() * k_chunk;
-            (k0, k_chunk.min(k - k0))
+            // The planner never makes an empty chunk; saturating keeps a bad launch from reading past k.
+            (k0, k_chunk.min(k.saturating_sub(k0)))
         } else {
             (0, k)
         };
@@ -242,6 +243,9 @@ unsafe fn reduce_splits(slab: *mut f32, per: u32, partial: *mut f32, counters: *
         let cell = slab.add(per as usize) as *mut u32;
         sync_threads();
         if tid == 0 {
+            // Thread 0's own fence after the barrier makes the release cover the whole block's stores in the
+            // PTX model too (not only through the barrier's cumulativity).
+            threadfence();
             *cell = atomic_add_u32(counter, 1);
         }
         sync_threads();
