@@ -10,13 +10,14 @@
 # on the fused kernel; `grid` — the LoRA grids' width beside the base GEMM (scripts/gpu/lora_grid.sh); `order` — its capture order, in the step and the engine; `planned` — the planner's expand item orders, ncu on the
 # expand, and the bundle's tests; `ab` — old (target/ab) vs new LoRA kernels in the
 # layer, the step and the engine;
-# `pdl` — the expand as a programmatic dependent launch of its shrink (scripts/gpu/lora_pdl.sh);
+# `pdl` — the expand as a programmatic dependent launch of its shrink (scripts/gpu/lora_pdl.sh), and
+# `pdl-engine` the same in the engine (engine_bench.sh pdl);
 # `priority` — the LoRA branch's stream priority in bench_step and two engine rows; `engine` — the engine's reference table on the Llama-3.1-8B
 # shape (scripts/gpu/engine_bench.sh); `serve` — the HTTP serving benchmark (scripts/gpu/serve_bench.sh,
 # on the checkpoint the engine phase wrote).
 # Expects the bundle of `cargo xtask gpu-bundle` at target/gpu-bundle (carried in the `checks` call);
 # writes every log into $OUT/<phase>-logs.tgz, the JSON results into $OUT, and prints the short results.
-# Usage: bash scripts/gpu_round.sh checks|engine|serve|skinny|projection|final|lora|lora-sanitize|grid|order|planned|ab|pdl|priority
+# Usage: bash scripts/gpu_round.sh checks|engine|serve|skinny|projection|final|lora|lora-sanitize|grid|order|planned|ab|pdl|pdl-engine|priority
 set -u
 PHASE="${1:-checks}"
 B="$(pwd)/target/gpu-bundle"
@@ -71,6 +72,12 @@ pdl)
   # Programmatic dependent launch of the expand (scripts/gpu/lora_pdl.sh): tests, sanitizers, layer and step A/B.
   run lora_pdl 380 bash scripts/gpu/lora_pdl.sh "$B" "$L/pdl"
   tail -n 60 "$L/lora_pdl.txt"
+  ;;
+pdl-engine)
+  # The engine with the expand as a programmatic dependent launch (LORA_PDL=1) against normal launches.
+  run engine_pdl 330 bash scripts/gpu/engine_bench.sh "$B" "$L/engine" pdl
+  cp "$L"/engine/*.json "$OUTDIR"/ 2>/dev/null
+  grep -E "^\| graph|^# " "$L/engine/engine_bench.txt"
   ;;
 lora-sanitize)
   run lora_sanitize 200 bash scripts/gpu/lora_kernels.sh "$B" "$L" sanitize

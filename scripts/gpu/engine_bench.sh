@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The issue-10 engine benchmark on the H200, from the GPU bundle (`cargo xtask gpu-bundle`).
-# Usage: engine_bench.sh BUNDLE_DIR OUT_DIR [table|quick|order|priority|projection]   (called by scripts/gpu_round.sh with the bundle and $OUT)
+# Usage: engine_bench.sh BUNDLE_DIR OUT_DIR [table|quick|order|priority|projection|pdl]   (called by scripts/gpu_round.sh with the bundle and $OUT)
 #
 # 1. `lora-engine gen --shape llama-3.1-8b` writes the random-weight 8B checkpoint (HF safetensors, bf16,
 #    16.1 GB) to /tmp/llama8b/model and one rank-16 PEFT adapter to /tmp/llama8b/adapters/adapter-0 (for
@@ -63,7 +63,8 @@ common=(bench --model "$model_root/model" --device cuda --json "$json" --copy-gb
 # with the fused-kernel A/B rows), `quick` (no LoRA, one adapter, 16 distinct), `order` (the LoRA branch's capture
 # order and grid cap: ORDER_SETTINGS="order:cap …", cap 0 = planned) or `priority` (the LoRA branch's stream priority: two rows at normal
 # priority, then a second process with LORA_BRANCH_PRIORITY=high for the same two rows) or `projection` (the
-# LoRA projection's A/B: no LoRA, then 1 adapter and 16 distinct, each planned and `lora_kernels=projection`).
+# LoRA projection's A/B: no LoRA, then 1 adapter and 16 distinct, each planned and `lora_kernels=projection`)
+# or `pdl` (the three quick rows, then a second process with LORA_PDL=1 for the two LoRA rows).
 rowset="${3:-table}"
 if [ "$rowset" = quick ]; then
   stamp "bench: 3 rows (no LoRA, 1 adapter, 16 distinct)"
@@ -92,6 +93,21 @@ elif [ "$rowset" = projection ]; then
       >>"$out/engine_bench.txt" 2>>"$out/engine_bench.log"
     brc=$(( brc | $? ))
   done
+elif [ "$rowset" = pdl ]; then
+  # The expand as a programmatic dependent launch of its shrink (LORA_PDL=1) against normal launches.
+  stamp "bench: 3 rows with normal launches"
+  timeout 150 "$bin" "${common[@]}" --row name=graph-base,adapters=0,max_loras=0,max_rank=16 \
+    --row name=graph-lora1-r16,adapters=1,ranks=16,max_loras=1,max_rank=16 \
+    --row name=graph-16distinct-r16,adapters=16,ranks=16,max_loras=16,max_rank=16 \
+    >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
+  brc=$?
+  stamp "bench: 2 rows with LORA_PDL=1"
+  echo "# LORA_PDL=1" >>"$out/engine_bench.txt"
+  LORA_PDL=1 timeout 130 "$bin" "${common[@]}" \
+    --row name=graph-lora1-r16-pdl,adapters=1,ranks=16,max_loras=1,max_rank=16 \
+    --row name=graph-16distinct-r16-pdl,adapters=16,ranks=16,max_loras=16,max_rank=16 \
+    >>"$out/engine_bench.txt" 2>>"$out/engine_bench.log"
+  brc=$(( brc | $? ))
 elif [ "$rowset" = priority ]; then
   rows=(--row name=graph-lora1-r16,adapters=1,ranks=16,max_loras=1,max_rank=16
         --row name=graph-16distinct-r16,adapters=16,ranks=16,max_loras=16,max_rank=16)
