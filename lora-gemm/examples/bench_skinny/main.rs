@@ -19,24 +19,22 @@
 //! buffer of the largest shape (a 16 MiB random block repeated); x random. Arguments are ignored.
 
 use anyhow::{ensure, Result};
-use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::CudaEvent;
 use lora_device::testing::{Rng, TestBed};
-use lora_device::{Backend, Cuda, DenseGemm, DevSlice};
-use lora_gemm::model::launch_argmax_f32;
+use lora_device::{Backend, Cuda, DenseGemm};
 use lora_gemm::projection::{launch_projection, plan_projection};
 use lora_gemm::skinny::{launch_skinny, SkinnyOperands, SkinnyShape};
 use lora_kernels::dsl::bf16_to_f32;
 
 mod lora;
 mod split;
+#[path = "../common/timing.rs"]
+mod timing;
+use timing::{copy_bandwidth, Timer, REPS};
 
 const SHAPES: [(&str, u32, u32); 4] =
     [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)];
 const TOKENS: [u32; 5] = [1, 4, 16, 32, 64];
 const GOAL_GBS: f64 = 4150.0;
-const WARMUP: usize = 3;
-const REPS: usize = 25;
 
 /// Max |a − b| over two bf16 outputs (infinite on NaN) and max |b|.
 fn max_diff(a: &[u16], b: &[u16]) -> (f32, f32) {
@@ -47,68 +45,6 @@ fn max_diff(a: &[u16], b: &[u16]) -> (f32, f32) {
         scale = scale.max(q.abs());
     }
     (diff, scale)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-struct Timer<'a> {
-    dev: &'a TestBed<Cuda>,
-    flush_src: DevSlice<f32>,
-    flush_out: DevSlice<u32>,
-}
-
-impl Timer<'_> {
-    fn event(&self) -> Result<CudaEvent> {
-        Ok(self.dev.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?)
-    }
-
-    /// Read 512 MB (128 rows × 1 Mi f32) with the argmax kernel: evicts the L2, leaves clean lines.
-    fn flush(&self) -> Result<()> {
-        let d = self.dev;
-        launch_argmax_f32(d.dev(), d.stream(), 128, 1 << 20, self.flush_src, 1 << 20, self.flush_out)?;
-        Ok(())
-    }
-
-    /// Median µs of `f` over REPS individually timed runs, each after an L2 flush (after WARMUP runs).
-    fn time(&self, f: &dyn Fn() -> Result<()>) -> Result<f64> {
-        for _ in 0..WARMUP {
-            f()?;
-        }
-        let evs: Vec<(CudaEvent, CudaEvent)> =
-            (0..REPS).map(|_| Ok((self.event()?, self.event()?))).collect::<Result<_>>()?;
-        for (e0, e1) in &evs {
-            self.flush()?;
-            e0.record(self.dev.stream())?;
-            f()?;
-            e1.record(self.dev.stream())?;
-        }
-        self.dev.stream().synchronize()?;
-        let v = evs.iter().map(|(e0, e1)| Ok(e0.elapsed_ms(e1)? as f64 * 1e3)).collect::<Result<Vec<f64>>>()?;
-        Ok(median(v))
-    }
-}
-
-fn copy_bandwidth(dev: &Cuda) -> Result<f64> {
-    const BYTES: usize = 1 << 30;
-    let stream = dev.stream();
-    let src = stream.alloc_zeros::<u8>(BYTES)?;
-    let mut dst = stream.alloc_zeros::<u8>(BYTES)?;
-    for _ in 0..2 {
-        stream.memcpy_dtod(&src, &mut dst)?;
-    }
-    let mut v = Vec::new();
-    for _ in 0..10 {
-        let e0 = dev.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        let e1 = dev.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        e0.record(stream)?;
-        stream.memcpy_dtod(&src, &mut dst)?;
-        e1.record(stream)?;
-        v.push(2.0 * BYTES as f64 / (e0.elapsed_ms(&e1)? as f64 * 1e-3) / 1e9);
-    }
-    Ok(median(v))
 }
 
 fn main() -> Result<()> {
