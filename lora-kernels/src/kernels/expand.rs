@@ -35,8 +35,9 @@
 //! writes. The kernel begins item i + 1 before it finishes item i, so one item's y (DRAM) is in flight
 //! while the previous item's partials, B and MMAs are worked through. At prefill sizes a block walks tens of
 //! items and this hides one DRAM latency per item; at decode sizes (`I ≤ G`) a block has one item and
-//! nothing changes. Partials are summed [`SPLIT_BATCH`] = 2 splits at a time: what keeps the kernel at 128
-//! registers (4 blocks of 128 threads per SM) with two items' registers live.
+//! nothing changes. Partials are summed [`SPLIT_BATCH`] = 3 splits at a time (4 before the pipeline): what
+//! keeps the kernel at 128 registers (4 blocks of 128 threads per SM) with two items' registers live (4
+//! gave 144). So a 16-split expand (down at decode) waits for 6 batches of partial loads instead of 4.
 //!
 //! **Delta mode** (`delta` non-null): instead of adding into y, the epilogue stores `scale · acc` in f32 at
 //! `delta[token][y_col + col]` (row stride `ld_delta`), and columns of a module the tile's adapter lacks
@@ -360,7 +361,7 @@ pub(crate) unsafe fn expand_finish(o: &ExpandOperands, item: &ExpandItem, splits
 }
 
 /// Splits whose partials [`sum_splits`] loads at once (both rows in flight together).
-const SPLIT_BATCH: usize = 2;
+const SPLIT_BATCH: usize = 3;
 
 /// For rows `lo` and `hi` (each used only when its flag is set): sum 4 consecutive f32 of `splits` partials
 /// `stride` apart, in split order 0, 1, 2, … (deterministic), and round to two bf16 pairs — the A fragment
