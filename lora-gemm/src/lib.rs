@@ -14,9 +14,11 @@
 //! - [`projection`]: the LoRA decode projection — a group's base projection and its LoRA in one launch
 //!   (≤ 64 tokens): pure planner and launch.
 //! - [`step`]: the packed per-step input (requests, token offsets, pointer-table updates).
+//! - [`baseline`]: the row movers of the naive baseline the layer benchmark compares against.
 //!
 //! Buffers, streams, launches, dense GEMMs and graphs live one layer down, in `lora-device`.
 
+pub mod baseline;
 pub mod error;
 pub mod launch;
 pub mod model;

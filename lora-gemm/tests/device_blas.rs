@@ -1,10 +1,10 @@
 //! The row movers of the straightforward baseline the benchmarks compare against (`gather_rows`,
-//! `scatter_add_rows`, through `launch::launch_rows`) on every backend. The dense GEMM of the baseline is
+//! `scatter_add_rows`, through `baseline::launch_rows`) on every backend. The dense GEMM of the baseline is
 //! tested with the backends, in `lora-device`.
 
 use lora_device::device_test;
 use lora_device::testing::Rng;
-use lora_gemm::launch::{launch_rows, RowMove};
+use lora_gemm::baseline::{launch_rows, RowMove};
 use lora_kernels::dsl::{bf16_to_f32, f32_to_bf16};
 
 /// A bf16 value no random input produces (its f32 is 12345.0 exactly).

@@ -46,9 +46,9 @@ use cudarc::driver::{CudaEvent, CudaStream};
 use lora_device::cuda::CudaStepGraph;
 use lora_device::testing::{Rng, TestBed};
 use lora_device::{Backend, Cuda, DenseGemm, DevSlice};
+use lora_gemm::baseline::{launch_rows, RowMove};
 use lora_gemm::launch::{
-    group_descs, launch_lora, launch_prep, launch_rows, ExpandOut, Geometry, PrepInputs, RowMove, StepBuffers,
-    Workspace,
+    group_descs, launch_lora, launch_prep, ExpandOut, Geometry, PrepInputs, StepBuffers, Workspace,
 };
 use lora_gemm::plan::{llama3_8b_groups, plan_model, Capacity, GroupPlan, LoraPath, ModelPlan, WorkspaceSize};
 use lora_gemm::reorder::{descriptors, pack_step, reorder, token_slots, Reordered};
