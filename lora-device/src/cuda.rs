@@ -380,15 +380,13 @@ impl Backend for Cuda {
     ) -> Result<(), DeviceError> {
         let f = self.function_for::<K>(dims)?;
         // The parameter values, then one pointer to each (what cuLaunchKernelEx copies from).
-        let mut params = Vec::with_capacity(24);
-        args.params(&mut |p| params.push(p));
-        let mut values: Vec<u64> = params
-            .iter()
-            .map(|p| match *p {
+        let mut values: Vec<u64> = Vec::with_capacity(24);
+        args.params(&mut |p| {
+            values.push(match p {
                 Param::U32(v) => v as u64,
                 Param::Ptr(a) => a,
             })
-            .collect();
+        });
         let mut ptrs: Vec<*mut std::ffi::c_void> =
             values.iter_mut().map(|v| v as *mut u64 as *mut std::ffi::c_void).collect();
         let mut attr = sys::CUlaunchAttribute {

@@ -66,12 +66,13 @@ common=(bench --model "$model_root/model" --device cuda --json "$json" --copy-gb
 # LoRA projection's A/B: no LoRA, then 1 adapter and 16 distinct, each planned and `lora_kernels=projection`)
 # or `pdl` (the three quick rows, then a second process with LORA_PDL=1 for the two LoRA rows).
 rowset="${3:-table}"
+# The quick rows: no LoRA, one adapter, 16 distinct (the `quick` rowset, and the baseline of `pdl`).
+quick_rows=(--row name=graph-base,adapters=0,max_loras=0,max_rank=16
+            --row name=graph-lora1-r16,adapters=1,ranks=16,max_loras=1,max_rank=16
+            --row name=graph-16distinct-r16,adapters=16,ranks=16,max_loras=16,max_rank=16)
 if [ "$rowset" = quick ]; then
   stamp "bench: 3 rows (no LoRA, 1 adapter, 16 distinct)"
-  timeout 150 "$bin" "${common[@]}" --row name=graph-base,adapters=0,max_loras=0,max_rank=16 \
-    --row name=graph-lora1-r16,adapters=1,ranks=16,max_loras=1,max_rank=16 \
-    --row name=graph-16distinct-r16,adapters=16,ranks=16,max_loras=16,max_rank=16 \
-    >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
+  timeout 150 "$bin" "${common[@]}" "${quick_rows[@]}" >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
   brc=$?
 elif [ "$rowset" = projection ]; then
   # The LoRA projection (base projection and LoRA in one launch at decode) against the planner's path.
@@ -96,10 +97,7 @@ elif [ "$rowset" = projection ]; then
 elif [ "$rowset" = pdl ]; then
   # The expand as a programmatic dependent launch of its shrink (LORA_PDL=1) against normal launches.
   stamp "bench: 3 rows with normal launches"
-  timeout 150 "$bin" "${common[@]}" --row name=graph-base,adapters=0,max_loras=0,max_rank=16 \
-    --row name=graph-lora1-r16,adapters=1,ranks=16,max_loras=1,max_rank=16 \
-    --row name=graph-16distinct-r16,adapters=16,ranks=16,max_loras=16,max_rank=16 \
-    >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
+  timeout 150 "$bin" "${common[@]}" "${quick_rows[@]}" >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
   brc=$?
   stamp "bench: 2 rows with LORA_PDL=1"
   echo "# LORA_PDL=1" >>"$out/engine_bench.txt"

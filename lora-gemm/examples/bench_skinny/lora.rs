@@ -12,7 +12,7 @@
 
 use anyhow::Result;
 use lora_device::testing::{Rng, TestBed};
-use lora_device::{Backend, Cuda, DenseGemm, DevSlice};
+use lora_device::{Backend, Cuda, DevSlice};
 use lora_gemm::launch::{launch_expand, launch_shrink, ExpandOut, StepBuffers, Workspace};
 use lora_gemm::plan::{plan_group, Capacity, ModuleGroup, ModuleSpec};
 use lora_gemm::projection::{launch_projection, plan_projection, ProjectionLora, ProjectionLoraOperands};
@@ -20,7 +20,7 @@ use lora_gemm::reorder::{descriptors, reorder, token_slots};
 use lora_gemm::skinny::{SkinnyOperands, SkinnyShape};
 use lora_kernels::abi::{ModuleShape, SlotWeights, NO_SLOT};
 
-use super::{max_diff, Timer};
+use super::{max_diff, packed_gemm, Timer};
 
 /// (name, k, module widths) of the Llama-3.1-8B decode groups.
 const GROUPS: [(&str, u32, &[u32]); 4] = [
@@ -129,19 +129,7 @@ pub(crate) fn run(dev: &TestBed<Cuda>, timer: &Timer, _copy_bw: f64) -> Result<b
                     sync: dev.zeros::<u32>(gplan.workspace.sync_words.max(1))?,
                 };
                 let (y_old, y_new) = (dev.zeros::<u16>((m * n) as usize)?, dev.zeros::<u16>((m * n) as usize)?);
-                let blas = DenseGemm {
-                    m: m as usize,
-                    n: n as usize,
-                    k: k as usize,
-                    x,
-                    ldx: k as usize,
-                    w,
-                    ldw: k as usize,
-                    y: y_old,
-                    ldy: n as usize,
-                    alpha: 1.0,
-                    beta: 0.0,
-                };
+                let blas = packed_gemm(m, n, k, x, w, y_old);
                 let shape = SkinnyShape { m, n, k };
                 let pcap = ProjectionLora { n_mod, num_slots: SLOTS, max_tiles: gplan.max_tiles, max_rank: RANK };
                 let pplan = plan_projection(&shape, Some(&pcap))?;

@@ -20,7 +20,7 @@
 
 use anyhow::{ensure, Result};
 use lora_device::testing::{Rng, TestBed};
-use lora_device::{Backend, Cuda, DenseGemm};
+use lora_device::{Backend, Cuda, DenseGemm, DevSlice};
 use lora_gemm::projection::{launch_projection, plan_projection};
 use lora_gemm::skinny::{launch_skinny, SkinnyOperands, SkinnyShape};
 use lora_kernels::dsl::bf16_to_f32;
@@ -45,6 +45,35 @@ fn max_diff(a: &[u16], b: &[u16]) -> (f32, f32) {
         scale = scale.max(q.abs());
     }
     (diff, scale)
+}
+
+/// `y = x · Wᵀ` (beta 0) on packed row-major operands as cuBLAS runs it: `m` rows of x, `n` rows of W,
+/// `k` columns, y `m × n`.
+pub(crate) fn packed_gemm(
+    m: u32,
+    n: u32,
+    k: u32,
+    x: DevSlice<u16>,
+    w: DevSlice<u16>,
+    y: DevSlice<u16>,
+) -> DenseGemm<u16> {
+    let (m, n, k) = (m as usize, n as usize, k as usize);
+    DenseGemm { m, n, k, x, ldx: k, w, ldw: k, y, ldy: n, alpha: 1.0, beta: 0.0 }
+}
+
+/// One base case of `shape` over the shared buffers (packed views at their start): our skinny operands
+/// writing into `y_ours`, and cuBLAS's GEMM on the same x and W writing into `y_blas`.
+pub(crate) fn base_operands(
+    shape: &SkinnyShape,
+    x_all: DevSlice<u16>,
+    w_all: DevSlice<u16>,
+    y_ours: DevSlice<u16>,
+    y_blas: DevSlice<u16>,
+) -> Result<(SkinnyOperands, DenseGemm<u16>)> {
+    let SkinnyShape { m, n, k } = *shape;
+    let (x, w) = (x_all.at(0, (m * k) as usize)?, w_all.at(0, (n * k) as usize)?);
+    let ops = SkinnyOperands { x, ldx: k, w, ldw: k, y: y_ours.at(0, (m * n) as usize)?, ldy: n, accumulate: false };
+    Ok((ops, packed_gemm(m, n, k, x, w, y_blas.at(0, (m * n) as usize)?)))
 }
 
 fn main() -> Result<()> {
@@ -109,22 +138,7 @@ fn main() -> Result<()> {
         for &m in &TOKENS {
             let shape = SkinnyShape { m, n, k };
             let plan = shape.plan(sms)?;
-            let (x, w) = (x_all.at(0, (m * k) as usize)?, w_all.at(0, (n * k) as usize)?);
-            let ops =
-                SkinnyOperands { x, ldx: k, w, ldw: k, y: y_ours.at(0, (m * n) as usize)?, ldy: n, accumulate: false };
-            let blas = DenseGemm {
-                m: m as usize,
-                n: n as usize,
-                k: k as usize,
-                x,
-                ldx: k as usize,
-                w,
-                ldw: k as usize,
-                y: y_blas.at(0, (m * n) as usize)?,
-                ldy: n as usize,
-                alpha: 1.0,
-                beta: 0.0,
-            };
+            let (ops, blas) = base_operands(&shape, x_all, w_all, y_ours, y_blas)?;
             let ours = || Ok(launch_skinny(dev.dev(), dev.stream(), &shape, &plan, &ops)?);
             let theirs = || Ok(dev.dev().gemm(dev.stream(), &blas)?);
             ours()?;

@@ -9,10 +9,10 @@
 
 use anyhow::Result;
 use lora_device::testing::TestBed;
-use lora_device::{Backend, Cuda, DenseGemm, DevSlice};
-use lora_gemm::skinny::{launch_skinny, launch_skinny_split, SkinnyOperands, SkinnyShape, SkinnyWorkspace};
+use lora_device::{Backend, Cuda, DevSlice};
+use lora_gemm::skinny::{launch_skinny, launch_skinny_split, SkinnyShape, SkinnyWorkspace};
 
-use super::{max_diff, Timer, SHAPES};
+use super::{base_operands, max_diff, Timer, SHAPES};
 
 const TOKENS: [u32; 4] = [1, 16, 32, 64];
 const SPLITS: [u32; 3] = [2, 3, 4];
@@ -47,22 +47,7 @@ pub(crate) fn run(
     for &(name, n, k) in &SHAPES {
         for &m in &TOKENS {
             let shape = SkinnyShape { m, n, k };
-            let (x, w) = (x_all.at(0, (m * k) as usize)?, w_all.at(0, (n * k) as usize)?);
-            let ops =
-                SkinnyOperands { x, ldx: k, w, ldw: k, y: y_ours.at(0, (m * n) as usize)?, ldy: n, accumulate: false };
-            let blas = DenseGemm {
-                m: m as usize,
-                n: n as usize,
-                k: k as usize,
-                x,
-                ldx: k as usize,
-                w,
-                ldw: k as usize,
-                y: y_blas.at(0, (m * n) as usize)?,
-                ldy: n as usize,
-                alpha: 1.0,
-                beta: 0.0,
-            };
+            let (ops, blas) = base_operands(&shape, x_all, w_all, y_ours, y_blas)?;
             let theirs = || Ok(dev.dev().gemm(dev.stream(), &blas)?);
             theirs()?;
             dev.sync()?;
