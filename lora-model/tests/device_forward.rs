@@ -14,6 +14,8 @@ use lora_device::Backend;
 use lora_model::device::{DeviceBackend, DeviceOptions};
 use lora_model::{ModelConfig, ModelWeights, SampleRequest, SamplingParams, SeqInput};
 
+mod device_common;
+
 fn r(x: f32) -> f32 {
     bf16::from_f32(x).to_f32()
 }
@@ -126,18 +128,10 @@ fn reference(w: &ModelWeights, tokens: &[u32], from: usize) -> Vec<Vec<f32>> {
     resid.iter().enumerate().map(head).collect()
 }
 
+/// The shared test configurations (Qwen2's q/k/v biases on both), with tied embeddings on the small one.
 fn config(big: bool) -> ModelConfig {
-    let mut c = ModelConfig::tiny();
-    // Qwen2's q/k/v biases on both.
-    c.qkv_bias = true;
-    if big {
-        (c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size) =
-            (1024, 2048, 4, 16, 4, 64, 8192);
-    } else {
-        (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim) = (128, 256, 4, 2, 64);
-        // Tied embeddings on the small model only.
-        c.tie_embeddings = true;
-    }
+    let mut c = device_common::config(big);
+    c.tie_embeddings = !big;
     c
 }
 

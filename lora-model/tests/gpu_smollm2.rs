@@ -41,7 +41,9 @@ use std::sync::Arc;
 use lora_model::device::{Backend, DeviceBackend, DeviceOptions};
 use lora_model::exec::AdapterId;
 use lora_model::{ModelConfig, ModelWeights, SampleRequest, SamplingParams, SeqInput};
-use serde_json::Value;
+
+mod smollm2_common;
+use smollm2_common::{adapter_reference, base_seqs, AdapterReference, RefSeq};
 
 /// Steps whose transformers margin (top-1 − top-2 logit) is below this may legitimately pick the
 /// runner-up on the bf16 device (two to four bf16 ulps at the logits' magnitude, 15–45).
@@ -54,76 +56,6 @@ const LOGIT_TOL: f64 = 1.5;
 const SELF_TIE_ULPS: f64 = 2.0;
 /// The adapter id of the pirate adapter.
 const PIRATE: AdapterId = 1;
-
-const BASE_REF: &str = include_str!("data/smollm2_reference.json");
-const ADAPTER_REF: &str = include_str!("data/smollm2_adapter_reference.json");
-
-/// One reference sequence: prompt, the adapter it runs with, transformers' tokens and per-step top-5.
-struct RefSeq {
-    name: String,
-    prompt: Vec<u32>,
-    adapter: Option<AdapterId>,
-    tokens: Vec<u32>,
-    margins: Vec<f64>,
-    top5: Vec<Vec<(u32, f64)>>,
-}
-
-impl RefSeq {
-    /// The first step whose reference margin is below [`MARGIN`] (the length when none is).
-    fn first_near_tie(&self) -> usize {
-        self.margins.iter().position(|&m| m < MARGIN).unwrap_or(self.margins.len())
-    }
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("id array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
-}
-
-fn ref_seq(name: String, prompt: &Value, variant: &Value, adapter: Option<AdapterId>) -> RefSeq {
-    let steps = variant["steps"].as_array().expect("steps");
-    RefSeq {
-        name,
-        prompt: ids(prompt),
-        adapter,
-        tokens: ids(&variant["tokens"]),
-        margins: steps.iter().map(|s| s["margin"].as_f64().expect("margin")).collect(),
-        top5: steps
-            .iter()
-            .map(|s| {
-                s["top5"]
-                    .as_array()
-                    .expect("top5")
-                    .iter()
-                    .map(|p| (p[0].as_u64().expect("id") as u32, p[1].as_f64().expect("logit")))
-                    .collect()
-            })
-            .collect(),
-    }
-}
-
-fn base_seqs() -> Vec<RefSeq> {
-    let r: Value = serde_json::from_str(BASE_REF).expect("reference JSON");
-    r["prompts"]
-        .as_array()
-        .expect("prompts")
-        .iter()
-        .map(|p| ref_seq(p["name"].as_str().unwrap_or("?").to_string(), &p["prompt_ids"], &p["variants"]["bf16"], None))
-        .collect()
-}
-
-/// Every prompt with the pirate adapter and without it, interleaved; the reference's scale and sha256.
-fn adapter_seqs() -> (Vec<RefSeq>, f64, String) {
-    let r: Value = serde_json::from_str(ADAPTER_REF).expect("adapter reference JSON");
-    let mut seqs = Vec::new();
-    for p in r["prompts"].as_array().expect("prompts") {
-        let name = p["name"].as_str().unwrap_or("?");
-        seqs.push(ref_seq(format!("{name}+pirate"), &p["prompt_ids"], &p["adapter"], Some(PIRATE)));
-        seqs.push(ref_seq(name.to_string(), &p["prompt_ids"], &p["base"], None));
-    }
-    let scale = r["adapter"]["scale"].as_f64().expect("adapter scale");
-    let sha = r["adapter"]["sha256"].as_str().expect("adapter sha256").to_string();
-    (seqs, scale, sha)
-}
 
 /// `$LORA_SMOLLM2_GGUF`, else the test cache; `Err(why)` when there is no file (the caller skips).
 fn gguf_path() -> Result<PathBuf, String> {
@@ -304,7 +236,7 @@ fn check_free(what: &str, seqs: &[&RefSeq], runs: &[Run]) -> Vec<String> {
     let mut fails = Vec::new();
     for (s, r) in seqs.iter().zip(runs) {
         let n = r.tokens.len().min(s.tokens.len());
-        let tie = s.first_near_tie();
+        let tie = s.first_near_tie(MARGIN);
         match first_diff(&r.tokens[..n], &s.tokens[..n]) {
             None => println!("{what} {:<28} greedy tokens equal transformers': {n}/{n}", s.name),
             Some(k) => {
@@ -470,7 +402,7 @@ fn pirate_body<B: Backend>(open: &dyn Fn() -> B, auto_pages: bool) {
         Ok(m) => m,
         Err(why) => return skip(&format!("gpu_smollm2 pirate: {why}")),
     };
-    let (seqs, scale, sha) = adapter_seqs();
+    let AdapterReference { seqs, scale, sha256: sha } = adapter_reference(PIRATE);
     let adapter = pirate(&model.weights.config, scale, &sha);
     // The adapter changes the output (the comparison can tell adapted from base decoding).
     assert_ne!(seqs[0].tokens, seqs[1].tokens);

@@ -11,56 +11,16 @@
 use std::path::Path;
 
 use lora_model::cpu::{CpuBackend, CpuOptions};
-use lora_model::exec::AdapterId;
 use lora_model::{ModelBackend, SampleRequest, SamplingParams, SeqInput};
-use serde_json::Value;
+
+mod smollm2_common;
+use smollm2_common::{adapter_reference, base_seqs, RefSeq};
 
 /// Steps whose reference margin is below this may legitimately pick the runner-up.
 const MARGIN: f64 = 0.02;
 /// Largest allowed |logit − transformers' logit| among transformers' top 5 (the f32 accumulation orders
 /// differ; measured ≤ 6e-5).
 const LOGIT_TOL: f64 = 2e-3;
-
-/// One reference sequence: prompt, the adapter it runs with, transformers' tokens and per-step top-5.
-struct RefSeq {
-    name: String,
-    prompt: Vec<u32>,
-    adapter: Option<AdapterId>,
-    tokens: Vec<u32>,
-    margins: Vec<f64>,
-    top5: Vec<Vec<(u32, f64)>>,
-}
-
-fn read_json(name: &str) -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name);
-    serde_json::from_str(&std::fs::read_to_string(&p).expect("reference file")).expect("reference JSON")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("id array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
-}
-
-fn ref_seq(name: String, prompt: &Value, variant: &Value, adapter: Option<AdapterId>) -> RefSeq {
-    let steps = variant["steps"].as_array().expect("steps");
-    RefSeq {
-        name,
-        prompt: ids(prompt),
-        adapter,
-        tokens: ids(&variant["tokens"]),
-        margins: steps.iter().map(|s| s["margin"].as_f64().expect("margin")).collect(),
-        top5: steps
-            .iter()
-            .map(|s| {
-                s["top5"]
-                    .as_array()
-                    .expect("top5")
-                    .iter()
-                    .map(|p| (p[0].as_u64().expect("id") as u32, p[1].as_f64().expect("logit")))
-                    .collect()
-            })
-            .collect(),
-    }
-}
 
 /// Per sequence: (leading steps whose argmax equals the reference, steps checked strictly, largest
 /// top-5 logit error, argmax mismatches at steps with margin ≥ MARGIN).
@@ -166,13 +126,7 @@ fn backend() -> (CpuBackend, lora_model::ModelConfig) {
 
 #[test]
 fn smollm2_greedy_tokens_and_logits_match_transformers() {
-    let reference = read_json("smollm2_reference.json");
-    let seqs: Vec<RefSeq> = reference["prompts"]
-        .as_array()
-        .expect("prompts")
-        .iter()
-        .map(|p| ref_seq(p["name"].as_str().unwrap_or("?").to_string(), &p["prompt_ids"], &p["variants"]["bf16"], None))
-        .collect();
+    let seqs = base_seqs();
     assert!(seqs.len() >= 3 && seqs.iter().all(|s| s.tokens.len() == 32));
     let (mut b, _) = backend();
     let got = run(&mut b, &seqs);
@@ -181,19 +135,14 @@ fn smollm2_greedy_tokens_and_logits_match_transformers() {
 
 #[test]
 fn smollm2_pirate_adapter_matches_transformers() {
-    let reference = read_json("smollm2_adapter_reference.json");
+    let reference = adapter_reference(1);
     let (mut b, config) = backend();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("adapters/pirate");
     let peft = lora_model::peft::load_peft(&dir, &config, 64).expect("pirate adapter");
-    assert!((peft.adapter.scale() as f64 - reference["adapter"]["scale"].as_f64().expect("scale")).abs() < 1e-6);
+    assert!((peft.adapter.scale() as f64 - reference.scale).abs() < 1e-6);
     b.add_adapter(1, std::sync::Arc::new(peft.adapter)).expect("register adapter");
     // Every prompt with the adapter and without it, mixed in one batch.
-    let mut seqs = Vec::new();
-    for p in reference["prompts"].as_array().expect("prompts") {
-        let name = p["name"].as_str().unwrap_or("?");
-        seqs.push(ref_seq(format!("{name}+pirate"), &p["prompt_ids"], &p["adapter"], Some(1)));
-        seqs.push(ref_seq(name.to_string(), &p["prompt_ids"], &p["base"], None));
-    }
+    let seqs = reference.seqs;
     let got = run(&mut b, &seqs);
     report_and_check(&seqs, &got);
     // The adapter changes the output (the comparison can tell adapted from base decoding).
