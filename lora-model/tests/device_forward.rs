@@ -318,6 +318,28 @@ fn bad_batches_are_refused() {
     });
     assert!(matches!(StepPlan::new(&c, &o, &[bad]), Err(ModelError::BadBatch(_))));
     assert!(StepPlan::new(&c, &o, &[s(&t[..8], 0, &[3, 1])]).is_ok());
+
+    // A padded decode layout checks its real sequences against the real cache (the padding page
+    // `num_pages` is the padding rows' only), and that they fit the bucket.
+    let greedy_seq = |start: u32, pages: &'static [u32]| {
+        let mut q = s(&t[..1], start, pages);
+        q.sample = greedy(false);
+        q
+    };
+    let ok = [greedy_seq(5, &[0, 1])];
+    let p = StepPlan::decode_padded(&c, &o, &ok, 2, 4).expect("fits");
+    assert_eq!((p.n_decode, p.ld_pt, p.order.len()), (2, 4, 2));
+    let refused: Vec<(&str, Vec<SeqInput<'static>>, u32, u32)> = vec![
+        ("the padding page as a real page", vec![greedy_seq(0, &[4])], 2, 4),
+        ("more pages than the table width", vec![greedy_seq(5, &[0, 1])], 2, 1),
+        ("more sequences than the bucket", vec![greedy_seq(0, &[0]), greedy_seq(0, &[1])], 1, 4),
+        ("a bucket over max_batch_tokens", vec![greedy_seq(0, &[0])], 16, 4),
+        ("a prefill row", vec![s(&t[..2], 0, &[0])], 2, 4),
+    ];
+    for (what, batch, bucket, ld_pt) in &refused {
+        let e = StepPlan::decode_padded(&c, &o, batch, *bucket, *ld_pt).expect_err(what);
+        assert!(matches!(e, ModelError::BadBatch(_)), "{what}: {e}");
+    }
 }
 
 /// The engine holds a `Box<dyn ModelBackend>`: the CUDA backend is `Send` (the emulator is not, as

@@ -410,17 +410,18 @@ impl<B: Backend> DeviceBackend<B> {
     /// [`ModelBackend::forward`], for any backend (the trait also needs `Send`).
     pub fn step(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<SeqOutput>, ModelError> {
         self.dev.get().bind_thread().map_err(dev_err)?;
-        let mut plan = StepPlan::new(&self.config, &self.opts, batch)?;
+        StepPlan::validate(&self.config, &self.opts, batch)?;
         if let Some(a) = batch.iter().filter_map(|s| s.adapter).find(|a| !self.registered.contains_key(a)) {
             return Err(ModelError::UnknownAdapter(a));
         }
-        let mut decode = None;
-        if StepPlan::is_greedy_decode(batch) {
+        // Laid out once: padded to a graph bucket for a greedy decode step, as it is otherwise.
+        let (plan, decode) = if StepPlan::is_greedy_decode(batch) {
             let rows = self.buckets.choose(batch.len() as u32).map_err(graph_err)?;
             let ld_pt = graphs::decode_ld_pt(batch, self.opts.page_size);
-            plan = StepPlan::decode_padded(&self.config, &self.opts, batch, rows, ld_pt)?;
-            decode = Some((rows, ld_pt));
-        }
+            (StepPlan::decode_padded(&self.config, &self.opts, batch, rows, ld_pt)?, Some((rows, ld_pt)))
+        } else {
+            (StepPlan::new(&self.config, &self.opts, batch)?, None)
+        };
         let mut bucket = None;
         if let (Dev::Lora(l), true) = (&mut self.dev, batch.iter().any(|s| s.adapter.is_some())) {
             // Padding rows (indices past the batch) are one base-model token each.

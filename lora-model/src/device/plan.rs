@@ -67,9 +67,16 @@ fn bad<T>(m: String) -> Result<T, ModelError> {
 }
 
 impl StepPlan {
+    /// Validate `batch` against the model and the cache's capacities without laying it out (what
+    /// [`Self::new`] and [`Self::decode_padded`] check first).
+    pub fn validate(c: &ModelConfig, o: &DeviceOptions, batch: &[SeqInput<'_>]) -> Result<(), ModelError> {
+        Self::check(c, o, batch, 1).map(|_| ())
+    }
+
     /// Validate `batch` and lay out its indices.
     pub fn new(c: &ModelConfig, o: &DeviceOptions, batch: &[SeqInput<'_>]) -> Result<Self, ModelError> {
-        Self::build(c, o, batch, 1)
+        let ld_pt = Self::check(c, o, batch, 1)?;
+        Ok(Self::lay_out(batch, o.page_size, ld_pt))
     }
 
     /// Whether `batch` (validated by [`StepPlan::new`]) is a decode-only greedy step: one token per
@@ -108,19 +115,25 @@ impl StepPlan {
                 sample: Some(pad_sample.clone()),
             });
         }
-        let o = DeviceOptions { num_pages: o.num_pages + 1, max_seqs: o.max_seqs.max(bucket as usize), ..o.clone() };
-        let mut p = Self::build(c, &o, &padded, ld_pt)?;
-        if p.ld_pt != ld_pt || p.n_decode != bucket {
+        // The real sequences against the real cache; the padding rows (page `o.num_pages`) need no check.
+        let need_pt = Self::check(c, o, batch, 1)?;
+        if need_pt > ld_pt || batch.len() > bucket as usize || bucket as usize > o.max_batch_tokens {
             return bad(format!(
                 "decode step of {} sequences does not fit bucket {bucket} × {ld_pt} pages",
                 batch.len()
             ));
         }
+        let mut p = Self::lay_out(&padded, o.page_size, ld_pt);
+        if p.n_decode != bucket {
+            return bad(format!("not a decode step: {} of {} rows add one token", p.n_decode, batch.len()));
+        }
         p.decode_ctx = ld_pt * o.page_size;
         Ok(p)
     }
 
-    fn build(c: &ModelConfig, o: &DeviceOptions, batch: &[SeqInput<'_>], min_ld_pt: u32) -> Result<Self, ModelError> {
+    /// Validate `batch` against the model and the cache; the page-table width it needs (at least
+    /// `min_ld_pt`).
+    fn check(c: &ModelConfig, o: &DeviceOptions, batch: &[SeqInput<'_>], min_ld_pt: u32) -> Result<u32, ModelError> {
         let ps = o.page_size;
         if batch.len() > o.max_seqs {
             return bad(format!("{} sequences, at most {}", batch.len(), o.max_seqs));
@@ -160,6 +173,12 @@ impl StepPlan {
             }
             ld_pt = ld_pt.max(need as u32);
         }
+        Ok(ld_pt)
+    }
+
+    /// Lay out a batch [`Self::check`] accepted, its page tables `ld_pt` entries wide.
+    fn lay_out(batch: &[SeqInput<'_>], ps: u32, ld_pt: u32) -> Self {
+        let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let mut p = StepPlan { tokens: total as u32, ld_pt, batch: batch.len(), greedy: true, ..Default::default() };
         let order: Vec<usize> = (0..batch.len())
             .filter(|&i| batch[i].tokens.len() == 1)
@@ -235,7 +254,7 @@ impl StepPlan {
         p.ppt_at = put(&ppt);
         p.meta = meta;
         p.order = order;
-        Ok(p)
+        p
     }
 
     /// Rows that sample.
