@@ -134,23 +134,23 @@ pub const DELTA_MAX_TOKENS: u32 = 64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ItemOrder {
     /// Block b takes items b, b + G, b + 2G, … (grid-stride): the blocks running at once hold consecutive
-    /// column blocks of one tile. Faster at prefill sizes (H200, docs/perf.md run 22: 2048 tokens, 492 vs
-    /// 512 µs per layer).
+    /// column blocks of one tile. It was the faster order at prefill sizes before the expand pipelined its
+    /// items (H200, docs/perf.md run 22: 2048 tokens, 492 vs 512 µs per layer); no longer planned.
     Strided,
     /// Block b takes a contiguous run of `ceil(items / G)` items: its items share a tile and a module, so
-    /// their tile, descriptor, token and partial loads hit L1. Faster at decode sizes (run 22: 16 tokens,
-    /// 16 adapters, 86.6 vs 80.1 µs per layer; the same for one item per block).
+    /// their tile, descriptor, token and partial loads hit L1, and the pipeline begins the next item while
+    /// this one finishes. Faster at decode sizes (run 22: 16 tokens, 16 adapters, 86.6 vs 80.1 µs per
+    /// layer) and, with the pipelined expand, at prefill too (H100, run 24: 2048 tokens, one adapter,
+    /// 385.8 vs 402.4 µs per layer).
     Runs,
 }
 
-/// The expand's item order for a bucket of `max_tokens` (measured, see [`ItemOrder`]): runs for the decode
-/// buckets (those of the delta expand), grid-stride above.
+/// The expand's item order for a bucket of `max_tokens` (measured, see [`ItemOrder`]): runs at every size
+/// since the expand pipelines a block's items (docs/perf.md run 24); the argument stays so that a future
+/// measurement can split the buckets again without changing the callers.
 pub const fn planned_item_order(max_tokens: u32) -> ItemOrder {
-    if max_tokens <= DELTA_MAX_TOKENS {
-        ItemOrder::Runs
-    } else {
-        ItemOrder::Strided
-    }
+    let _ = max_tokens;
+    ItemOrder::Runs
 }
 
 /// Which kernels run a group's LoRA (it fixes the graph's shape; the planner takes [`PLANNED_PATH`]).

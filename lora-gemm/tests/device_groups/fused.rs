@@ -190,12 +190,13 @@ device_test!(programmatic_expand_matches, |d, big| {
 
 /// On the GPU: the shrink + expand of a group captured in a graph, with and without programmatic launch;
 /// the programmatic capture must hold a programmatic edge (the other none), and its replay the eager bits.
+/// Named `…_gpu` so that the bundle's `gpu` filter (`run.sh tests`) runs it.
 #[cfg(feature = "gpu")]
 #[test]
-fn programmatic_expand_is_a_programmatic_graph_edge() {
+fn programmatic_expand_is_a_programmatic_graph_edge_gpu() {
     let cuda = match lora_device::Cuda::open(0) {
         Ok(cuda) => cuda,
-        Err(e) => return eprintln!("SKIP programmatic_expand_is_a_programmatic_graph_edge: {e}"),
+        Err(e) => return eprintln!("SKIP programmatic_expand_is_a_programmatic_graph_edge_gpu: {e}"),
     };
     let d = &TestBed::new(cuda);
     let name = "programmatic_graph";

@@ -10,7 +10,7 @@
 //! at once share a tile's rows), or runs (block b takes the contiguous items `b·c .. b·c + c`,
 //! `c = ceil(I / G)`: a block's consecutive items share a tile and a module, so their tile, descriptor,
 //! token and partial loads after the first hit L1). With `I ≤ G` both are item b. Runs are faster at decode
-//! sizes and grid-stride at prefill sizes (docs/perf.md run 22). Item `(m, i, nb)` covers tile `i` (up to 16 rows of one
+//! sizes (docs/perf.md run 22) and, with the item pipeline below, at prefill sizes too (run 24). Item `(m, i, nb)` covers tile `i` (up to 16 rows of one
 //! slot) and output columns `[nb·128, nb·128 + 128)` of module m; warp w owns columns `nb·128 + 32w ..+32` as
 //! four `n8` tiles and skips the item if they start past the module's width (there is no block barrier in
 //! this kernel, so warps may diverge freely). Each warp walks the rank in steps of 16: lane
