@@ -3,12 +3,10 @@
 //! (m = 1, 3, 8, 9, 16, 17, 33, 64), odd n (a partial last block), k not a multiple of the 32-wide step or of
 //! the 512-wide iteration, both beta = 0 (y poisoned with NaN: never read) and beta = 1; the stride padding
 //! of y must stay untouched. Bad shapes and views are typed errors. The GPU arm adds larger shapes.
-//! The split over k (`plan_split`, `launch_skinny_split`) runs the same reference cases at 2–5 splits, and
-//! must leave its counters zero and give the same bits when launched again.
 
 use lora_device::testing::{Rng, TestBed};
 use lora_device::{device_test, Backend};
-use lora_gemm::skinny::{launch_skinny, launch_skinny_split, SkinnyOperands, SkinnyShape, SkinnyWorkspace};
+use lora_gemm::skinny::{launch_skinny, SkinnyOperands, SkinnyShape};
 use lora_gemm::GemmError;
 use lora_kernels::dsl::bf16_to_f32;
 
@@ -20,12 +18,7 @@ const PAD_POISON: u16 = 0x4640;
 /// One case: (m, n, k, accumulate).
 type Case = (u32, u32, u32, bool);
 
-fn run_case<B: Backend>(d: &TestBed<B>, rng: &mut Rng, case: Case) {
-    run_split_case(d, rng, case, 1);
-}
-
-/// `case` with k split over up to `splits` blocks per row block (1: the unsplit launch).
-fn run_split_case<B: Backend>(d: &TestBed<B>, rng: &mut Rng, (m, n, k, accumulate): Case, splits: u32) {
+fn run_case<B: Backend>(d: &TestBed<B>, rng: &mut Rng, (m, n, k, accumulate): Case) {
     let (ldx, ldw, ldy) = (k + 8, k + 16, n + 3);
     let (xb, xf) = rng.bf16_vec((m * ldx) as usize, 1.0);
     let (wb, wf) = rng.bf16_vec((n * ldw) as usize, 1.0);
@@ -40,7 +33,7 @@ fn run_split_case<B: Backend>(d: &TestBed<B>, rng: &mut Rng, (m, n, k, accumulat
         }
     }
     let shape = SkinnyShape { m, n, k };
-    let plan = shape.plan_split(d.sm_count(), splits).unwrap();
+    let plan = shape.plan(d.sm_count()).unwrap();
     let ops = SkinnyOperands {
         x: d.upload(&xb).unwrap(),
         ldx,
@@ -50,31 +43,9 @@ fn run_split_case<B: Backend>(d: &TestBed<B>, rng: &mut Rng, (m, n, k, accumulat
         ldy,
         accumulate,
     };
-    let ws = SkinnyWorkspace {
-        partial: d.zeros::<f32>(plan.partial_f32().max(1)).unwrap(),
-        counters: d.zeros::<u32>(plan.counter_words().max(1)).unwrap(),
-    };
-    let launch = || {
-        if plan.splits == 1 {
-            launch_skinny(d.dev(), d.stream(), &shape, &plan, &ops).unwrap();
-        } else {
-            // SAFETY: the counters were allocated zeroed (and every launch leaves them zero); nothing else
-            // uses this workspace.
-            unsafe { launch_skinny_split(d.dev(), d.stream(), &shape, &plan, &ops, &ws) }.unwrap();
-        }
-        d.sync().unwrap();
-    };
-    launch();
+    launch_skinny(d.dev(), d.stream(), &shape, &plan, &ops).unwrap();
+    d.sync().unwrap();
     let got: Vec<u16> = d.download(ops.y).unwrap();
-    if plan.splits > 1 {
-        let counters: Vec<u32> = d.download(ws.counters).unwrap();
-        assert!(counters.iter().all(|&c| c == 0), "{}: {shape:?} {plan:?} left counters {counters:?}", d.name());
-        // Launched again on the same inputs (y restored), the same bits: the split sums run in a fixed order.
-        d.write(ops.y, &yb).unwrap();
-        launch();
-        let again: Vec<u16> = d.download(ops.y).unwrap();
-        assert!(got == again, "{}: {shape:?} {plan:?}: a second launch gave other bits", d.name());
-    }
     let mut worst = 0f64;
     for t in 0..m as usize {
         for c in 0..ldy as usize {
@@ -105,12 +76,7 @@ fn run_split_case<B: Backend>(d: &TestBed<B>, rng: &mut Rng, (m, n, k, accumulat
             );
         }
     }
-    println!(
-        "{}: {shape:?} accumulate={accumulate} {:?} splits {}: worst error {worst:.3} of tolerance",
-        d.name(),
-        plan.kernel,
-        plan.splits
-    );
+    println!("{}: {shape:?} accumulate={accumulate} {:?}: worst error {worst:.3} of tolerance", d.name(), plan.kernel);
 }
 
 device_test!(skinny_matches_the_reference, |d, big| {
@@ -134,27 +100,6 @@ device_test!(skinny_matches_the_reference, |d, big| {
     }
 });
 
-device_test!(skinny_split_over_k_matches_the_reference, |d, big| {
-    let mut rng = Rng(37);
-    // (case, splits asked): 1000 = 512 + 488 (the last chunk shorter), 520 asked 5 gets 3 chunks of 256 and
-    // one of 8, every token class, beta 0 and 1.
-    let mut cases: Vec<(Case, u32)> = vec![
-        ((1, 70, 520, false), 5),
-        ((3, 33, 1000, true), 2),
-        ((16, 64, 1000, false), 2),
-        ((17, 31, 768, true), 3),
-        ((64, 35, 1032, true), 4),
-    ];
-    if big {
-        cases.extend([((16, 4096, 4096, false), 2), ((8, 1029, 14336, true), 4), ((64, 2050, 4096, false), 3)]);
-    }
-    for (case, splits) in cases {
-        let plan = SkinnyShape { m: case.0, n: case.1, k: case.2 }.plan_split(d.sm_count(), splits).unwrap();
-        assert!(plan.splits > 1, "{case:?}: the case must split ({plan:?})");
-        run_split_case(d, &mut rng, case, splits);
-    }
-});
-
 device_test!(skinny_rejects_bad_shapes_and_views, |d, big| {
     let buf = d.zeros::<u16>(1 << 16).unwrap();
     let ok = SkinnyShape { m: 4, n: 64, k: 64 };
@@ -175,15 +120,6 @@ device_test!(skinny_rejects_bad_shapes_and_views, |d, big| {
     invalid(launch_skinny(d.dev(), d.stream(), &ok, &plan, &SkinnyOperands { w: short, ..ops }), "short W");
     let other = SkinnyShape { m: 40, n: 64, k: 64 }.plan(d.sm_count()).unwrap();
     invalid(launch_skinny(d.dev(), d.stream(), &ok, &other, &ops), "plan of another shape");
-    // A split plan: not through the unsplit entry, and not with a short workspace.
-    let big_k = SkinnyShape { m: 4, n: 64, k: 1024 };
-    let split = big_k.plan_split(d.sm_count(), 2).unwrap();
-    let wide = SkinnyOperands { ldx: 1024, ldw: 1024, ..ops };
-    invalid(launch_skinny(d.dev(), d.stream(), &big_k, &split, &wide), "split plan without workspace");
-    let short_ws = SkinnyWorkspace { partial: d.zeros::<f32>(8).unwrap(), counters: d.zeros::<u32>(2).unwrap() };
-    // SAFETY: rejected before any launch (the workspace is too short).
-    let r = unsafe { launch_skinny_split(d.dev(), d.stream(), &big_k, &split, &wide, &short_ws) };
-    invalid(r, "short split workspace");
     // The aliasing of x, W and y above is only ever rejected, never launched; a good launch still works.
     let y = d.zeros::<u16>(4 * 64).unwrap();
     launch_skinny(d.dev(), d.stream(), &ok, &plan, &SkinnyOperands { y, ..ops }).unwrap();

@@ -69,14 +69,6 @@ pub enum Kernel {
     SkinnyM32,
     /// [`crate::kernels::model::skinny::skinny_gemm_m64`] (≤ 64 tokens).
     SkinnyM64,
-    /// [`crate::kernels::model::skinny::skinny_split_m8`] (k split over `gridDim.y`, ≤ 8 tokens).
-    SkinnySplitM8,
-    /// [`crate::kernels::model::skinny::skinny_split_m16`] (≤ 16 tokens).
-    SkinnySplitM16,
-    /// [`crate::kernels::model::skinny::skinny_split_m32`] (≤ 32 tokens).
-    SkinnySplitM32,
-    /// [`crate::kernels::model::skinny::skinny_split_m64`] (≤ 64 tokens).
-    SkinnySplitM64,
     /// [`crate::kernels::projection::lora_projection_m8`] (base projection + LoRA, ≤ 8 tokens).
     ProjectionM8,
     /// [`crate::kernels::projection::lora_projection_m16`] (≤ 16 tokens).
@@ -89,7 +81,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// All kernels, in PTX order of definition.
-    pub const ALL: [Kernel; 39] = [
+    pub const ALL: [Kernel; 35] = [
         Kernel::SmokeMma,
         Kernel::ProbeWarpOps,
         Kernel::Prep,
@@ -121,10 +113,6 @@ impl Kernel {
         Kernel::SkinnyM16,
         Kernel::SkinnyM32,
         Kernel::SkinnyM64,
-        Kernel::SkinnySplitM8,
-        Kernel::SkinnySplitM16,
-        Kernel::SkinnySplitM32,
-        Kernel::SkinnySplitM64,
         Kernel::ProjectionM8,
         Kernel::ProjectionM16,
         Kernel::ProjectionM32,
@@ -165,10 +153,6 @@ impl Kernel {
             Kernel::SkinnyM16 => "skinny_gemm_m16",
             Kernel::SkinnyM32 => "skinny_gemm_m32",
             Kernel::SkinnyM64 => "skinny_gemm_m64",
-            Kernel::SkinnySplitM8 => "skinny_split_m8",
-            Kernel::SkinnySplitM16 => "skinny_split_m16",
-            Kernel::SkinnySplitM32 => "skinny_split_m32",
-            Kernel::SkinnySplitM64 => "skinny_split_m64",
             Kernel::ProjectionM8 => "lora_projection_m8",
             Kernel::ProjectionM16 => "lora_projection_m16",
             Kernel::ProjectionM32 => "lora_projection_m32",
@@ -225,10 +209,6 @@ impl Kernel {
                 | Kernel::SkinnyM16
                 | Kernel::SkinnyM32
                 | Kernel::SkinnyM64
-                | Kernel::SkinnySplitM8
-                | Kernel::SkinnySplitM16
-                | Kernel::SkinnySplitM32
-                | Kernel::SkinnySplitM64
         )
     }
 

@@ -2,12 +2,12 @@
 # Every pending GPU check of issue 13 in one call of ≤ 10 minutes, most decisive first, for sessions where
 # device machines are scarce: each step writes its log straight into OUT_DIR (so a call cut at its limit
 # still brings back what finished), under a timeout of its own.
-#  1. the LoRA group tests' GPU arms (the pipelined expand with 16-byte epilogue, the split skinny tests are
+#  1. the LoRA group tests' GPU arms (the pipelined expand with 16-byte epilogue, the skinny tests are
 #     in step 5, the programmatic-launch tests are among these);
 #  2. layer A/B (bench_layer, old binaries in AB_DIR vs the bundle): decode rows and 2048 tokens, the bundle
 #     also with --expand-order runs; 3. the synthetic step A/B (bench_step);
 #  4. compute-sanitizer memcheck + racecheck on the expand (both item orders) and the fused kernel;
-#  5. the skinny split: device test, bench_skinny (split table), memcheck + racecheck;
+#  5. the skinny projection: device test, bench_skinny, memcheck + racecheck;
 #  6. PDL: racecheck on the programmatic test, layer and step with and without it;
 #  7. the engine's quick rows, old binary vs the bundle.
 # Usage: bash scripts/gpu/backlog.sh BUNDLE_DIR OUT_DIR AB_DIR

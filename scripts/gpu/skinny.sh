@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The skinny decode projection and the LoRA decode projection on the GPU, in one call (≤ 5 minutes): their
 # device tests (GPU arms), the benchmark against cuBLAS (bench_skinny: the four Llama-3.1-8B projections ×
-# m 1/4/16/32/64, the split-over-k table (2–4 splits vs unsplit vs cuBLAS), then the LoRA table: projection +
-# LoRA vs cuBLAS + shrink + expand), then
+# m 1/4/16/32/64, then the LoRA table: projection + LoRA vs cuBLAS + shrink + expand), then
 # compute-sanitizer memcheck and racecheck on both device tests' GPU arms. Expects the bundle of
 # `cargo xtask gpu-bundle`; writes one log per step into OUT_DIR and prints the short results last.
 # PROJECTION_SANITIZE=0 skips the sanitizers on the LoRA projection (unchanged kernels: saves ~3 device minutes).
@@ -22,7 +21,7 @@ timeout 25 "$T" --test-threads=1 --nocapture gpu > "$O/skinny_test.txt" 2>&1; ec
 step projection-test
 timeout 60 "$P" --test-threads=1 --nocapture "$PT" > "$O/projection_test.txt" 2>&1; echo "rc=$?" >> "$O/projection_test.txt"
 step bench
-timeout 150 "$B/bench/lora-gemm--bench_skinny" > "$O/bench_skinny.txt" 2>&1; echo "rc=$?" >> "$O/bench_skinny.txt"
+timeout 120 "$B/bench/lora-gemm--bench_skinny" > "$O/bench_skinny.txt" 2>&1; echo "rc=$?" >> "$O/bench_skinny.txt"
 step memcheck
 timeout 45 compute-sanitizer --tool memcheck --print-limit 20 "$T" --test-threads=1 gpu > "$O/skinny_memcheck.txt" 2>&1
 echo "rc=$?" >> "$O/skinny_memcheck.txt"

@@ -3,9 +3,8 @@
 //! (qkv 6144 × 4096, o 4096 × 4096, gate_up 28672 × 4096, down 4096 × 14336) × m ∈ {1, 4, 16, 32, 64}.
 //!
 //! Beside it the base-only launch of the LoRA decode projection (`lora_gemm::projection`, the same main
-//! loop with up to 4 k steps in flight per warp); then, in `split.rs`, the skinny kernel with k split over
-//! 2–4 blocks per row block; and in `lora.rs` the projection with LoRA against cuBLAS followed by the shrink
-//! and expand kernels.
+//! loop with up to 4 k steps in flight per warp), and then, in `lora.rs`, the projection with LoRA against
+//! cuBLAS followed by the shrink and expand kernels.
 //!
 //! Reported per case: the kernel the planner chose and its grid, the median µs of each, GB/s of W read
 //! (`n · k · 2` bytes; x and y are under 2% and not counted), that as % of 4150 GB/s (90% of it is the
@@ -26,7 +25,6 @@ use lora_gemm::skinny::{launch_skinny, SkinnyOperands, SkinnyShape};
 use lora_kernels::dsl::bf16_to_f32;
 
 mod lora;
-mod split;
 #[path = "../common/timing.rs"]
 mod timing;
 use timing::{copy_bandwidth, Timer, REPS};
@@ -63,7 +61,7 @@ pub(crate) fn packed_gemm(
 
 /// One base case of `shape` over the shared buffers (packed views at their start): our skinny operands
 /// writing into `y_ours`, and cuBLAS's GEMM on the same x and W writing into `y_blas`.
-pub(crate) fn base_operands(
+fn base_operands(
     shape: &SkinnyShape,
     x_all: DevSlice<u16>,
     w_all: DevSlice<u16>,
@@ -173,10 +171,8 @@ fn main() -> Result<()> {
             );
         }
     }
-    let split_ok = split::run(&dev, &timer, x_all, w_all, y_ours, y_blas)?;
     let lora_ok = lora::run(&dev, &timer, copy_bw)?;
     ensure!(all_ok, "the skinny kernel's output differs from cuBLAS (see MISMATCH above)");
-    ensure!(split_ok, "the split skinny kernel's output differs from cuBLAS (see MISMATCH above)");
     ensure!(lora_ok, "the LoRA projection's output differs from cuBLAS + shrink + expand (see MISMATCH above)");
     Ok(())
 }

@@ -25,21 +25,10 @@
 //! same sum order every launch, no atomics. With `accumulate == 0` y is only written (its old contents,
 //! NaN included, never read); with 1 the old value is added (beta = 1).
 //!
-//! **Split over k** (entry points `skinny_split_m8` … `_m64`, `gridDim.y = splits`, for shapes whose row
-//! blocks fill less than the SMs' block slots: o, qkv and down at decode are ≤ 1.5 waves of one block per
-//! SM; separate entry points, so the unsplit ones keep their registers). Block (b, s) streams k chunk s
-//! (`k_chunk` wide, the last one shorter) of row block b, publishes its reduced slab in `partial`, and
-//! counts itself in `counters[b]` (fence, barrier, one atomic). The last of the row block's splits to
-//! arrive sums all of them in split order 0, 1, 2, … (the same bits whichever block is last; not the bits of
-//! the unsplit kernel, whose sums run in another order), writes y as above and zeroes the counter, so the
-//! next launch and a graph replay start from zero.
-//!
 //! Safety contract: `1 ≤ m ≤ 8·NT`; `k` a multiple of 8; `x` holds `m` rows of stride `ldx`, `w` `n` rows
 //! of stride `ldw` (both strides multiples of 8 elements and ≥ k, both base pointers 16-byte aligned);
 //! `y` holds `m` rows of stride `ldy ≥ n`, not overlapping x or w; dynamic shared memory
-//! [`skinny_shared_bytes`]`(NT)`. Split entry points: `k_chunk` a multiple of 8 with
-//! `(splits − 1)·k_chunk < k`; `partial` holds `gridDim.x · splits · 32 · 8·NT` f32 and `counters`
-//! `gridDim.x` words, all zero at launch; both used by no other launch at the same time.
+//! [`skinny_shared_bytes`]`(NT)`.
 
 use crate::dsl::*;
 
@@ -180,7 +169,7 @@ pub(crate) unsafe fn reduce_to_slab<const NT: usize>(acc: &[[[f32; 4]; 8]; 2]) -
 /// The launch contract of the module docs.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn skinny<const NT: usize, const SPLIT: bool>(
+unsafe fn skinny<const NT: usize>(
     x: *const u16,
     ldx: u32,
     w: *const u16,
@@ -191,85 +180,14 @@ unsafe fn skinny<const NT: usize, const SPLIT: bool>(
     n: u32,
     k: u32,
     accumulate: u32,
-    k_chunk: u32,
-    partial: *mut f32,
-    counters: *mut u32,
 ) {
     // SAFETY: the launch contract in the module docs keeps every address below in bounds.
     unsafe {
         let n0 = block_idx_x() * SKINNY_ROWS;
-        // This block's k range: all of k, or chunk `blockIdx.y` of the split over k.
-        let (k0, k_len) = if SPLIT {
-            let k0 = block_idx_y() * k_chunk;
-            // The planner never makes an empty chunk; saturating keeps a bad launch from reading past k.
-            (k0, k_chunk.min(k.saturating_sub(k0)))
-        } else {
-            (0, k)
-        };
-        let (w_row, x_row) = block_rows::<NT>(w.add(k0 as usize), ldw, n, n0, x.add(k0 as usize), ldx, m);
-        let acc = stream_rows::<NT, 2>(&w_row, &x_row, k_len);
+        let (w_row, x_row) = block_rows::<NT>(w, ldw, n, n0, x, ldx, m);
+        let acc = stream_rows::<NT, 2>(&w_row, &x_row, k);
         let slab = reduce_to_slab::<NT>(&acc);
-        if SPLIT && !reduce_splits(slab, SKINNY_ROWS * 8 * NT as u32, partial, counters) {
-            return;
-        }
         write_rows::<NT>(slab, y, ldy, m, n, n0, accumulate);
-    }
-}
-
-/// Split over k: publish this block's slab 0 (`per` f32) as split `blockIdx.y` of its row block's partials
-/// (`partial[blockIdx.x][splits][per]`), and count it in the row block's counter `counters[blockIdx.x]`. The block that arrives last
-/// sums the splits into slab 0 in split order 0, 1, 2, … (the same bits whichever block is last), resets the
-/// counter for the next launch and returns true: it writes y. The others return false.
-///
-/// # Safety
-/// Called by every thread of the block after [`reduce_to_slab`]; `partial` holds `gridDim.x · gridDim.y · per`
-/// f32 and `counters` `gridDim.x` words, zero at launch and touched by no other launch meanwhile; slab 1 of the
-/// dynamic shared memory is free (it is: `reduce_to_slab` has summed into slab 0).
-#[inline(always)]
-unsafe fn reduce_splits(slab: *mut f32, per: u32, partial: *mut f32, counters: *mut u32) -> bool {
-    // SAFETY: indices stay below `per` in slab 0 and in each split's partial; the cell is slab 1's first word.
-    unsafe {
-        let (tid, rb, split, splits) = (thread_idx_x(), block_idx_x(), block_idx_y(), grid_dim_y());
-        // This row block's partial slabs and counter.
-        let (partials, counter) = (partial.add((rb * splits * per) as usize), counters.add(rb as usize));
-        let mine = partials.add((split * per) as usize);
-        let mut idx = tid;
-        while idx < per {
-            *mine.add(idx as usize) = *slab.add(idx as usize);
-            idx += SKINNY_THREADS;
-        }
-        // Release: every thread's stores are fenced before the barrier, then one count.
-        threadfence();
-        let cell = slab.add(per as usize) as *mut u32;
-        sync_threads();
-        if tid == 0 {
-            // Thread 0's own fence after the barrier makes the release cover the whole block's stores in the
-            // PTX model too (not only through the barrier's cumulativity).
-            threadfence();
-            *cell = atomic_add_u32(counter, 1);
-        }
-        sync_threads();
-        if *cell != splits - 1 {
-            return false;
-        }
-        // Acquire: each thread reads the counter itself, so its loads of the other splits see their stores.
-        spin_until_at_least(counter, splits);
-        let mut idx = tid;
-        while idx < per {
-            let mut sum = 0f32;
-            let mut s = 0;
-            while s < splits {
-                sum += *partials.add((s * per + idx) as usize);
-                s += 1;
-            }
-            *slab.add(idx as usize) = sum;
-            idx += SKINNY_THREADS;
-        }
-        sync_threads();
-        if tid == 0 {
-            *counter = 0;
-        }
-        true
     }
 }
 
@@ -362,39 +280,8 @@ macro_rules! skinny_entry {
                 k: u32,
                 accumulate: u32,
             ) {
-                // SAFETY: forwarded launch contract (unsplit: no scratch).
-                unsafe {
-                    skinny::<$nt, false>(
-                        x, ldx, w, ldw, y, ldy, m, n, k, accumulate, k, core::ptr::null_mut(), core::ptr::null_mut(),
-                    )
-                }
-            }
-        }
-    };
-}
-
-macro_rules! skinny_split_entry {
-    ($name:ident, $variant:ident, $args:ident, $nt:literal, $max:literal) => {
-        kernel! {
-            #[kernel($variant, $args)]
-            #[doc = concat!("Skinny decode projection for up to ", $max, " tokens, k split over `gridDim.y` blocks. See the module docs.")]
-            pub unsafe fn $name(
-                x: *const u16,
-                ldx: u32,
-                w: *const u16,
-                ldw: u32,
-                y: *mut u16,
-                ldy: u32,
-                m: u32,
-                n: u32,
-                k: u32,
-                accumulate: u32,
-                k_chunk: u32,
-                partial: *mut f32,
-                counters: *mut u32,
-            ) {
                 // SAFETY: forwarded launch contract.
-                unsafe { skinny::<$nt, true>(x, ldx, w, ldw, y, ldy, m, n, k, accumulate, k_chunk, partial, counters) }
+                unsafe { skinny::<$nt>(x, ldx, w, ldw, y, ldy, m, n, k, accumulate) }
             }
         }
     };
@@ -404,7 +291,3 @@ skinny_entry!(skinny_gemm_m8, SkinnyM8, SkinnyM8Args, 1, "8");
 skinny_entry!(skinny_gemm_m16, SkinnyM16, SkinnyM16Args, 2, "16");
 skinny_entry!(skinny_gemm_m32, SkinnyM32, SkinnyM32Args, 4, "32");
 skinny_entry!(skinny_gemm_m64, SkinnyM64, SkinnyM64Args, 8, "64");
-skinny_split_entry!(skinny_split_m8, SkinnySplitM8, SkinnySplitM8Args, 1, "8");
-skinny_split_entry!(skinny_split_m16, SkinnySplitM16, SkinnySplitM16Args, 2, "16");
-skinny_split_entry!(skinny_split_m32, SkinnySplitM32, SkinnySplitM32Args, 4, "32");
-skinny_split_entry!(skinny_split_m64, SkinnySplitM64, SkinnySplitM64Args, 8, "64");
