@@ -4,7 +4,9 @@
 //! - every `unsafe` block and `unsafe impl` has a `// SAFETY:` comment on its line or just above;
 //! - no source file is over 600 lines;
 //! - the committed PTX's entry points are exactly `Kernel::ALL`;
-//! - every workspace crate appears in `docs/architecture.md`.
+//! - every workspace crate appears in `docs/architecture.md`;
+//! - every GPU-only test (`#[cfg(feature = "gpu")]` on a `#[test]`) has `gpu` in its name, because the
+//!   bundle runs the test binaries with the filter `gpu` (`run.sh tests`) and skips any other name.
 
 use std::path::{Path, PathBuf};
 
@@ -71,6 +73,48 @@ fn unsafe_without_safety(text: &str) -> Vec<usize> {
         }
     }
     bad
+}
+
+/// Names of the `#[test]` functions in `text` under `#[cfg(feature = "gpu")]` whose name lacks `gpu`.
+fn gpu_tests_the_bundle_filter_skips(text: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let mut bad = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(rest) = line.strip_prefix("fn ").or_else(|| line.strip_prefix("pub fn ")) else { continue };
+        let name = rest.split(['(', '<']).next().unwrap_or("");
+        // The attributes right above the function (a doc comment may sit between them).
+        let attrs: Vec<&str> =
+            lines[..i].iter().rev().take_while(|l| l.starts_with("#[") || l.starts_with("///")).copied().collect();
+        let is_test = attrs.contains(&"#[test]");
+        let gpu_only = attrs.iter().any(|a| a.starts_with("#[cfg(feature = \"gpu\")]"));
+        if is_test && gpu_only && !name.contains("gpu") {
+            bad.push(name.to_string());
+        }
+    }
+    bad
+}
+
+#[test]
+fn gpu_only_tests_match_the_bundle_filter() {
+    let mut bad = Vec::new();
+    for p in workspace_files() {
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        for name in gpu_tests_the_bundle_filter_skips(&text) {
+            bad.push(format!("{}: {name}", rel(&p)));
+        }
+    }
+    assert!(bad.is_empty(), "GPU-only tests without `gpu` in their name (the bundle's filter skips them): {bad:#?}");
+}
+
+#[test]
+fn the_gpu_name_check_can_fail() {
+    let skipped = "#[cfg(feature = \"gpu\")]\n#[test]\nfn edge_is_programmatic() {}\n";
+    assert_eq!(gpu_tests_the_bundle_filter_skips(skipped), vec!["edge_is_programmatic"]);
+    let named = "#[cfg(feature = \"gpu\")]\n#[test]\nfn edge_is_programmatic_gpu() {}\n";
+    assert!(gpu_tests_the_bundle_filter_skips(named).is_empty());
+    // Not a test, or not GPU-only: not this check's business.
+    let not_test = "#[cfg(feature = \"gpu\")]\n#[allow(dead_code)]\nfn helper() {}\n#[test]\nfn cpu_only() {}\n";
+    assert!(gpu_tests_the_bundle_filter_skips(not_test).is_empty());
 }
 
 #[test]
