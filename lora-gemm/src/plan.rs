@@ -145,13 +145,9 @@ pub enum ItemOrder {
     Runs,
 }
 
-/// The expand's item order for a bucket of `max_tokens` (measured, see [`ItemOrder`]): runs at every size
-/// since the expand pipelines a block's items (docs/perf.md run 24); the argument stays so that a future
-/// measurement can split the buckets again without changing the callers.
-pub const fn planned_item_order(max_tokens: u32) -> ItemOrder {
-    let _ = max_tokens;
-    ItemOrder::Runs
-}
+/// The expand's item order the planner takes for every bucket (measured, see [`ItemOrder`]): runs, since
+/// the expand pipelines a block's items (docs/perf.md run 24; before it, prefill buckets ran grid-stride).
+pub const PLANNED_ITEM_ORDER: ItemOrder = ItemOrder::Runs;
 
 /// Which kernels run a group's LoRA (it fixes the graph's shape; the planner takes [`PLANNED_PATH`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -270,7 +266,7 @@ pub struct GroupPlan {
     pub expand: LaunchShape,
     /// Direct expand, or delta expand beside the base GEMM plus the delta add after it.
     pub expand_mode: ExpandMode,
-    /// How the expand's grid walks its items ([`planned_item_order`]).
+    /// How the expand's grid walks its items ([`PLANNED_ITEM_ORDER`]).
     pub expand_order: ItemOrder,
     /// The delta add's launch (one thread per 4 output columns of a row, at most 4 blocks per SM).
     pub add_delta: LaunchShape,
@@ -487,7 +483,7 @@ pub fn plan_group_with_k_chunk(
         shrink: LaunchShape { grid: shrink_grid, block: GEMM_THREADS, shared_bytes: shrink_shared_bytes(cap.max_rank) },
         expand: LaunchShape { grid: (sm_count * EXPAND_BLOCKS_PER_SM, 1, 1), block: GEMM_THREADS, shared_bytes: 0 },
         expand_mode: if cap.max_tokens <= DELTA_MAX_TOKENS { ExpandMode::Delta } else { ExpandMode::Direct },
-        expand_order: planned_item_order(cap.max_tokens),
+        expand_order: PLANNED_ITEM_ORDER,
         add_delta: LaunchShape {
             grid: ((cap.max_tokens * out_cols.div_ceil(4)).div_ceil(GEMM_THREADS).clamp(1, 4 * sm_count), 1, 1),
             block: GEMM_THREADS,

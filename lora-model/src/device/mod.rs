@@ -410,17 +410,17 @@ impl<B: Backend> DeviceBackend<B> {
     /// [`ModelBackend::forward`], for any backend (the trait also needs `Send`).
     pub fn step(&mut self, batch: &[SeqInput<'_>]) -> Result<Vec<SeqOutput>, ModelError> {
         self.dev.get().bind_thread().map_err(dev_err)?;
-        StepPlan::validate(&self.config, &self.opts, batch)?;
+        let need_pt = StepPlan::check(&self.config, &self.opts, batch)?;
         if let Some(a) = batch.iter().filter_map(|s| s.adapter).find(|a| !self.registered.contains_key(a)) {
             return Err(ModelError::UnknownAdapter(a));
         }
-        // Laid out once: padded to a graph bucket for a greedy decode step, as it is otherwise.
+        // Checked once, laid out once: padded to a graph bucket for a greedy decode step, as it is otherwise.
         let (plan, decode) = if StepPlan::is_greedy_decode(batch) {
             let rows = self.buckets.choose(batch.len() as u32).map_err(graph_err)?;
             let ld_pt = graphs::decode_ld_pt(batch, self.opts.page_size);
-            (StepPlan::decode_padded(&self.config, &self.opts, batch, rows, ld_pt)?, Some((rows, ld_pt)))
+            (StepPlan::pad_checked(&self.opts, batch, need_pt, rows, ld_pt)?, Some((rows, ld_pt)))
         } else {
-            (StepPlan::new(&self.config, &self.opts, batch)?, None)
+            (StepPlan::lay_out(batch, self.opts.page_size, need_pt), None)
         };
         let mut bucket = None;
         if let (Dev::Lora(l), true) = (&mut self.dev, batch.iter().any(|s| s.adapter.is_some())) {

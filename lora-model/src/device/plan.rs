@@ -67,15 +67,9 @@ fn bad<T>(m: String) -> Result<T, ModelError> {
 }
 
 impl StepPlan {
-    /// Validate `batch` against the model and the cache's capacities without laying it out (what
-    /// [`Self::new`] and [`Self::decode_padded`] check first).
-    pub fn validate(c: &ModelConfig, o: &DeviceOptions, batch: &[SeqInput<'_>]) -> Result<(), ModelError> {
-        Self::check(c, o, batch, 1).map(|_| ())
-    }
-
     /// Validate `batch` and lay out its indices.
     pub fn new(c: &ModelConfig, o: &DeviceOptions, batch: &[SeqInput<'_>]) -> Result<Self, ModelError> {
-        let ld_pt = Self::check(c, o, batch, 1)?;
+        let ld_pt = Self::check(c, o, batch)?;
         Ok(Self::lay_out(batch, o.page_size, ld_pt))
     }
 
@@ -103,6 +97,25 @@ impl StepPlan {
         bucket: u32,
         ld_pt: u32,
     ) -> Result<Self, ModelError> {
+        // The real sequences against the real cache; the padding rows (page `o.num_pages`) need no check.
+        let need_pt = Self::check(c, o, batch)?;
+        Self::pad_checked(o, batch, need_pt, bucket, ld_pt)
+    }
+
+    /// [`Self::decode_padded`] of a batch [`Self::check`] accepted, needing page tables `need_pt` wide.
+    pub(super) fn pad_checked(
+        o: &DeviceOptions,
+        batch: &[SeqInput<'_>],
+        need_pt: u32,
+        bucket: u32,
+        ld_pt: u32,
+    ) -> Result<Self, ModelError> {
+        if need_pt > ld_pt || batch.len() > bucket as usize || bucket as usize > o.max_batch_tokens {
+            return bad(format!(
+                "decode step of {} sequences does not fit bucket {bucket} × {ld_pt} pages",
+                batch.len()
+            ));
+        }
         let pad_page = [o.num_pages];
         let pad_sample = SampleRequest { params: Default::default(), draw: 0, want_logits: false };
         let mut padded = batch.to_vec();
@@ -115,14 +128,6 @@ impl StepPlan {
                 sample: Some(pad_sample.clone()),
             });
         }
-        // The real sequences against the real cache; the padding rows (page `o.num_pages`) need no check.
-        let need_pt = Self::check(c, o, batch, 1)?;
-        if need_pt > ld_pt || batch.len() > bucket as usize || bucket as usize > o.max_batch_tokens {
-            return bad(format!(
-                "decode step of {} sequences does not fit bucket {bucket} × {ld_pt} pages",
-                batch.len()
-            ));
-        }
         let mut p = Self::lay_out(&padded, o.page_size, ld_pt);
         if p.n_decode != bucket {
             return bad(format!("not a decode step: {} of {} rows add one token", p.n_decode, batch.len()));
@@ -131,9 +136,8 @@ impl StepPlan {
         Ok(p)
     }
 
-    /// Validate `batch` against the model and the cache; the page-table width it needs (at least
-    /// `min_ld_pt`).
-    fn check(c: &ModelConfig, o: &DeviceOptions, batch: &[SeqInput<'_>], min_ld_pt: u32) -> Result<u32, ModelError> {
+    /// Validate `batch` against the model and the cache; the page-table width it needs.
+    pub(super) fn check(c: &ModelConfig, o: &DeviceOptions, batch: &[SeqInput<'_>]) -> Result<u32, ModelError> {
         let ps = o.page_size;
         if batch.len() > o.max_seqs {
             return bad(format!("{} sequences, at most {}", batch.len(), o.max_seqs));
@@ -142,7 +146,7 @@ impl StepPlan {
         if total > o.max_batch_tokens {
             return bad(format!("{total} tokens, at most {}", o.max_batch_tokens));
         }
-        let mut ld_pt = min_ld_pt.max(1);
+        let mut ld_pt = 1;
         for (i, s) in batch.iter().enumerate() {
             if s.tokens.is_empty() {
                 return bad(format!("sequence {i}: no tokens"));
@@ -177,7 +181,7 @@ impl StepPlan {
     }
 
     /// Lay out a batch [`Self::check`] accepted, its page tables `ld_pt` entries wide.
-    fn lay_out(batch: &[SeqInput<'_>], ps: u32, ld_pt: u32) -> Self {
+    pub(super) fn lay_out(batch: &[SeqInput<'_>], ps: u32, ld_pt: u32) -> Self {
         let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let mut p = StepPlan { tokens: total as u32, ld_pt, batch: batch.len(), greedy: true, ..Default::default() };
         let order: Vec<usize> = (0..batch.len())
