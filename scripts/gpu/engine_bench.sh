@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The issue-10 engine benchmark on the H200, from the GPU bundle (`cargo xtask gpu-bundle`).
-# Usage: engine_bench.sh BUNDLE_DIR OUT_DIR [table|quick|order|priority|projection|pdl]   (called by scripts/gpu_round.sh with the bundle and $OUT)
+# Usage: engine_bench.sh BUNDLE_DIR OUT_DIR [table|quick|order|priority|projection|pdl|share]   (called by scripts/gpu_round.sh with the bundle and $OUT)
 #
 # 1. `lora-engine gen --shape llama-3.1-8b` writes the random-weight 8B checkpoint (HF safetensors, bf16,
 #    16.1 GB) to /tmp/llama8b/model and one rank-16 PEFT adapter to /tmp/llama8b/adapters/adapter-0 (for
@@ -64,7 +64,8 @@ common=(bench --model "$model_root/model" --device cuda --json "$json" --copy-gb
 # order and grid cap: ORDER_SETTINGS="order:cap …", cap 0 = planned) or `priority` (the LoRA branch's stream priority: two rows at normal
 # priority, then a second process with LORA_BRANCH_PRIORITY=high for the same two rows) or `projection` (the
 # LoRA projection's A/B: no LoRA, then 1 adapter and 16 distinct, each planned and `lora_kernels=projection`)
-# or `pdl` (the three quick rows, then a second process with LORA_PDL=1 for the two LoRA rows).
+# or `pdl` (the three quick rows, then a second process with LORA_PDL=1 for the two LoRA rows) or `share`
+# (the quick rows and one adapter used by one request of 16).
 rowset="${3:-table}"
 # The quick rows: no LoRA, one adapter, 16 distinct (the `quick` rowset, and the baseline of `pdl`).
 quick_rows=(--row name=graph-base,adapters=0,max_loras=0,max_rank=16
@@ -73,6 +74,14 @@ quick_rows=(--row name=graph-base,adapters=0,max_loras=0,max_rank=16
 if [ "$rowset" = quick ]; then
   stamp "bench: 3 rows (no LoRA, 1 adapter, 16 distinct)"
   timeout 150 "$bin" "${common[@]}" "${quick_rows[@]}" >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
+  brc=$?
+elif [ "$rowset" = share ]; then
+  # Attribution of the LoRA cost at one adapter: the same adapter used by all 16 requests, by one of them
+  # (share 1/16: every LoRA kernel runs with one one-token tile), and by none of 16 while LoRA slots exist.
+  stamp "bench: 4 rows (no LoRA, 1 adapter on 16 / 1 of 16 requests, 16 distinct)"
+  timeout 200 "$bin" "${common[@]}" "${quick_rows[@]:0:4}" \
+    --row name=graph-lora1-r16-1of16,adapters=1,ranks=16,max_loras=1,max_rank=16,share=0.0625 \
+    "${quick_rows[@]:4:2}" >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
   brc=$?
 elif [ "$rowset" = projection ]; then
   # The LoRA projection (base projection and LoRA in one launch at decode) against the planner's path.

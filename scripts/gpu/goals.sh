@@ -7,7 +7,8 @@
 #               then the engine's quick rows with normal launches and with LORA_PDL=1 (engine_bench.sh pdl):
 #               whether PDL becomes the planner's default.
 #   rows      — the layer (bench_layer: decode rows, 2048 tokens; normal vs --pdl), the synthetic 32-layer
-#               step (bench_step, normal vs LORA_PDL=1), the decode projection vs cuBLAS (bench_skinny).
+#               step (bench_step, normal vs LORA_PDL=1), the decode projection vs cuBLAS (bench_skinny), then
+#               the engine's LoRA cost attributed (engine_bench.sh share: one adapter used by 16 or 1 of 16).
 # Usage: bash scripts/gpu/goals.sh BUNDLE_DIR OUT_DIR decisions|rows
 set -u
 B="$(cd "${1:?usage: goals.sh BUNDLE_DIR OUT_DIR PHASE}" && pwd)"
@@ -41,10 +42,12 @@ rows)
   pdl=(--tokens 1,16,64 --ranks 16 --distinct 1,16)
   run_saved layer_pdl 50 "$L" "${pdl[@]}" --pdl
   run_saved bench_skinny 150 "$B/bench/lora-gemm--bench_skinny"
+  run_saved engine_share 300 bash "$(dirname "$0")/engine_bench.sh" "$B" "$LOG_DIR/engine" share
   step summary
   for f in layer prefill layer_pdl; do echo "-- $f"; grep -E "^ +[0-9]+ +[0-9]+ +[0-9]+ \||copy|rc=" "$LOG_DIR/$f.txt"; done
   for f in step step_pdl; do echo "-- $f"; grep -E "no adapter|1 adapter r16|16 adapters r16|LoRA graph|rc=" "$LOG_DIR/$f.txt"; done
   echo "-- bench_skinny"; tail -n 60 "$LOG_DIR/bench_skinny.txt"
+  grep -E "^\| graph" "$LOG_DIR/engine/engine_bench.txt"
   ;;
 *) echo "unknown phase $PHASE (decisions|rows)"; exit 2 ;;
 esac
