@@ -76,9 +76,8 @@ pub struct Geometry {
     pub sync_words: usize,
     /// Launch an expand that directly follows its shrink on one stream ([`launch_shrink_expand`]) as a
     /// programmatic dependent launch (Hopper), so its blocks start while the shrink drains. Not planned:
-    /// −7% on a layer alone but no change in the 32-layer step (H100, docs/perf.md run 24) nor in the
-    /// engine's inter-token latency (run 25), so `false` from the planner, set by
-    /// [`Geometry::with_programmatic`] (`LORA_PDL=1`) for experiments.
+    /// The planner's choice is [`crate::plan::PLANNED_PROGRAMMATIC`] (off: measured there);
+    /// [`Geometry::with_programmatic`] (`LORA_PDL=1`) sets it for experiments.
     pub programmatic: bool,
 }
 
@@ -552,7 +551,7 @@ impl crate::plan::GroupPlan {
             fused_kernel: self.fused_kernel,
             fused: self.fused,
             sync_words: self.workspace.sync_words,
-            programmatic: false,
+            programmatic: crate::plan::PLANNED_PROGRAMMATIC,
         }
     }
 }

@@ -149,6 +149,13 @@ pub enum ItemOrder {
 /// the expand pipelines a block's items (docs/perf.md run 24; before it, prefill buckets ran grid-stride).
 pub const PLANNED_ITEM_ORDER: ItemOrder = ItemOrder::Runs;
 
+/// Whether the planner launches each expand as a programmatic dependent launch of its shrink (issue 13
+/// item 3, `launch::Geometry::programmatic`): no, at every bucket. Measured on the H100 (docs/perf.md runs
+/// 24 and 25): the layer alone −5…−7%, but the 32-layer step (1.139 → 1.134× at one adapter, 1.469 →
+/// 1.473× at 16) and the engine's mean inter-token latency (9.81 → 9.84 ms, 11.28 → 11.24 ms) do not move:
+/// the chain it shortens runs beside cuBLAS, where its length is hidden. `LORA_PDL=1` turns it on.
+pub const PLANNED_PROGRAMMATIC: bool = false;
+
 /// Which kernels run a group's LoRA (it fixes the graph's shape; the planner takes [`PLANNED_PATH`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoraPath {

@@ -59,7 +59,7 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
     let mut s = String::new();
     writeln!(
         s,
-        "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:<16} {:<6} {:<7} {:<12} {:<8}",
+        "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:<16} {:<6} {:<7} {:<12} {:<4} {:<8}",
         "tokens",
         "group",
         "k",
@@ -76,6 +76,7 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
         "expand",
         "order",
         "path",
+        "pdl",
         "add grid"
     )
     .unwrap();
@@ -86,7 +87,7 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
             let ns: Vec<String> = p.shapes.iter().map(|s| s.n.to_string()).collect();
             writeln!(
                 s,
-                "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:<16} {:<6} {:<7} {:<12} {:<8}",
+                "{:>6} {:<8} {:>6} {:<18} {:>6} {:>6} {:>7} {:<16} {:<14} {:>6} {:>5} {:>10} {:<16} {:<6} {:<7} {:<12} {:<4} {:<8}",
                 t,
                 p.name,
                 p.k,
@@ -103,6 +104,7 @@ fn table(groups: &[ModuleGroup], layers: u32) -> String {
                 format!("{:?}", p.expand_mode),
                 format!("{:?}", p.expand_order),
                 format!("{:?}", p.path),
+                if p.geometry().programmatic { "on" } else { "off" },
                 p.add_delta.grid.0,
             )
             .unwrap();

@@ -231,7 +231,8 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
         let branch_order =
             config_or_env(cfg.lora_branch_order, "LORA_BRANCH_ORDER", BranchOrder::parse)?.unwrap_or_default();
         let proj_groups = config_or_env(None, "LORA_PROJECTION_GROUPS", projection::parse_groups)?;
-        let programmatic = config_or_env(None, "LORA_PDL", parse_switch)?.unwrap_or(false);
+        // `LORA_PDL` overrides the planner's choice (`plan::PLANNED_PROGRAMMATIC`) either way.
+        let programmatic = config_or_env(None, "LORA_PDL", parse_switch)?;
         let plan = plan_model(&cap, &cfg.groups, cfg.num_layers, sms)?;
         let mut geometry = BTreeMap::new();
         let (mut ws_size, mut delta_rows) = (plan.workspace, plan.delta_rows);
@@ -243,8 +244,8 @@ impl<A: Copy + Eq + Hash + Debug, B: Backend> LoraRuntime<A, B> {
                 let geo = match grid_cap {
                     Some(blocks) => g.geometry().with_grid_cap(blocks),
                     None => g.geometry(),
-                }
-                .with_programmatic(programmatic);
+                };
+                let geo = programmatic.map_or(geo, |on| geo.with_programmatic(on));
                 match cfg.lora_path {
                     Some(LoraPath::Fused) if geo.expand_mode != ExpandMode::Delta => geo,
                     Some(LoraPath::Projection) if !projection::applies(b, g, gi, proj_groups.as_deref()) => geo,
