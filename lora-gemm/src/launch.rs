@@ -75,9 +75,9 @@ pub struct Geometry {
     /// Words of the fused kernel's sync area this group needs.
     pub sync_words: usize,
     /// Launch an expand that directly follows its shrink on one stream ([`launch_shrink_expand`]) as a
-    /// programmatic dependent launch (Hopper), so its blocks start while the shrink drains. Not planned:
-    /// The planner's choice is [`crate::plan::PLANNED_PROGRAMMATIC`] (off: measured there);
-    /// [`Geometry::with_programmatic`] (`LORA_PDL=1`) sets it for experiments.
+    /// programmatic dependent launch (Hopper), so its blocks start while the shrink drains. The planner's
+    /// choice is [`crate::plan::PLANNED_PROGRAMMATIC`] (off, measured there); [`Geometry::with_programmatic`]
+    /// (`LORA_PDL=1`) sets it for experiments.
     pub programmatic: bool,
 }
 

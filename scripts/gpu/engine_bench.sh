@@ -76,12 +76,12 @@ if [ "$rowset" = quick ]; then
   timeout 150 "$bin" "${common[@]}" "${quick_rows[@]}" >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
   brc=$?
 elif [ "$rowset" = share ]; then
-  # Attribution of the LoRA cost at one adapter: the same adapter used by all 16 requests, by one of them
-  # (share 1/16: every LoRA kernel runs with one one-token tile), and by none of 16 while LoRA slots exist.
-  stamp "bench: 4 rows (no LoRA, 1 adapter on 16 / 1 of 16 requests, 16 distinct)"
-  timeout 200 "$bin" "${common[@]}" "${quick_rows[@]:0:4}" \
+  # Attribution of the LoRA cost at one adapter: the quick rows (the adapter used by all 16 requests), then
+  # the same adapter used by one of them (share 1/16: every LoRA kernel runs with one one-token tile).
+  stamp "bench: 4 rows (no LoRA, 1 adapter, 16 distinct, 1 adapter on 1 of 16 requests)"
+  timeout 200 "$bin" "${common[@]}" "${quick_rows[@]}" \
     --row name=graph-lora1-r16-1of16,adapters=1,ranks=16,max_loras=1,max_rank=16,share=0.0625 \
-    "${quick_rows[@]:4:2}" >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
+    >"$out/engine_bench.txt" 2>"$out/engine_bench.log"
   brc=$?
 elif [ "$rowset" = projection ]; then
   # The LoRA projection (base projection and LoRA in one launch at decode) against the planner's path.

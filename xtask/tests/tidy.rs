@@ -94,15 +94,21 @@ fn gpu_tests_the_bundle_filter_skips(text: &str) -> Vec<String> {
     bad
 }
 
-#[test]
-fn gpu_only_tests_match_the_bundle_filter() {
+/// What `find` reports in each workspace file, as `path{sep}finding`.
+fn findings<T: std::fmt::Display>(sep: &str, find: impl Fn(&str) -> Vec<T>) -> Vec<String> {
     let mut bad = Vec::new();
     for p in workspace_files() {
         let text = std::fs::read_to_string(&p).unwrap_or_default();
-        for name in gpu_tests_the_bundle_filter_skips(&text) {
-            bad.push(format!("{}: {name}", rel(&p)));
+        for f in find(&text) {
+            bad.push(format!("{}{sep}{f}", rel(&p)));
         }
     }
+    bad
+}
+
+#[test]
+fn gpu_only_tests_match_the_bundle_filter() {
+    let bad = findings(": ", gpu_tests_the_bundle_filter_skips);
     assert!(bad.is_empty(), "GPU-only tests without `gpu` in their name (the bundle's filter skips them): {bad:#?}");
 }
 
@@ -129,13 +135,7 @@ fn every_file_opens_with_a_module_doc() {
 
 #[test]
 fn every_unsafe_has_a_safety_comment() {
-    let mut bad = Vec::new();
-    for p in workspace_files() {
-        let text = std::fs::read_to_string(&p).unwrap_or_default();
-        for line in unsafe_without_safety(&text) {
-            bad.push(format!("{}:{line}", rel(&p)));
-        }
-    }
+    let bad = findings(":", unsafe_without_safety);
     assert!(bad.is_empty(), "`unsafe` without a `// SAFETY:` comment: {bad:#?}");
 }
 
